@@ -1,0 +1,1 @@
+"""Services: thin consume -> compute -> produce/write -> commit loops, and the CLI."""

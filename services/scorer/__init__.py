@@ -1,0 +1,1 @@
+"""streamscore scorer service."""

@@ -1,0 +1,1 @@
+"""streamscore trainer service."""

@@ -1,0 +1,1 @@
+"""streamscore library: settings, codecs, features, registry, drift statistics."""

@@ -1,0 +1,100 @@
+"""One typed settings object, read from environment variables.
+
+Every service and CLI command receives a `Settings` instance; nothing reads
+os.environ elsewhere. The env var for a field is STREAMSCORE_<FIELD> unless an
+alias is given (the three well-known external ones keep their usual names).
+README's configuration table lists them all; tests/test_settings.py checks that.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Logical topic names; the physical name is `topic_prefix + name` (tests use a
+# unique prefix per test so they never see each other's messages).
+TOPIC_EVENTS = "events"
+TOPIC_LABELS = "labels"
+TOPIC_PREDICTIONS = "predictions"
+TOPIC_DEAD_LETTER = "events-dlq"
+TOPIC_RETRAIN = "retrain"
+TOPIC_MODEL_UPDATES = "model-updates"
+TOPIC_SCORER_STATE = "scorer-state"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="STREAMSCORE_", extra="ignore", populate_by_name=True, frozen=True
+    )
+
+    # --- infrastructure -----------------------------------------------------
+    kafka_bootstrap_servers: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("KAFKA_BOOTSTRAP_SERVERS", "kafka_bootstrap_servers"),
+        description="Use this Kafka cluster; when unset, the local broker started by `streamscore infra up`.",
+    )
+    kafka_port: int = Field(default=19092, ge=1, le=65534, description="Port of the local broker (controller uses port+1).")
+    kafka_version: str = Field(default="4.4.0", description="Apache Kafka version the local broker installs from Maven Central.")
+    clickhouse_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("CLICKHOUSE_URL", "clickhouse_url"),
+        description="http(s)://user:pass@host:port of a ClickHouse server; when unset, embedded chDB in data_dir.",
+    )
+    clickhouse_database: str = Field(default="streamscore", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="ClickHouse database holding the tables.")
+    schema_registry_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("SCHEMA_REGISTRY_URL", "schema_registry_url"),
+        description="Confluent schema registry; when unset, Avro single-object encoding with schemas from schemas/.",
+    )
+    cache_dir: Path = Field(default=Path(".cache"), description="Downloaded artifacts (Kafka jars). Safe to delete.")
+    data_dir: Path = Field(default=Path(".data"), description="Broker logs, embedded ClickHouse, model registry.")
+    topic_prefix: str = Field(default="", description="Prefix of every topic name (isolates tests and tenants).")
+    partitions: int = Field(default=4, ge=1, description="Partitions of the events/labels/predictions topics.")
+    consumer_group_prefix: str = Field(default="streamscore", description="Consumer groups are <prefix>-<service>.")
+
+    # --- model --------------------------------------------------------------
+    model_name: str = Field(default="fraud", pattern=r"^[A-Za-z0-9_.-]+$", description="Name of the served model.")
+    model_dir: Path | None = Field(default=None, description="Model registry directory; default <data_dir>/models.")
+
+    # --- scorer -------------------------------------------------------------
+    scorer_batch_size: int = Field(default=500, ge=1, description="Max events the scorer takes per batch.")
+    scorer_batch_wait_ms: int = Field(default=5, ge=0, description="Max wait to fill a scorer batch.")
+    max_event_age_days: float = Field(default=365.0, gt=0, description="Events older than this (vs. wall clock) are rejected.")
+    max_event_future_s: float = Field(default=300.0, ge=0, description="Events further in the future than this are rejected.")
+    max_amount: float = Field(default=1_000_000.0, gt=0, description="Amounts above this are rejected as out of range.")
+
+    # --- logger -------------------------------------------------------------
+    logger_batch_rows: int = Field(default=20_000, ge=1, description="Logger flushes to ClickHouse at this many rows...")
+    logger_flush_interval_s: float = Field(default=1.0, gt=0, description="...or after this many seconds, whichever first.")
+
+    log_level: str = Field(default="INFO", description="Log level: DEBUG, INFO, WARNING, ERROR.")
+
+    # --- derived ------------------------------------------------------------
+    @property
+    def bootstrap_servers(self) -> str:
+        return self.kafka_bootstrap_servers or f"127.0.0.1:{self.kafka_port}"
+
+    @property
+    def uses_local_broker(self) -> bool:
+        return not self.kafka_bootstrap_servers
+
+    @property
+    def clickhouse_dsn(self) -> str:
+        if self.clickhouse_url:
+            return self.clickhouse_url
+        return f"chdb://{(self.data_dir / 'clickhouse').resolve()}"
+
+    @property
+    def is_embedded_store(self) -> bool:
+        return not self.clickhouse_url
+
+    @property
+    def registry_dir(self) -> Path:
+        return self.model_dir or self.data_dir / "models"
+
+    def topic(self, name: str) -> str:
+        return f"{self.topic_prefix}{name}"
+
+    def group(self, service: str) -> str:
+        return f"{self.consumer_group_prefix}-{service}"
