@@ -1,0 +1,262 @@
+"""ClickHouse access for every service: one small `Store` over a clickhouse-connect client.
+
+The same code and DDL run against embedded chDB (default: <data_dir>/clickhouse)
+and a ClickHouse server (CLICKHOUSE_URL). chDB allows ONE data dir per process
+and one process per data dir, so a process opens its Store once and its
+services share it; the lock serialises their calls on the one client.
+
+Schema changes are versioned migrations below: append a new (version, name,
+statements) entry, never edit an applied one. Every statement is idempotent
+(IF NOT EXISTS) so a migration interrupted halfway can simply run again.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import clickhouse_connect
+
+from streamscore.settings import Settings
+
+DEDUP_WINDOW = "non_replicated_deduplication_window = 1000"
+
+# (version, name, statements); {db} is the validated settings.clickhouse_database.
+MIGRATIONS: list[tuple[int, str, list[str]]] = [
+    (1, "initial tables", [
+        "CREATE DATABASE IF NOT EXISTS {db}",
+        f"""CREATE TABLE IF NOT EXISTS {{db}}.predictions (
+            event_id String,
+            entity_id String,
+            event_time DateTime64(3, 'UTC'),
+            scored_at DateTime64(3, 'UTC'),
+            logged_at DateTime64(3, 'UTC') DEFAULT now64(3),
+            model_name LowCardinality(String),
+            model_version UInt32,
+            score Nullable(Float64),
+            amount Float64,
+            currency LowCardinality(String),
+            merchant_category Nullable(String),
+            channel LowCardinality(Nullable(String)),
+            country LowCardinality(Nullable(String)),
+            device_id Nullable(String),
+            features Map(LowCardinality(String), Float64),
+            feature_set LowCardinality(String),
+            event_partition UInt32,
+            event_offset UInt64
+        ) ENGINE = ReplacingMergeTree
+        PARTITION BY toYYYYMM(event_time)
+        ORDER BY event_id
+        SETTINGS {DEDUP_WINDOW}""",
+        f"""CREATE TABLE IF NOT EXISTS {{db}}.labels (
+            event_id String,
+            entity_id String,
+            label UInt8,
+            label_time DateTime64(3, 'UTC'),
+            logged_at DateTime64(3, 'UTC') DEFAULT now64(3)
+        ) ENGINE = ReplacingMergeTree
+        ORDER BY event_id
+        SETTINGS {DEDUP_WINDOW}""",
+        f"""CREATE TABLE IF NOT EXISTS {{db}}.rejected_events (
+            source_topic LowCardinality(String),
+            source_partition UInt32,
+            source_offset UInt64,
+            service LowCardinality(String),
+            reason LowCardinality(String),
+            field Nullable(String),
+            detail String,
+            raw String,
+            event_id Nullable(String),
+            rejected_at DateTime64(3, 'UTC')
+        ) ENGINE = ReplacingMergeTree
+        ORDER BY (source_topic, source_partition, source_offset)
+        SETTINGS {DEDUP_WINDOW}""",
+        """CREATE TABLE IF NOT EXISTS {db}.drift_events (
+            detected_at DateTime64(3, 'UTC'),
+            model_name LowCardinality(String),
+            model_version UInt32,
+            kind LowCardinality(String),
+            detector LowCardinality(String),
+            feature String,
+            statistic LowCardinality(String),
+            value Float64,
+            baseline Nullable(Float64),
+            threshold Nullable(Float64),
+            window UInt32,
+            retrain_requested UInt8,
+            request_id Nullable(String)
+        ) ENGINE = MergeTree
+        ORDER BY (model_name, detected_at)""",
+        """CREATE TABLE IF NOT EXISTS {db}.model_versions (
+            model_name LowCardinality(String),
+            version UInt32,
+            action LowCardinality(String),
+            stage LowCardinality(String),
+            parent_version Nullable(UInt32),
+            feature_set String,
+            created_at DateTime64(3, 'UTC'),
+            recorded_at DateTime64(3, 'UTC'),
+            train_start Nullable(DateTime64(3, 'UTC')),
+            train_end Nullable(DateTime64(3, 'UTC')),
+            train_rows UInt64,
+            metrics Map(String, Float64),
+            reason String
+        ) ENGINE = MergeTree
+        ORDER BY (model_name, version, recorded_at)""",
+    ]),
+    (2, "predictions_dedup view", [
+        # Redelivered predictions are collapsed by ReplacingMergeTree only at merge
+        # time; FINAL gives exactly-once reads regardless.
+        "CREATE VIEW IF NOT EXISTS {db}.predictions_dedup AS SELECT * FROM {db}.predictions FINAL",
+    ]),
+]
+
+SCHEMA_MIGRATIONS_DDL = """CREATE TABLE IF NOT EXISTS {db}.schema_migrations (
+    version UInt32,
+    name String,
+    applied_at DateTime64(3, 'UTC')
+) ENGINE = ReplacingMergeTree
+ORDER BY version"""
+
+
+class StoreError(RuntimeError):
+    """The ClickHouse store cannot be opened or used; the message says what to do."""
+
+
+class StoreLockedError(StoreError):
+    """Another process holds the embedded ClickHouse (chDB) data dir."""
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    column_names: tuple[str, ...]
+    rows: list[tuple]
+
+
+class Store:
+    """One ClickHouse client plus migrations; safe to share between threads of one process."""
+
+    def __init__(self, client, settings: Settings):
+        self._client = client
+        self._lock = threading.RLock()
+        self.settings = settings
+        self.database = settings.clickhouse_database
+
+    @property
+    def is_embedded(self) -> bool:
+        return self.settings.is_embedded_store
+
+    @property
+    def location(self) -> str:
+        """Where the data lives, for humans (server URLs without credentials)."""
+        if self.is_embedded:
+            return self.settings.clickhouse_dsn
+        url = self.settings.clickhouse_dsn
+        scheme, _, rest = url.partition("://")
+        return f"{scheme}://{rest.rpartition('@')[2]}"
+
+    # --- schema -------------------------------------------------------------
+    def migrate(self) -> list[int]:
+        """Apply the migrations not yet recorded in schema_migrations; returns the versions applied now."""
+        db = self.database
+        with self._lock:
+            self._client.command(f"CREATE DATABASE IF NOT EXISTS {db}")
+            self._client.command(SCHEMA_MIGRATIONS_DDL.format(db=db))
+            done = {version for version, _ in self.applied_migrations()}
+            applied = []
+            for version, name, statements in MIGRATIONS:
+                if version in done:
+                    continue
+                for statement in statements:
+                    self._client.command(statement.format(db=db))
+                self._client.command(
+                    f"INSERT INTO {db}.schema_migrations (version, name, applied_at) VALUES "
+                    "({version:UInt32}, {name:String}, now64(3))",
+                    parameters={"version": version, "name": name},
+                )
+                applied.append(version)
+            return applied
+
+    def applied_migrations(self) -> list[tuple[int, str]]:
+        exists = self.query(
+            "SELECT count() FROM system.tables WHERE database = {db:String} AND name = 'schema_migrations'",
+            {"db": self.database},
+        ).rows[0][0]
+        if not exists:
+            return []
+        rows = self.query(f"SELECT version, name FROM {self.database}.schema_migrations FINAL ORDER BY version").rows
+        return [(int(version), name) for version, name in rows]
+
+    # --- data ---------------------------------------------------------------
+    def insert(self, table: str, rows: Sequence[Sequence[Any]], column_names: Sequence[str],
+               dedup_token: str | None = None) -> int:
+        """Insert rows into <database>.<table>; returns the row count.
+
+        With dedup_token, a retry of the same block (same token) is dropped by
+        ClickHouse, so a crash between writing and committing Kafka offsets
+        does not duplicate rows.
+        """
+        if not rows:
+            return 0
+        settings = {"insert_deduplication_token": dedup_token} if dedup_token else None
+        with self._lock:
+            self._client.insert(table, rows, column_names=list(column_names), database=self.database,
+                                settings=settings)
+        return len(rows)
+
+    def query(self, sql: str, parameters: dict | Sequence | None = None,
+              column_formats: dict[str, str] | None = None) -> QueryResult:
+        """Run a SELECT. String columns holding binary data (rejected_events.raw) need
+        column_formats={"raw": "bytes"}, else non-UTF-8 values come back hex-encoded."""
+        with self._lock:
+            result = self._client.query(sql, parameters=parameters, column_formats=column_formats)
+        return QueryResult(column_names=tuple(result.column_names), rows=[tuple(row) for row in result.result_rows])
+
+    def command(self, sql: str, parameters: dict | Sequence | None = None) -> Any:
+        with self._lock:
+            return self._client.command(sql, parameters=parameters)
+
+    def server_version(self) -> str:
+        return str(self.query("SELECT version()").rows[0][0])
+
+    def close(self) -> None:
+        with self._lock:
+            self._client.close()
+
+
+def open_store(settings: Settings) -> Store:
+    """Connect to ClickHouse (embedded chDB unless CLICKHOUSE_URL is set) with the database as default.
+
+    The database is created here if missing (the client needs it as its default);
+    tables come from Store.migrate().
+    """
+    dsn = settings.clickhouse_dsn
+    if settings.is_embedded_store:
+        (settings.data_dir / "clickhouse").resolve().mkdir(parents=True, exist_ok=True)
+    try:
+        client = clickhouse_connect.get_client(dsn=dsn)
+    except Exception as error:
+        raise _explain_open_error(settings, error) from error
+    client.command(f"CREATE DATABASE IF NOT EXISTS {settings.clickhouse_database}")
+    client.database = settings.clickhouse_database
+    return Store(client, settings)
+
+
+def _explain_open_error(settings: Settings, error: Exception) -> Exception:
+    text = str(error)
+    if not settings.is_embedded_store:
+        return StoreError(f"cannot connect to ClickHouse at {settings.clickhouse_url}: {text}")
+    path = (settings.data_dir / "clickhouse").resolve()
+    if "Error initializing EmbeddedServer" in text:
+        return StoreLockedError(
+            f"the embedded ClickHouse data dir {path} is in use by another process (chDB allows one process per "
+            "data dir). Fix: stop the other streamscore process (e.g. `streamscore run` or `streamscore demo`), "
+            "or run a ClickHouse server and set CLICKHOUSE_URL so several processes can share it "
+            f"(or use another STREAMSCORE_DATA_DIR). chDB said: {text}"
+        )
+    if "already initialized with path" in text:
+        return StoreError(
+            f"this process already opened embedded ClickHouse at another path, so it cannot open {path} "
+            f"(chDB allows one data dir per process; open one Store and share it). chDB said: {text}"
+        )
+    return StoreError(f"cannot open embedded ClickHouse at {path}: {text}")

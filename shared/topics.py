@@ -1,0 +1,103 @@
+"""The Kafka topics streamscore uses, as data, and their idempotent creation.
+
+scorer-state is the scorer's per-entity feature state changelog: it is compacted
+(only the latest state per entity matters) and has as many partitions as events,
+so partition p of events and partition p of scorer-state hold the same entities.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from streamscore.settings import (
+    TOPIC_DEAD_LETTER,
+    TOPIC_EVENTS,
+    TOPIC_LABELS,
+    TOPIC_MODEL_UPDATES,
+    TOPIC_PREDICTIONS,
+    TOPIC_RETRAIN,
+    TOPIC_SCORER_STATE,
+    Settings,
+)
+
+SEVEN_DAYS_MS = 7 * 24 * 3600 * 1000
+THIRTY_DAYS_MS = 30 * 24 * 3600 * 1000
+ADMIN_TIMEOUT_S = 30.0
+
+
+class TopicMismatchError(RuntimeError):
+    """An existing topic's partition count differs from what streamscore needs."""
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str  # logical name; the physical one is settings.topic(name)
+    partitions: int
+    config: dict[str, str] = field(default_factory=dict)
+
+
+def topic_specs(settings: Settings) -> list[TopicSpec]:
+    stream = {"cleanup.policy": "delete", "retention.ms": str(SEVEN_DAYS_MS)}
+    control = {"cleanup.policy": "delete", "retention.ms": str(THIRTY_DAYS_MS)}
+    return [
+        TopicSpec(TOPIC_EVENTS, settings.partitions, stream),
+        TopicSpec(TOPIC_LABELS, settings.partitions, stream),
+        TopicSpec(TOPIC_PREDICTIONS, settings.partitions, stream),
+        TopicSpec(TOPIC_DEAD_LETTER, settings.partitions, stream),
+        # Single partition: requests and registry updates are few and must stay in order.
+        TopicSpec(TOPIC_RETRAIN, 1, control),
+        TopicSpec(TOPIC_MODEL_UPDATES, 1, control),
+        TopicSpec(TOPIC_SCORER_STATE, settings.partitions, {"cleanup.policy": "compact", "min.compaction.lag.ms": "0"}),
+    ]
+
+
+def topic_names(settings: Settings) -> list[str]:
+    """Physical names of all streamscore topics for these settings."""
+    return [settings.topic(spec.name) for spec in topic_specs(settings)]
+
+
+def ensure_topics(settings: Settings, admin: AdminClient | None = None) -> list[str]:
+    """Create the missing topics; returns the physical names created (empty when all existed).
+
+    Raises TopicMismatchError when an existing topic has a different partition
+    count, because entities would then land on different partitions than the
+    scorer's state for them.
+    """
+    admin = admin or AdminClient({"bootstrap.servers": settings.bootstrap_servers})
+    specs = {settings.topic(spec.name): spec for spec in topic_specs(settings)}
+    existing = admin.list_topics(timeout=ADMIN_TIMEOUT_S).topics
+    missing = [
+        # replication_factor=-1: the cluster's default (1 on the local broker, 3 on a typical cluster)
+        NewTopic(name, num_partitions=spec.partitions, replication_factor=-1, config=spec.config)
+        for name, spec in specs.items()
+        if name not in existing
+    ]
+    created: list[str] = []
+    if missing:
+        for name, future in admin.create_topics(missing, operation_timeout=ADMIN_TIMEOUT_S).items():
+            try:
+                future.result()
+                created.append(name)
+            except KafkaException as error:
+                if error.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:  # a concurrent creator won
+                    raise
+    _check_partitions(settings, admin, specs)
+    return created
+
+
+def _check_partitions(settings: Settings, admin: AdminClient, specs: dict[str, TopicSpec]) -> None:
+    metadata = admin.list_topics(timeout=ADMIN_TIMEOUT_S).topics
+    for name, spec in specs.items():
+        topic = metadata.get(name)
+        if topic is None or topic.error is not None:
+            continue  # just created; metadata may lag a moment
+        if len(topic.partitions) != spec.partitions:
+            fix = "delete the topic"
+            if spec.partitions == settings.partitions:
+                fix += f" or set STREAMSCORE_PARTITIONS={len(topic.partitions)} (now {settings.partitions})"
+            raise TopicMismatchError(
+                f"topic {name!r} exists with {len(topic.partitions)} partitions but streamscore needs "
+                f"{spec.partitions}: {fix}."
+            )
