@@ -68,6 +68,38 @@ class Settings(BaseSettings):
     logger_batch_rows: int = Field(default=20_000, ge=1, description="Logger flushes to ClickHouse at this many rows...")
     logger_flush_interval_s: float = Field(default=1.0, gt=0, description="...or after this many seconds, whichever first.")
 
+    # --- drift (streamscore.drift; thresholds are justified in bench/drift_quality.py) ---
+    drift_detectors: str = Field(
+        default="adwin,pagehinkley,windowed,performance",
+        description="Comma list of drift detector families: adwin, pagehinkley (per event, on the score), "
+        "windowed (PSI / mean shift / NaN / unknown-category rate per tumbling window vs the training baseline), "
+        "performance (rolling log loss and AUC from delayed labels).",
+    )
+    drift_features: str = Field(
+        default="",
+        description="Comma list of features the windowed detector monitors; empty = every feature in the model's "
+        "baseline except hour_of_day (diurnal by design), plus score.",
+    )
+    drift_event_features: str = Field(
+        default="",
+        description="Comma list of features that ALSO get per-event ADWIN/PageHinkley (the score always does); "
+        "'all' = every monitored feature. Costs ~1 us/update per feature and adds false alarms on bursty features.",
+    )
+    drift_window: int = Field(default=2000, ge=100, description="Events per tumbling window for windowed statistics (PSI, mean shift).")
+    drift_psi_threshold: float = Field(default=0.25, gt=0, description="Window PSI vs the baseline's bins above this is drift (0.25 = 'significant shift').")
+    drift_mean_shift_threshold: float = Field(default=0.5, gt=0, description="|window mean - baseline mean| in baseline std units above this is drift.")
+    drift_nan_fraction_threshold: float = Field(default=0.1, gt=0, le=1, description="Window NaN fraction above baseline NaN fraction by more than this is drift.")
+    drift_unknown_rate_threshold: float = Field(default=0.05, gt=0, le=1, description="Window share of code 1 (never-seen category) in *_code features above baseline by more than this is drift.")
+    drift_adwin_delta: float = Field(default=0.0001, gt=0, lt=1, description="ADWIN confidence (smaller = fewer false alarms, slower detection).")
+    drift_ph_delta: float = Field(default=0.01, gt=0, description="PageHinkley tolerated change, in baseline-quantile (0..1) units.")
+    drift_ph_threshold: float = Field(default=50.0, gt=0, description="PageHinkley alarm threshold (cumulative deviation).")
+    drift_min_events: int = Field(default=2000, ge=0, description="No drift alarm before this many predictions of a model version (warm-up).")
+    drift_cooldown_events: int = Field(default=50_000, ge=0, description="After a retrain request, no new one until this many predictions...")
+    drift_cooldown_s: float = Field(default=600.0, ge=0, description="...AND this much event time have passed (one shift -> one retrain).")
+    drift_perf_window: int = Field(default=5000, ge=100, description="Labeled predictions in the rolling log loss / AUC window.")
+    drift_logloss_ratio_threshold: float = Field(default=1.5, gt=1, description="Rolling log loss / reference (validation) log loss above this is drift.")
+    drift_auc_drop_threshold: float = Field(default=0.1, gt=0, lt=1, description="Reference AUC - rolling AUC above this is drift.")
+
     log_level: str = Field(default="INFO", description="Log level: DEBUG, INFO, WARNING, ERROR.")
 
     # --- derived ------------------------------------------------------------
