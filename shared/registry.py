@@ -23,6 +23,7 @@ import dataclasses
 import fcntl
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -358,6 +359,9 @@ class ModelRegistry:
         unknown = [c for c in categorical_features if c not in feature_names]
         if unknown:
             raise ValueError(f"categorical_features {unknown} are not in feature_names {feature_names}")
+        for name, value in metrics.items():
+            if not math.isfinite(float(value)):
+                raise ValueError(f"metrics[{name!r}] is {value}; metrics must be finite numbers")
         if version is not None and (not isinstance(version, int) or version < 1):
             raise ValueError(f"version must be an int >= 1, got {version!r}")
         with self._locked(model_name) as model_dir:

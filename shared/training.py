@@ -94,7 +94,7 @@ def _check_labels(y: Any, what: str) -> np.ndarray:
         )
     bad = np.flatnonzero((y != 0) & (y != 1))
     if bad.size:
-        raise TrainingDataError(f"{what}: labels must be 0 or 1, row {bad[0]} has {y[bad[0]]!r}")
+        raise TrainingDataError(f"{what}: labels must be 0 or 1, row {bad[0]} has {float(y[bad[0]])}")
     return y
 
 
