@@ -239,5 +239,126 @@ def _json_value(value):
     return value
 
 
+# --- models -----------------------------------------------------------------
+models_app = typer.Typer(help="Model registry: list versions, show one, promote, roll back.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+_MODEL_OPTION = typer.Option(None, "--model", "-m", help="Model name (default: STREAMSCORE_MODEL_NAME).")
+
+
+def _registry(ctx: typer.Context, model: str | None):
+    from streamscore.registry import ModelRegistry
+
+    settings: Settings = ctx.obj
+    return ModelRegistry(settings.registry_dir), model or settings.model_name
+
+
+def _utc(ms: int | None) -> str:
+    if ms is None:
+        return "-"
+    from datetime import datetime, timezone
+
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _metric(metrics: dict, name: str) -> str:
+    value = metrics.get(name)
+    return "-" if value is None else f"{value:.4f}"
+
+
+@models_app.command("list")
+def models_list(ctx: typer.Context, model: str | None = _MODEL_OPTION) -> None:
+    """All versions of the model with their stage, feature set and validation AUC."""
+    from streamscore.registry import stage_label
+
+    registry, name = _registry(ctx, model)
+    versions = registry.list(name)
+    if not versions:
+        console.print(f"model {name!r} has no versions in {registry.root}")
+        return
+    stages = registry.stages(name)
+    rejected = registry.rejected_versions(name)
+    from rich import box
+
+    table = Table("version", "created (UTC)", "stage", "feature_set", "AUC", "rows", "parent",
+                  title=f"model {name} ({registry.root})", box=box.SIMPLE_HEAD, padding=(0, 1), collapse_padding=True, pad_edge=False)
+    for column in table.columns:
+        column.no_wrap = True
+    for v in versions:
+        stage = stage_label(stages, v.version, rejected)
+        style = {"production": "bold green", "candidate": "cyan", "rejected": "red"}.get(stage)
+        table.add_row(str(v.version), _utc(v.created_at)[:16], stage, v.feature_set[:12], _metric(v.metrics, "auc"),
+                      str(v.train_rows), "-" if v.parent_version is None else str(v.parent_version), style=style)
+    console.print(table)
+
+
+@models_app.command("show")
+def models_show(ctx: typer.Context, version: int = typer.Argument(..., help="Version number."),
+                model: str | None = _MODEL_OPTION) -> None:
+    """Metadata of one version: training window, metrics, threshold, params, score baseline, history."""
+    from streamscore.registry import RegistryError, stage_label
+
+    registry, name = _registry(ctx, model)
+    try:
+        v = registry.get(name, version)
+    except RegistryError as error:
+        raise fail(str(error)) from error
+    stages = registry.stages(name)
+    table = Table(show_header=False, box=None, title=f"model {name} v{v.version}")
+    table.add_row("stage", stage_label(stages, v.version) or "-")
+    table.add_row("created", _utc(v.created_at))
+    table.add_row("parent", "-" if v.parent_version is None else str(v.parent_version))
+    table.add_row("reason", v.reason or "-")
+    table.add_row("feature_set", v.feature_set)
+    table.add_row("features", ", ".join(v.feature_names))
+    table.add_row("categorical", ", ".join(v.categorical_features) or "-")
+    table.add_row("training window", f"{_utc(v.train_start)} .. {_utc(v.train_end)} ({v.train_rows} rows)")
+    table.add_row("threshold", f"{v.threshold:.6f}")
+    table.add_row("metrics", "  ".join(f"{k}={val:.4f}" for k, val in sorted(v.metrics.items())))
+    score = v.baseline.get("score", {}).get("quantiles")
+    if score:
+        table.add_row("score quantiles", "  ".join(f"q{k}={val:.4f}" for k, val in score.items() if val is not None))
+    table.add_row("params", json.dumps(v.params, sort_keys=True))
+    table.add_row("sha256", v.model_sha256 or "-")
+    console.print(table)
+    history = [h for h in stages["history"] if h["version"] == v.version]
+    if history:
+        events = Table("at (UTC)", "action", "stage", "reason", title="history")
+        for h in history:
+            events.add_row(_utc(h["at"]), h["action"], h["stage"], h["reason"] or "-")
+        console.print(events)
+
+
+@models_app.command("promote")
+def models_promote(ctx: typer.Context, version: int = typer.Argument(..., help="Version to serve."),
+                   model: str | None = _MODEL_OPTION,
+                   reason: str = typer.Option("manual promote", "--reason", help="Recorded in the history.")) -> None:
+    """Make VERSION the production model (scorers pick it up within a second)."""
+    from streamscore.registry import RegistryError
+
+    registry, name = _registry(ctx, model)
+    try:
+        update = registry.promote(name, version, reason=reason)
+    except RegistryError as error:
+        raise fail(str(error)) from error
+    before = "none" if update.previous_production is None else f"v{update.previous_production}"
+    console.print(f"model {name}: production {before} -> v{update.model_version.version} ({reason})", highlight=False)
+
+
+@models_app.command("rollback")
+def models_rollback(ctx: typer.Context, model: str | None = _MODEL_OPTION,
+                    reason: str = typer.Option("manual rollback", "--reason", help="Recorded in the history.")) -> None:
+    """Serve the previous production version again."""
+    from streamscore.registry import RegistryError
+
+    registry, name = _registry(ctx, model)
+    try:
+        update = registry.rollback(name, reason=reason)
+    except RegistryError as error:
+        raise fail(str(error)) from error
+    console.print(f"model {name}: production v{update.previous_production} -> v{update.model_version.version} "
+                  f"({reason})", highlight=False)
+
+
 def main() -> None:
     app()

@@ -269,3 +269,25 @@ def test_metadata_is_plain_json(tmp_path, booster):
 def test_invalid_model_name(tmp_path):
     with pytest.raises(ValueError, match="invalid model name '../x'"):
         ModelRegistry(tmp_path).list("../x")
+
+
+def test_models_cli_list_promote_rollback(tmp_path, booster, monkeypatch):
+    from typer.testing import CliRunner
+
+    from streamscore.services.cli import app
+
+    monkeypatch.setenv("STREAMSCORE_DATA_DIR", str(tmp_path))
+    registry = ModelRegistry(tmp_path / "models")  # Settings.registry_dir default
+    register(registry, booster)
+    register(registry, booster)
+    runner = CliRunner()
+    result = runner.invoke(app, ["models", "promote", "1"])
+    assert result.exit_code == 0, result.output
+    assert "production none -> v1" in result.output
+    assert "production v1 -> v2" in runner.invoke(app, ["models", "promote", "2", "--reason", "better"]).output
+    listing = runner.invoke(app, ["models", "list"], env={"COLUMNS": "200"})
+    assert listing.exit_code == 0 and "production" in listing.output and "retired" in listing.output
+    assert "production v2 -> v1" in runner.invoke(app, ["models", "rollback"]).output
+    missing = runner.invoke(app, ["models", "show", "9"])
+    assert missing.exit_code == 1
+    assert registry.read_production_version(MODEL) == 1
