@@ -33,6 +33,7 @@ from typing import Any
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from fastavro.read import SchemaResolutionError
 from fastavro.schema import UnknownType, fingerprint as _fastavro_fingerprint, to_parsing_canonical_form
+from fastavro.validation import validate as fastavro_validate
 
 SINGLE_OBJECT_MAGIC = b"\xc3\x01"
 SINGLE_OBJECT_HEADER_LEN = 10  # magic (2) + fingerprint (8)
@@ -381,6 +382,31 @@ def _encode_error(writer: WriterSchema, record: Any, exc: Exception) -> EncodeEr
     return EncodeError(f"cannot encode {writer.full_name}: field {path!r}{shown} {problem}", field=path, value=value)
 
 
+def _int_field_paths(schema: dict, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Paths to plain "int" fields through nested records (not unions/maps/arrays)."""
+    paths = []
+    for f in schema.get("fields", ()):
+        ftype = f["type"]
+        if isinstance(ftype, dict) and ftype.get("type") in ("int", "record"):
+            ftype = ftype if ftype["type"] == "record" else "int"
+        if ftype == "int":
+            paths.append((*prefix, f["name"]))
+        elif isinstance(ftype, dict) and ftype.get("type") == "record":
+            paths.extend(_int_field_paths(ftype, (*prefix, f["name"])))
+    return paths
+
+
+def _check_int_range(record: Mapping[str, Any], paths: list[tuple[str, ...]]) -> None:
+    # fastavro writes an "int" as a varint without a range check, so 2**40 would encode and
+    # then break (or wrap in) readers in other languages.
+    for path in paths:
+        value: Any = record
+        for key in path:
+            value = value.get(key) if isinstance(value, Mapping) else None
+        if isinstance(value, int) and not _INT32[0] <= value <= _INT32[1]:
+            raise OverflowError(f"{'.'.join(path)} out of int range")
+
+
 # --- decode diagnostics --------------------------------------------------------------
 
 
@@ -448,10 +474,22 @@ class AvroCodec:
     Without `registry_url` writers use single-object framing; with it, Confluent framing
     (schemas registered under subject "<topic or name>-value"). `registry_client` may be given
     instead of a url (e.g. to share one mock registry between codecs in tests).
+
+    Encoding type-checks through fastavro, which coerces with float()/int() where it can: a
+    numeric string or a bool in a double field is written as that number. `validate=True`
+    type-checks every record strictly first (~4 us per Event more); use it for untrusted input.
     """
 
-    def __init__(self, catalog: SchemaCatalog | None = None, registry_url: str | None = None, *, registry_client=None):
+    def __init__(
+        self,
+        catalog: SchemaCatalog | None = None,
+        registry_url: str | None = None,
+        *,
+        registry_client=None,
+        validate: bool = False,
+    ) -> None:
         self.catalog = catalog or SchemaCatalog()
+        self.validate = validate
         if registry_client is None and registry_url:
             from confluent_kafka.schema_registry import SchemaRegistryClient
 
@@ -482,11 +520,17 @@ class AvroCodec:
             single_object_header(writer.fingerprint)
         )
         parsed = writer.parsed
+        validate = self.validate
+        int_paths = _int_field_paths(writer.expanded)
 
         def encode(record: Mapping[str, Any]) -> bytes:
             buf = BytesIO()
             buf.write(header)
             try:
+                if validate and not fastavro_validate(record, parsed, raise_errors=False):
+                    raise ValueError("record does not validate against the schema")
+                if int_paths:
+                    _check_int_range(record, int_paths)
                 # strict_allow_default: unknown keys (typos) are errors, missing optional fields get defaults.
                 schemaless_writer(buf, parsed, record, strict_allow_default=True)
             except Exception as exc:  # fastavro raises TypeError/ValueError/OverflowError/...
