@@ -29,6 +29,9 @@ from typing import Any
 import lightgbm
 import numpy as np
 
+# The drift monitor's own binning rule, so baseline bins and live windows are counted alike.
+from streamscore.drift import histogram_bins
+
 BASELINE_QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 SCORE_KEY = "score"
 _LOG_LOSS_EPS = 1e-15
@@ -258,7 +261,9 @@ def compute_baseline(
     {name: stats for each feature, "score": stats}, where stats =
     {"count": non-NaN rows, "nan_fraction", "mean", "std" (population), "min", "max",
      "quantiles": {"0.01": v, "0.05": v, ..., "0.99": v}}  (NaN ignored; null if all NaN).
-    Categorical features also get "frequencies": {"<code>": fraction of non-NaN rows}.
+    Categorical features also get "frequencies": {"<code>": fraction of non-NaN rows};
+    the others and the score get exact PSI "bins": {"edges", "fractions"} (drift.histogram_bins),
+    which quantiles alone cannot give for integer-valued features such as count_1h.
     """
     feature_names = list(feature_names)
     if SCORE_KEY in feature_names:
@@ -277,7 +282,11 @@ def compute_baseline(
             baseline[name]["frequencies"] = {
                 str(int(c)): float(n / finite.size) for c, n in zip(codes, counts)
             }
+        elif baseline[name]["count"]:
+            baseline[name]["bins"] = histogram_bins(values, baseline[name]["quantiles"])
     baseline[SCORE_KEY] = _column_stats(scores)
+    if baseline[SCORE_KEY]["count"]:
+        baseline[SCORE_KEY]["bins"] = histogram_bins(scores, baseline[SCORE_KEY]["quantiles"])
     return baseline
 
 

@@ -217,7 +217,11 @@ def test_baseline_quantiles_on_known_data():
     assert b["all_nan"]["mean"] is None and b["all_nan"]["quantiles"]["0.5"] is None
     assert b["mcc_code"]["frequencies"] == pytest.approx({"0": 0.1, "2": 0.5, "3": 0.4})
     assert b["score"]["quantiles"]["0.5"] == pytest.approx(0.5)
-    assert "frequencies" not in b["a"]
+    assert "frequencies" not in b["a"] and "bins" not in b["mcc_code"] and "bins" not in b["all_nan"]
+    # exact PSI bins over the distinct quantile edges: (-inf, 1], (1, 5], ..., (99, inf)
+    assert b["a"]["bins"]["edges"] == [1.0, 5.0, 25.0, 50.0, 75.0, 95.0, 99.0]
+    assert b["a"]["bins"]["fractions"] == pytest.approx(np.array([2, 4, 20, 25, 25, 20, 4, 1]) / 101)
+    assert sum(b["score"]["bins"]["fractions"]) == pytest.approx(1.0)
 
 
 def test_baseline_is_json_serialisable_without_nan():
