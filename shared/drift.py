@@ -52,6 +52,9 @@ _STATE_VERSION = 1
 _EPS = 1e-4  # floor of a bin fraction in PSI (an empty bin would be infinite)
 _MIN_WINDOW_VALUES = 50  # fewer non-NaN values in a window: no mean / PSI for it
 _LOSS_CLIP = 1e-7
+# AUC from fewer positives (or negatives) than this has a standard error above ~0.03:
+# a 0.1 "drop" would be noise. Fraud windows need perf_window * positive_rate >= this.
+_MIN_CLASS_FOR_AUC = 100
 
 
 class IncompatibleDriftState(ValueError):
@@ -532,7 +535,9 @@ class DriftMonitor:
         config, perf = self.config, self._performance
         signals: list[DriftSignal] = []
         log_loss = perf.log_loss
-        auc = perf.auc()
+        positives = perf.positives
+        enough = min(positives, len(perf.labels) - positives) >= _MIN_CLASS_FOR_AUC
+        auc = perf.auc() if enough else math.nan
         reference_ll = self._reference_metric("log_loss")
         reference_auc = self._reference_metric("auc")
         if reference_ll is None and self._calibrated_logloss is None:
