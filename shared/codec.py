@@ -378,6 +378,8 @@ def _encode_error(writer: WriterSchema, record: Any, exc: Exception) -> EncodeEr
     if misfit is None:
         return EncodeError(f"cannot encode {writer.full_name}: {type(exc).__name__}: {exc}")
     path, value, problem = misfit
+    if not path:  # the record itself is not a mapping
+        return EncodeError(f"cannot encode {writer.full_name}: record {_short_repr(value)} {problem}", value=value)
     shown = "" if problem.startswith("is missing") else f" = {_short_repr(value)} ({type(value).__name__})"
     return EncodeError(f"cannot encode {writer.full_name}: field {path!r}{shown} {problem}", field=path, value=value)
 

@@ -386,6 +386,11 @@ def test_encode_nested_and_map_fields_are_named(codec):
     assert _encode_error(codec, "prediction", bad_feature).field == "features['amount']"
 
 
+def test_encode_non_mapping_record(codec):
+    err = _encode_error(codec, "label", ["not", "a", "dict"])
+    assert err.field is None and "is not a mapping" in str(err)
+
+
 def test_encode_rejects_unknown_fields(codec):
     err = _encode_error(codec, "event", {**EVENT, "merchant_categroy": "5411"})
     assert err.field == "merchant_categroy" and "not a field of streamscore.Event" in str(err)
