@@ -241,6 +241,9 @@ class LocalKafkaBroker:
             "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
             "log.dirs": str(self.data_dir),
             "offsets.topic.replication.factor": "1",
+            # The first consumer group creates __consumer_offsets; 50 partitions (the default) cost seconds.
+            "offsets.topic.num.partitions": "4",
+            "transaction.state.log.num.partitions": "4",
             "transaction.state.log.replication.factor": "1",
             "transaction.state.log.min.isr": "1",
             "share.coordinator.state.topic.replication.factor": "1",

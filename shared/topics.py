@@ -6,6 +6,7 @@ so partition p of events and partition p of scorer-state hold the same entities.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from confluent_kafka import KafkaError, KafkaException
@@ -61,9 +62,10 @@ def topic_names(settings: Settings) -> list[str]:
 def ensure_topics(settings: Settings, admin: AdminClient | None = None) -> list[str]:
     """Create the missing topics; returns the physical names created (empty when all existed).
 
-    Raises TopicMismatchError when an existing topic has a different partition
-    count, because entities would then land on different partitions than the
-    scorer's state for them.
+    Returns once every topic has a leader on each partition, so callers can
+    produce right away. Raises TopicMismatchError when an existing topic has a
+    different partition count: entities would then land on other partitions
+    than the scorer's state for them.
     """
     admin = admin or AdminClient({"bootstrap.servers": settings.bootstrap_servers})
     specs = {settings.topic(spec.name): spec for spec in topic_specs(settings)}
@@ -83,21 +85,32 @@ def ensure_topics(settings: Settings, admin: AdminClient | None = None) -> list[
             except KafkaException as error:
                 if error.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:  # a concurrent creator won
                     raise
-    _check_partitions(settings, admin, specs)
+    _wait_until_ready_and_check(settings, admin, specs)
     return created
 
 
-def _check_partitions(settings: Settings, admin: AdminClient, specs: dict[str, TopicSpec]) -> None:
-    metadata = admin.list_topics(timeout=ADMIN_TIMEOUT_S).topics
+def _wait_until_ready_and_check(settings: Settings, admin: AdminClient, specs: dict[str, TopicSpec]) -> None:
+    """Wait until every topic has a leader for each partition (a new topic takes a moment), then check counts."""
+    deadline = time.monotonic() + ADMIN_TIMEOUT_S
+    while True:
+        metadata = admin.list_topics(timeout=ADMIN_TIMEOUT_S).topics
+        not_ready = [
+            name for name in specs
+            if name not in metadata or metadata[name].error is not None
+            or not metadata[name].partitions
+            or any(partition.leader < 0 for partition in metadata[name].partitions.values())
+        ]
+        if not not_ready:
+            break
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"topics not ready after {ADMIN_TIMEOUT_S:.0f} s: {', '.join(not_ready)}")
+        time.sleep(0.1)
     for name, spec in specs.items():
-        topic = metadata.get(name)
-        if topic is None or topic.error is not None:
-            continue  # just created; metadata may lag a moment
-        if len(topic.partitions) != spec.partitions:
+        actual = len(metadata[name].partitions)
+        if actual != spec.partitions:
             fix = "delete the topic"
             if spec.partitions == settings.partitions:
-                fix += f" or set STREAMSCORE_PARTITIONS={len(topic.partitions)} (now {settings.partitions})"
+                fix += f" or set STREAMSCORE_PARTITIONS={actual} (now {settings.partitions})"
             raise TopicMismatchError(
-                f"topic {name!r} exists with {len(topic.partitions)} partitions but streamscore needs "
-                f"{spec.partitions}: {fix}."
+                f"topic {name!r} exists with {actual} partitions but streamscore needs {spec.partitions}: {fix}."
             )
