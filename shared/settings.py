@@ -100,6 +100,13 @@ class Settings(BaseSettings):
     drift_logloss_ratio_threshold: float = Field(default=1.5, gt=1, description="Rolling log loss / reference (validation) log loss above this is drift.")
     drift_auc_drop_threshold: float = Field(default=0.1, gt=0, lt=1, description="Reference AUC - rolling AUC above this is drift.")
 
+    # --- trainer (streamscore.training) -------------------------------------------
+    train_num_boost_round: int = Field(default=200, ge=1, description="LightGBM boosting rounds per training run.")
+    train_validation_fraction: float = Field(default=0.2, gt=0, lt=1, description="Most recent share of the training set held out for metrics, threshold and the gate.")
+    train_alert_rate: float | None = Field(default=None, gt=0, lt=1, description="Serving threshold flags this top share of the holdout; unset = threshold maximising F1.")
+    gate_min_auc: float = Field(default=0.70, ge=0, le=1, description="Promotion gate: a candidate needs at least this holdout AUC.")
+    gate_max_auc_drop: float = Field(default=0.01, ge=0, le=1, description="Promotion gate: candidate AUC may be at most this much below production's on the same holdout.")
+
     log_level: str = Field(default="INFO", description="Log level: DEBUG, INFO, WARNING, ERROR.")
 
     # --- derived ------------------------------------------------------------
