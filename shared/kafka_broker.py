@@ -159,8 +159,12 @@ class LocalKafkaBroker:
             (version_dir / INSTALLED_MARKER).write_text(version + "\n")
 
     # --- start / stop -------------------------------------------------------
-    def start(self) -> None:
-        """Start the broker for this data dir unless it already runs; returns once it answers metadata requests."""
+    def start(self, die_with_parent: bool = False) -> None:
+        """Start the broker for this data dir unless it already runs; returns once it answers metadata requests.
+
+        die_with_parent (Linux): the broker gets SIGTERM when this process dies, so a
+        killed test session leaves no broker behind. `infra up` wants the opposite.
+        """
         if not self.settings.uses_local_broker:
             raise KafkaBrokerError(
                 f"KAFKA_BOOTSTRAP_SERVERS={self.settings.kafka_bootstrap_servers} is set: "
@@ -192,6 +196,7 @@ class LocalKafkaBroker:
                  "-cp", f"{libs}/*", "kafka.Kafka", str(self.server_properties)],
                 stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT,
                 cwd=self.home, start_new_session=True,  # own process group: survives our exit, stoppable as a group
+                preexec_fn=_terminate_when_parent_dies if die_with_parent else None,
             )
         self.pid_file.write_text(f"{self._process.pid}\n")
         self._wait_until_ready(self._process.pid, timeout_s=READY_TIMEOUT_S)
@@ -431,6 +436,16 @@ def _cmdline(pid: int) -> str | None:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return None  # no /proc (macOS): trust the pid file
+
+
+def _terminate_when_parent_dies() -> None:
+    try:
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass  # not Linux: the session teardown's stop() is the only cleanup
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:

@@ -91,7 +91,7 @@ def kafka_bootstrap(environment_settings, docker_available, session_data_dir):
         data_dir=session_data_dir, cache_dir=CACHE_DIR,
     )
     broker = LocalKafkaBroker(broker_settings)
-    broker.start()
+    broker.start(die_with_parent=True)  # a killed pytest must not leave a broker behind
     try:
         yield broker.bootstrap
     finally:
