@@ -55,6 +55,12 @@ _LOSS_CLIP = 1e-7
 # AUC from fewer positives (or negatives) than this has a standard error above ~0.03:
 # a 0.1 "drop" would be noise. Fraud windows need perf_window * positive_rate >= this.
 _MIN_CLASS_FOR_AUC = 100
+# A ratio to a near-perfect validation log loss (a tree that was never wrong on
+# validation reports ~1e-7) turns the first mistake into a 1000x "drift".
+_MIN_REFERENCE_LOGLOSS = 0.01
+# Per-label log loss fed to ADWIN is capped (p=0.001 on the wrong side): ADWIN's bound
+# assumes bounded values and one confident miss should not look like a regime change.
+_LOSS_CAP_FOR_ADWIN = -math.log(1e-3)
 
 
 class IncompatibleDriftState(ValueError):
@@ -470,6 +476,7 @@ class DriftMonitor:
         self.labels_seen = 0
         self._last_event_ms = 0
         self._performance = _Performance(size=config.perf_window)
+        self._loss_adwin = river_drift.ADWIN(delta=config.adwin_delta)
         self._calibrated_logloss: float | None = None
         self._calibrated_auc: float | None = None
         self._last_request_ms = None
@@ -524,12 +531,25 @@ class DriftMonitor:
         perf.add(float(score), int(label))
         self.labels_seen += 1
         at_ms = self._last_event_ms if event_time_ms is None else event_time_ms
+        signals = self._update_loss_adwin(min(perf.losses[-1], _LOSS_CAP_FOR_ADWIN), at_ms)
         if not perf.full:
-            return []
+            return signals
         check_every = max(1, self.config.perf_window // 10)
         if (perf.seen - self.config.perf_window) % check_every:
+            return signals
+        return signals + self._check_performance(at_ms)
+
+    def _update_loss_adwin(self, loss: float, at_ms: int) -> list[DriftSignal]:
+        """ADWIN on the per-label log loss: reacts within hundreds of labels to a jump in
+        mistakes that the rolling-window ratio only sees once the window has turned over.
+        Only increases are drift (a model getting better is not a reason to retrain)."""
+        adwin = self._loss_adwin
+        before = adwin.estimation
+        adwin.update(loss)
+        if not adwin.drift_detected or adwin.estimation <= before:
             return []
-        return self._check_performance(at_ms)
+        return [DriftSignal("adwin", None, "log_loss_mean", float(adwin.estimation), self.config.adwin_delta,
+                            int(adwin.width), at_ms, float(before))]
 
     def _check_performance(self, at_ms: int) -> list[DriftSignal]:
         config, perf = self.config, self._performance
@@ -546,6 +566,8 @@ class DriftMonitor:
             self._calibrated_auc = auc
         reference_ll = reference_ll if reference_ll is not None else self._calibrated_logloss
         reference_auc = reference_auc if reference_auc is not None else self._calibrated_auc
+        if reference_ll is not None:
+            reference_ll = max(reference_ll, _MIN_REFERENCE_LOGLOSS)
         if reference_ll and log_loss / reference_ll > config.logloss_ratio_threshold:
             signals.append(DriftSignal("logloss_ratio", None, "log_loss_ratio", log_loss / reference_ll,
                                        config.logloss_ratio_threshold, len(perf.losses), at_ms, reference_ll))
