@@ -27,6 +27,11 @@ Detectors:
   0-1 error. KSWIN costs ~600 us/update, so it sees every 10th value of one stream only.
 - always-fire / never-fire are the reference detectors scored the same way.
 
+Simulator streams (when streamscore.simulator and streamscore.features exist): the
+project's own event simulator with DriftSpec covariate (amounts x3), new_categories and
+concept (card-testing fraud) at the change point, features from streamscore.features,
+scored by a LightGBM model trained on the pre-drift part; every detector runs on them.
+
 Scores: detected = an alarm at or after (change point - 1.5 width); delay = first such alarm
 minus the change point, in events (negative = during the concept transition: river's sigmoid
 gives the new concept a 0.25% share at change - 1.5 width, 12% at change - width/2, 50% at
@@ -312,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     all_detectors = detectors(settings)
     for stream in streams:
         for name, (kinds, run) in all_detectors.items():
-            if stream.kind not in kinds and not (stream.kind == "simulator" and "covariate" in kinds):
+            if stream.kind not in kinds and not (stream.kind == "simulator" and kinds & {"covariate", "concept"}):
                 continue
             t = time.perf_counter()
             alarms = run(stream)
@@ -355,15 +360,52 @@ SIMULATOR_NOTE = "not run"
 
 
 def simulator_streams(n: int, seed: int) -> list[Stream]:
-    """Feature streams from streamscore.simulator (written by another helper) when it exists."""
+    """Feature streams from streamscore.simulator + streamscore.features, scored by a small
+    LightGBM model trained on the pre-drift part (skipped if those modules are missing)."""
     global SIMULATOR_NOTE
     try:
-        from streamscore import simulator  # noqa: F401
-    except ImportError:
-        SIMULATOR_NOTE = "skipped: streamscore.simulator is not available in this checkout"
+        import lightgbm
+        from streamscore import features as feature_defs
+        from streamscore.simulator import DriftSpec, Simulator
+    except ImportError as exc:
+        SIMULATOR_NOTE = f"skipped: {exc}"
         return []
-    SIMULATOR_NOTE = "skipped: streamscore.simulator exists but this bench does not drive it yet"
-    return []
+    names = list(feature_defs.FEATURE_NAMES)
+    n_entities = 200  # 2000 events per simulated day: the 7-day windows fill in a 14k burn-in
+    burn_in, n_train = 14_000, 20_000
+    change_at = n // 2
+
+    def run(drift):
+        states: dict = {}
+        X, y = [], []
+        for event, label in Simulator(seed, n_entities=n_entities, drift=drift).events(burn_in + n_train + n):
+            X.append(feature_defs.compute_and_update(states, event))
+            y.append(int(label["label"]))
+        return np.array(X[burn_in:], dtype=float), np.array(y[burn_in:])
+
+    X_control, y_control = run(None)
+    X_train, y_train = X_control[:n_train], y_control[:n_train]
+    booster = lightgbm.train({"objective": "binary", "verbose": -1, "num_threads": 1, "num_leaves": 15},
+                             lightgbm.Dataset(X_train, y_train, feature_name=names), num_boost_round=60)
+    s_train = booster.predict(X_train)
+    categorical = [f for f in names if f.endswith("_code")]
+    baseline = with_exact_bins(compute_baseline(X_train, names, s_train, categorical_features=categorical), X_train, names)
+    clipped = np.clip(s_train, 1e-7, 1 - 1e-7)
+    reference = {"log_loss": float(np.mean(-(y_train * np.log(clipped) + (1 - y_train) * np.log(1 - clipped))))}
+    streams = []
+    for kind in ("covariate", "new_categories", "concept", None):
+        if kind is None:
+            X, y = X_control, y_control
+        else:
+            X, y = run(DriftSpec(kind=kind, at_event=burn_in + n_train + change_at))
+        X, y = X[n_train:], y[n_train:]
+        score = booster.predict(X)
+        rows = [dict(zip(names, r)) for r in X.tolist()]
+        streams.append(Stream(f"simulator:{kind or 'control'}", "simulator", rows, score.tolist(), y.tolist(),
+                              change_at if kind else None, 0, baseline, reference))
+    SIMULATOR_NOTE = (f"run: Simulator(seed={seed}, n_entities={n_entities}), {burn_in} burn-in events, LightGBM "
+                      f"trained on the next {n_train}, labels fed with each prediction (no delay)")
+    return streams
 
 
 if __name__ == "__main__":
