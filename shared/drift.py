@@ -440,11 +440,10 @@ class DriftMonitor:
         self.baseline = dict(baseline)
         self.reference_metrics = dict(reference_metrics or {})
         self.decision_threshold = float(decision_threshold)
-        wanted = config.features or tuple(
-            name for name in baseline if name != SCORE and name not in NOT_MONITORED_BY_DEFAULT
-        )
+        wanted = config.features or tuple(name for name in baseline if name not in NOT_MONITORED_BY_DEFAULT)
         references = {}
-        for name in (*wanted, SCORE):
+        # The score is always monitored and always the last column of a window row.
+        for name in (*(n for n in wanted if n != SCORE), SCORE):
             stats = baseline.get(name)
             if stats is None:
                 if name in config.features:

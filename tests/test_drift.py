@@ -252,8 +252,8 @@ def test_config_from_settings_and_validation():
     cfg = DriftConfig.from_settings(Settings())
     assert cfg.detectors == {"adwin", "pagehinkley", "windowed", "performance"}
     assert cfg.features == () and cfg.window == Settings().drift_window
-    custom = DriftConfig.from_settings(Settings(drift_detectors="windowed", drift_features="amount, score"))
-    assert custom.detectors == {"windowed"} and custom.features == ("amount", "score")
+    custom = DriftConfig.from_settings(Settings(drift_detectors="windowed", drift_features="score, amount"))
+    assert custom.detectors == {"windowed"} and custom.features == ("score", "amount")
     with pytest.raises(ValueError, match="kswin"):
         DriftConfig(detectors=frozenset({"kswin"}))
 
@@ -288,3 +288,11 @@ def test_exact_bins_in_baseline_enable_psi_on_integer_features(baseline):
     assert {(s.detector, s.feature) for i, s in found if i == 11_999} >= {("psi", "count_1h")}
     psi_stats = [s for s in monitor.snapshot() if s.statistic == "psi" and s.feature == "count_1h"]
     assert psi_stats and psi_stats[0].value > 0.25
+
+
+def test_chosen_features_are_monitored_with_the_score_last(baseline):
+    monitor = DriftMonitor(config(features=("score", "count_1h")), baseline, "fraud", 1)
+    assert monitor.monitored == ("count_1h", "score")
+    X, score, _ = make_stream(6000, seed=17, score_shift_at=2000)
+    found = run(monitor, X, score)
+    assert found and {s.feature for _, s in found} == {"score"}
