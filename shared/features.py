@@ -245,10 +245,10 @@ class EntityState:
         """Add a (non-late) event, then drop what retention no longer needs. Late events only advance the offset."""
         if offset is not None:
             self.last_offset = offset
-        if self.is_late(event_time):
-            return
         times = self.times
-        units = amount_units(amount)
+        if times and event_time < times[-1] - ALLOWED_LATENESS_MS:  # late: see is_late
+            return
+        units = round(amount * AMOUNT_SCALE)  # amount_units, inlined (hot path)
         square = units * units
         stored_offset = -1 if offset is None else offset
         sum_prefix, square_prefix = self.sum_prefix, self.square_prefix

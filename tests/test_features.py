@@ -16,6 +16,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings as hypothesis_settings, strategies as st
 
 from streamscore import features as F
+from streamscore.settings import Settings
+from streamscore.validation import validate_event
 from streamscore.features import (
     ALLOWED_LATENESS_MS, DAY_MS, FEATURE_NAMES, HOUR_MS, EntityState, compute_and_update, compute_batch,
     offline_features,
@@ -380,4 +382,7 @@ def test_property_online_equals_offline_for_any_valid_stream(raw, batch, restart
                        "amount": r["amount"], "currency": r["currency"],
                        "merchant_category": r["merchant_category"], "channel": r["channel"],
                        "country": r["country"], "device_id": None})
+    now_ms = max(e["event_time"] for e in events)
+    for e in events:  # the premise: the scorer only computes features of validated events
+        validate_event(e, Settings(), now_ms)
     assert_no_skew(events, batch=batch, restart_every=restart_every, replay=min(3, restart_every))
