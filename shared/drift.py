@@ -79,9 +79,9 @@ class DriftConfig:
     mean_shift_threshold: float = 0.5
     nan_fraction_threshold: float = 0.1
     unknown_rate_threshold: float = 0.05
-    adwin_delta: float = 1e-4
+    adwin_delta: float = 1e-6
     ph_delta: float = 0.01
-    ph_threshold: float = 50.0
+    ph_threshold: float = 100.0
     min_events: int = 2000
     cooldown_events: int = 50_000
     cooldown_s: float = 600.0

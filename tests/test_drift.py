@@ -148,7 +148,7 @@ def test_performance_degradation_from_labels(baseline):
     assert all(i >= 6000 for i, _ in found)
     # ADWIN on the per-label loss reacts first...
     first_index, first = found[0]
-    assert first_index == 6143 and (first.detector, first.feature) == ("adwin", None)
+    assert first_index == 6207 and (first.detector, first.feature) == ("adwin", None)
     assert first.value > first.baseline  # an increase of the mean loss
     # ...the rolling-window ratio follows at a check (every perf_window/10 labels).
     ratio_index, ratio = next((i, s) for i, s in found if s.detector == "logloss_ratio")
