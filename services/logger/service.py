@@ -1,0 +1,177 @@
+"""Logger: predictions, labels, dead letters and model updates -> ClickHouse.
+
+Loop: consume -> decode into rows, buffered per table -> when the buffer holds
+`logger_batch_rows` rows or is `logger_flush_interval_s` old, insert every table
+(each insert tagged with a token made of the exact offset ranges it covers) ->
+commit offsets only after all inserts succeeded. A failed insert is retried
+with backoff and nothing is committed meanwhile, so nothing is lost; a replay
+after a crash repeats identical batches, which ClickHouse deduplicates, and
+the tables are ReplacingMergeTree keyed by event id for the rest (query FINAL).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+from confluent_kafka import KafkaError, Message
+
+from streamscore.codec import AvroCodec, DecodeError
+from streamscore.kafka_io import commit, headers_dict, make_consumer
+from streamscore.registry import ModelRegistry, RegistryError, model_versions_row
+from streamscore.service_stats import ServiceStats
+from streamscore.settings import (TOPIC_DEAD_LETTER, TOPIC_LABELS, TOPIC_MODEL_UPDATES, TOPIC_PREDICTIONS,
+                                  Settings)
+from streamscore.sink_rows import (LABEL_COLUMNS, PREDICTION_COLUMNS, REJECTED_COLUMNS, batch_token, label_row,
+                                   prediction_row, rejected_row)
+from streamscore.store import Store, open_store
+
+log = logging.getLogger("streamscore.logger")
+SERVICE = "logger"
+
+
+@dataclass
+class TableBuffer:
+    columns: list[str]
+    rows: list[list] = field(default_factory=list)
+    ranges: dict[tuple[str, int], tuple[int, int]] = field(default_factory=dict)
+
+    def add(self, row: list, msg: Message) -> None:
+        self.rows.append(row)
+        key = (msg.topic(), msg.partition())
+        lo, hi = self.ranges.get(key, (msg.offset(), msg.offset()))
+        self.ranges[key] = (min(lo, msg.offset()), max(hi, msg.offset()))
+
+    def clear(self) -> None:
+        self.rows = []
+        self.ranges = {}
+
+
+class PredictionSink:
+    """Buffers rows per table and writes them as one deduplicated insert each."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self.tables: dict[str, TableBuffer] = {
+            "predictions": TableBuffer(PREDICTION_COLUMNS),
+            "labels": TableBuffer(LABEL_COLUMNS),
+            "rejected_events": TableBuffer(REJECTED_COLUMNS),
+            "model_versions": TableBuffer([]),  # columns come with the first row
+        }
+        self.messages: list[Message] = []
+        self.opened_at = time.monotonic()
+
+    def pending_rows(self) -> int:
+        return sum(len(b.rows) for b in self.tables.values())
+
+    def add(self, table: str, row: list, msg: Message, columns: list[str] | None = None) -> None:
+        buffer = self.tables[table]
+        if columns:
+            buffer.columns = columns
+        buffer.add(row, msg)
+
+    def flush(self) -> int:
+        written = 0
+        for table, buffer in self.tables.items():
+            if buffer.rows:
+                self.store.insert(table, buffer.rows, buffer.columns,
+                                  dedup_token=batch_token(table, buffer.ranges))
+                written += len(buffer.rows)
+        for buffer in self.tables.values():
+            buffer.clear()
+        self.opened_at = time.monotonic()
+        return written
+
+
+class LoggerService:
+    def __init__(self, settings: Settings, store: Store | None = None, codec: AvroCodec | None = None,
+                 stats: ServiceStats | None = None):
+        self.settings = settings
+        self.store = store or open_store(settings)
+        self.codec = codec or AvroCodec(registry_url=settings.schema_registry_url)
+        self.registry = ModelRegistry(settings.registry_dir)
+        self.stats = stats or ServiceStats(SERVICE)
+        self.sink = PredictionSink(self.store)
+        self.pending: list[Message] = []
+        self.topics = {
+            settings.topic(TOPIC_PREDICTIONS): self._on_prediction,
+            settings.topic(TOPIC_LABELS): self._on_label,
+            settings.topic(TOPIC_DEAD_LETTER): self._on_dead_letter,
+            settings.topic(TOPIC_MODEL_UPDATES): self._on_model_update,
+        }
+
+    # --- decoding one message into rows -----------------------------------------
+    def _on_prediction(self, msg: Message) -> None:
+        self.sink.add("predictions", prediction_row(self.codec.decode(msg.value(), "prediction")), msg)
+
+    def _on_label(self, msg: Message) -> None:
+        self.sink.add("labels", label_row(self.codec.decode(msg.value(), "label")), msg)
+
+    def _on_dead_letter(self, msg: Message) -> None:
+        row = rejected_row(headers_dict(msg), msg.value() or b"", msg.topic(), msg.partition(), msg.offset(),
+                           msg.timestamp()[1] or int(time.time() * 1000))
+        self.sink.add("rejected_events", row, msg)
+
+    def _on_model_update(self, msg: Message) -> None:
+        update = self.codec.decode(msg.value(), "model_update")
+        # The registry holds the version's metadata (training range, metrics);
+        # an unknown version raises and the update lands in rejected_events.
+        version = self.registry.get(update["model_name"], update["version"])
+        row = model_versions_row(version, update)
+        self.sink.add("model_versions", list(row.values()), msg, columns=list(row.keys()))
+
+    def _rejected_here(self, msg: Message, exc: Exception) -> None:
+        """A message the logger cannot read is kept, with the reason, in rejected_events."""
+        reason = getattr(exc, "reason", "undecodable")
+        headers = {"error.service": SERVICE, "error.reason": reason,
+                   "error.field": getattr(exc, "field", None) or "", "error.detail": str(exc)}
+        row = rejected_row(headers, msg.value() or b"", msg.topic(), msg.partition(), msg.offset(),
+                           int(time.time() * 1000))
+        self.sink.add("rejected_events", row, msg)
+        self.stats.count_rejection(reason)
+
+    # --- the loop ------------------------------------------------------------------
+    def _flush_and_commit(self, consumer) -> None:
+        if not self.pending:
+            return
+        started = time.perf_counter()
+        backoff = 0.2
+        while True:
+            try:
+                written = self.sink.flush()
+                break
+            except Exception as exc:  # store down: keep the batch, retry, commit nothing
+                self.stats.errors += 1
+                log.warning("insert failed (%s); retrying in %.1f s", exc, backoff)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+        commit(consumer, self.pending)
+        self.stats.record_batch(n_in=len(self.pending), n_out=written, seconds=time.perf_counter() - started)
+        self.pending = []
+
+    def run(self, stop: threading.Event) -> None:
+        settings = self.settings
+        consumer = make_consumer(settings, settings.group(SERVICE))
+        consumer.subscribe(list(self.topics), on_revoke=lambda c, parts: self._flush_and_commit(c))
+        self.stats.running = True
+        try:
+            while not stop.is_set():
+                for msg in consumer.consume(5_000, 0.1):
+                    if msg.error():
+                        if msg.error().code() != KafkaError._PARTITION_EOF:
+                            log.warning("consumer error: %s", msg.error())
+                        continue
+                    try:
+                        self.topics[msg.topic()](msg)
+                    except (DecodeError, RegistryError, KeyError, TypeError, ValueError) as exc:
+                        self._rejected_here(msg, exc)
+                    self.pending.append(msg)
+                age = time.monotonic() - self.sink.opened_at
+                if self.sink.pending_rows() >= settings.logger_batch_rows or (
+                        self.pending and age >= settings.logger_flush_interval_s):
+                    self._flush_and_commit(consumer)
+            self._flush_and_commit(consumer)
+        finally:
+            self.stats.running = False
+            consumer.close()

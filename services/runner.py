@@ -1,0 +1,98 @@
+"""Run one or more services in this process until stopped.
+
+With the embedded ClickHouse engine only one process may open the data dir,
+so `streamscore run all` (and the demo) run every service as a thread of one
+process sharing one Store. With CLICKHOUSE_URL each service can run in its own
+process or container (`streamscore run scorer`, ...), as docker-compose does.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable
+
+from streamscore.settings import Settings
+from streamscore.store import Store, open_store
+
+log = logging.getLogger("streamscore.runner")
+
+SERVICE_NAMES = ("scorer", "logger", "drift", "trainer")
+NEEDS_STORE = {"logger", "drift", "trainer"}
+
+
+def build_service(name: str, settings: Settings, store: Store | None):
+    # Imported here so `streamscore run scorer` does not load what it does not run.
+    if name == "scorer":
+        from streamscore.services.scorer.service import ScorerService
+        return ScorerService(settings)
+    if name == "logger":
+        from streamscore.services.logger.service import LoggerService
+        return LoggerService(settings, store=store)
+    if name == "drift":
+        from streamscore.services.drift.service import DriftService
+        return DriftService(settings, store=store)
+    if name == "trainer":
+        from streamscore.services.trainer.service import TrainerService
+        return TrainerService(settings, store=store)
+    raise ValueError(f"unknown service {name!r}; choose from {', '.join(SERVICE_NAMES)} or 'all'")
+
+
+class ServiceGroup:
+    """Services running as threads; the first one to crash stops the others."""
+
+    def __init__(self, settings: Settings, names: list[str], store: Store | None = None):
+        unknown = [n for n in names if n not in SERVICE_NAMES]
+        if unknown:
+            raise ValueError(f"unknown service(s) {unknown}; choose from {', '.join(SERVICE_NAMES)} or 'all'")
+        if store is None and NEEDS_STORE & set(names):
+            store = open_store(settings)
+            store.migrate()
+        self.store = store
+        self.stop = threading.Event()
+        self.services = {name: build_service(name, settings, store) for name in names}
+        self.failures: dict[str, BaseException] = {}
+        self._threads: list[threading.Thread] = []
+
+    def _run_one(self, name: str, service) -> None:
+        try:
+            service.run(self.stop)
+        except BaseException as exc:  # noqa: BLE001 - reported and re-raised by join()
+            log.exception("service %s crashed", name)
+            self.failures[name] = exc
+            self.stop.set()
+
+    def start(self) -> "ServiceGroup":
+        for name, service in self.services.items():
+            thread = threading.Thread(target=self._run_one, args=(name, service), name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def join(self, timeout_s: float | None = None) -> None:
+        for thread in self._threads:
+            thread.join(timeout_s)
+        if self.failures:
+            name, exc = next(iter(self.failures.items()))
+            raise RuntimeError(f"service {name} failed: {exc}") from exc
+
+    def shutdown(self, timeout_s: float = 30.0) -> None:
+        self.stop.set()
+        self.join(timeout_s)
+
+    def __enter__(self) -> "ServiceGroup":
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.shutdown()
+
+
+def run_until_signalled(group: ServiceGroup, on_tick: Callable[[], None] | None = None) -> None:
+    """Block until SIGTERM/SIGINT (graceful: flush, commit, exit) or a service crash."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: group.stop.set())
+    group.start()
+    while not group.stop.wait(1.0):
+        if on_tick:
+            on_tick()
+    group.join(60)

@@ -1,0 +1,155 @@
+"""Kafka client construction and the few Kafka idioms every service shares.
+
+Delivery guarantees come from three choices made here once:
+- producers are idempotent with acks=all and retry for minutes, so a broker
+  restart delays messages instead of losing them;
+- consumers never auto-commit: a service commits a batch's offsets only after
+  its outputs were acknowledged (scorer) or written (logger) — at-least-once;
+- dead letters keep the original bytes untouched and say why in headers.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
+
+from streamscore.settings import TOPIC_DEAD_LETTER, Settings
+
+# librdkafka's own log lines (e.g. transient "coordinator load in progress" while
+# a fresh broker starts) go through Python logging instead of raw stderr.
+CLIENT_LOG = logging.getLogger("streamscore.kafka")
+
+
+def producer_config(settings: Settings, **overrides) -> dict:
+    config = {
+        "bootstrap.servers": settings.bootstrap_servers,
+        "enable.idempotence": True,
+        "acks": "all",
+        "linger.ms": 2,
+        "compression.type": "lz4",
+        # Survive a broker restart: keep retrying for up to 5 minutes.
+        "message.timeout.ms": 300_000,
+        "queue.buffering.max.messages": 500_000,
+        "logger": CLIENT_LOG,
+    }
+    config.update(overrides)
+    return config
+
+
+def consumer_config(settings: Settings, group: str, **overrides) -> dict:
+    config = {
+        "bootstrap.servers": settings.bootstrap_servers,
+        "group.id": group,
+        "enable.auto.commit": False,
+        "auto.offset.reset": "earliest",
+        # Fast failure detection for rebalances; the broker's minimum is 6 s.
+        "session.timeout.ms": 10_000,
+        "heartbeat.interval.ms": 1_000,
+        "max.poll.interval.ms": 600_000,
+        "fetch.wait.max.ms": 5,
+        "logger": CLIENT_LOG,
+    }
+    config.update(overrides)
+    return config
+
+
+def make_producer(settings: Settings, **overrides) -> Producer:
+    return Producer(producer_config(settings, **overrides))
+
+
+def make_consumer(settings: Settings, group: str, **overrides) -> Consumer:
+    return Consumer(consumer_config(settings, group, **overrides))
+
+
+@dataclass
+class DeliveryTracker:
+    """Counts acknowledgements so a service knows a batch is safely in Kafka."""
+
+    errors: list[str] = field(default_factory=list)
+    delivered: int = 0
+
+    def __call__(self, err, msg) -> None:  # confluent-kafka on_delivery callback
+        if err is not None:
+            self.errors.append(f"{msg.topic()}: {err}")
+        else:
+            self.delivered += 1
+
+    def reset(self) -> None:
+        self.errors.clear()
+        self.delivered = 0
+
+
+class DeliveryFailed(RuntimeError):
+    """Some outputs of a batch were not acknowledged; its offsets must not be committed."""
+
+
+def flush_or_raise(producer: Producer, tracker: DeliveryTracker, timeout_s: float = 330.0) -> None:
+    remaining = producer.flush(timeout_s)
+    if remaining:
+        raise DeliveryFailed(f"{remaining} messages still unacknowledged after {timeout_s:.0f} s")
+    if tracker.errors:
+        raise DeliveryFailed(f"{len(tracker.errors)} messages failed delivery, first: {tracker.errors[0]}")
+
+
+def next_offsets(messages: list[Message]) -> list[TopicPartition]:
+    """The offsets to commit after processing `messages`: last offset + 1 per partition."""
+    last: dict[tuple[str, int], int] = {}
+    for msg in messages:
+        key = (msg.topic(), msg.partition())
+        if msg.offset() >= last.get(key, -1):
+            last[key] = msg.offset()
+    return [TopicPartition(t, p, o + 1) for (t, p), o in last.items()]
+
+
+def commit(consumer: Consumer, messages: list[Message]) -> None:
+    """Synchronously commit what `messages` covered. A partition revoked meanwhile is
+    simply reprocessed by its new owner (at-least-once), so that error is not fatal."""
+    offsets = next_offsets(messages)
+    if not offsets:
+        return
+    try:
+        consumer.commit(offsets=offsets, asynchronous=False)
+    except KafkaException as exc:
+        if "_ASSIGNMENT_LOST" in str(exc) or "REBALANCE" in str(exc).upper() or "_STATE" in str(exc):
+            return
+        raise
+
+
+@dataclass(frozen=True)
+class Rejection:
+    reason: str
+    field: str | None
+    detail: str
+
+
+def dead_letter(producer: Producer, settings: Settings, msg: Message, rejection: Rejection,
+                service: str, event_id: str | None = None, on_delivery=None) -> None:
+    """Send the original bytes of `msg` to the dead-letter topic with the reason in headers."""
+    headers = [
+        ("error.reason", rejection.reason.encode()),
+        ("error.field", (rejection.field or "").encode()),
+        ("error.detail", rejection.detail.encode()),
+        ("error.service", service.encode()),
+        ("source.topic", msg.topic().encode()),
+        ("source.partition", str(msg.partition()).encode()),
+        ("source.offset", str(msg.offset()).encode()),
+    ]
+    if event_id:
+        headers.append(("event.id", event_id.encode()))
+    producer.produce(settings.topic(TOPIC_DEAD_LETTER), key=msg.key(), value=msg.value() or b"",
+                     headers=headers, on_delivery=on_delivery)
+
+
+def headers_dict(msg: Message) -> dict[str, str]:
+    return {k: (v.decode(errors="replace") if v is not None else "") for k, v in (msg.headers() or [])}
+
+
+def wait_for_assignment(consumer: Consumer, timeout_s: float = 30.0) -> None:
+    """Poll until the group gave this consumer partitions (used by tests and the demo)."""
+    deadline = time.monotonic() + timeout_s
+    while not consumer.assignment():
+        if time.monotonic() > deadline:
+            raise TimeoutError("consumer got no partition assignment in time")
+        consumer.poll(0.1)

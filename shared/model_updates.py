@@ -1,0 +1,24 @@
+"""Publishing registry actions to the `model-updates` topic.
+
+Scorers react to these at once (they also poll the registry's production
+pointer, so a lost update only delays a swap by a second); the logger turns
+them into rows of the ClickHouse `model_versions` log.
+"""
+from __future__ import annotations
+
+from streamscore.codec import AvroCodec
+from streamscore.kafka_io import DeliveryTracker, flush_or_raise, make_producer
+from streamscore.settings import TOPIC_MODEL_UPDATES, Settings
+
+
+def publish_model_updates(settings: Settings, codec: AvroCodec, events: list[dict]) -> None:
+    """Produce ModelUpdate records and wait until the broker acknowledged them."""
+    if not events:
+        return
+    producer = make_producer(settings)
+    tracker = DeliveryTracker()
+    encode = codec.encoder("model_update")
+    for event in events:
+        producer.produce(settings.topic(TOPIC_MODEL_UPDATES), key=event["model_name"].encode(),
+                         value=encode(event), on_delivery=tracker)
+    flush_or_raise(producer, tracker, timeout_s=60)

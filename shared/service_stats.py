@@ -1,0 +1,76 @@
+"""What a running service counts about itself: plain numbers for the demo and
+tests, mirrored into Prometheus metrics in a registry owned by the service
+(not the process-global one, so several services can share a process)."""
+from __future__ import annotations
+
+import threading
+from collections import Counter as TallyCounter
+from collections import deque
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS_MS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
+
+
+class ServiceStats:
+    def __init__(self, service: str, keep_latencies: int = 2_000_000):
+        self.service = service
+        self.events_in = 0
+        self.events_out = 0
+        self.batches = 0
+        self.errors = 0
+        self.model_version = 0
+        self.model_swaps = 0
+        self.running = False
+        self.rejections: TallyCounter[str] = TallyCounter()
+        self._latencies_ms: deque[float] = deque(maxlen=keep_latencies)
+        self._lock = threading.Lock()
+
+        self.registry = CollectorRegistry()
+        labels = {"service": service}
+        self._m_in = Counter("streamscore_events_in", "Messages consumed", labelnames=["service"],
+                             registry=self.registry).labels(**labels)
+        self._m_out = Counter("streamscore_events_out", "Messages produced or rows written", labelnames=["service"],
+                              registry=self.registry).labels(**labels)
+        self._m_dead = Counter("streamscore_dead_letters", "Messages sent to the dead-letter topic",
+                               labelnames=["service", "reason"], registry=self.registry)
+        self._m_batch = Histogram("streamscore_batch_seconds", "Time to process one batch", labelnames=["service"],
+                                  registry=self.registry,
+                                  buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5)).labels(**labels)
+        self._m_latency = Histogram("streamscore_event_latency_ms", "Event produced -> output acknowledged (ms)",
+                                    labelnames=["service"], registry=self.registry,
+                                    buckets=LATENCY_BUCKETS_MS).labels(**labels)
+        self._m_version = Gauge("streamscore_model_version", "Model version currently served or monitored",
+                                labelnames=["service"], registry=self.registry).labels(**labels)
+        self.m_lag = Gauge("streamscore_consumer_lag", "Messages behind the end of each partition",
+                           labelnames=["service", "topic", "partition"], registry=self.registry)
+
+    def record_batch(self, n_in: int, n_out: int, seconds: float, latencies_ms: list[float] = ()) -> None:
+        with self._lock:
+            self.events_in += n_in
+            self.events_out += n_out
+            self.batches += 1
+            self._latencies_ms.extend(latencies_ms)
+        self._m_in.inc(n_in)
+        self._m_out.inc(n_out)
+        self._m_batch.observe(seconds)
+        for value in latencies_ms:
+            self._m_latency.observe(value)
+        self._m_version.set(self.model_version)
+
+    def count_rejection(self, reason: str) -> None:
+        with self._lock:
+            self.rejections[reason] += 1
+        self._m_dead.labels(service=self.service, reason=reason).inc()
+
+    def latency_percentiles(self, qs=(50, 99, 99.9)) -> dict[float, float]:
+        with self._lock:
+            values = np.fromiter(self._latencies_ms, dtype=np.float64)
+        if values.size == 0:
+            return {q: float("nan") for q in qs}
+        return {q: float(np.percentile(values, q)) for q in qs}
+
+    def reset_latencies(self) -> None:
+        with self._lock:
+            self._latencies_ms.clear()
