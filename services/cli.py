@@ -15,7 +15,8 @@ from rich.table import Table
 
 from streamscore.settings import Settings
 
-app = typer.Typer(help="streamscore: streaming inference and logging on Kafka + ClickHouse.", no_args_is_help=True)
+app = typer.Typer(help="streamscore: streaming inference and logging on Kafka + ClickHouse.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
 infra_app = typer.Typer(help="Local infrastructure: Kafka broker, topics, ClickHouse tables.", no_args_is_help=True)
 app.add_typer(infra_app, name="infra")
 
@@ -358,6 +359,94 @@ def models_rollback(ctx: typer.Context, model: str | None = _MODEL_OPTION,
         raise fail(str(error)) from error
     console.print(f"model {name}: production v{update.previous_production} -> v{update.model_version.version} "
                   f"({reason})", highlight=False)
+
+
+# --- services -------------------------------------------------------------------
+@app.command("run")
+def run(ctx: typer.Context,
+        services: list[str] = typer.Argument(..., help="scorer, logger, drift, trainer, or 'all'.")) -> None:
+    """Run services in this process until SIGTERM/SIGINT (then flush, commit and exit)."""
+    import logging
+
+    from streamscore.services.runner import SERVICE_NAMES, ServiceGroup, run_until_signalled
+    from streamscore.store import StoreError
+
+    settings: Settings = ctx.obj
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    names = list(SERVICE_NAMES) if services == ["all"] else services
+    try:
+        group = ServiceGroup(settings, names)
+    except (ValueError, StoreError) as error:
+        raise fail(str(error)) from error
+    run_until_signalled(group)
+
+
+@app.command("simulate")
+def simulate(ctx: typer.Context,
+             events: int = typer.Option(10_000, "--events", min=1, help="How many events to produce."),
+             rate: float = typer.Option(1_000.0, "--rate", min=0, help="Offered events/s (0 = as fast as possible)."),
+             seed: int = typer.Option(0, "--seed", help="Seed: the same seed gives the same stream."),
+             entities: int = typer.Option(2_000, "--entities", min=1, help="Distinct cards/customers."),
+             drift: str = typer.Option("none", "--drift", help="none, covariate, new_categories or concept."),
+             drift_at: int = typer.Option(0, "--drift-at", min=0, help="Event index where the drift starts."),
+             poison_every: int = typer.Option(0, "--poison-every", min=0, help="Add a bad message every N events."),
+             ) -> None:
+    """Produce realistic simulated events (and delayed labels) to the events/labels topics."""
+    from streamscore.codec import AvroCodec
+    from streamscore.services.simulate import produce_simulation, simulator_ending_now
+    from streamscore.simulator import DriftSpec
+
+    settings: Settings = ctx.obj
+    try:
+        spec = None if drift == "none" else DriftSpec(kind=drift, at_event=drift_at)
+    except ValueError as error:
+        raise fail(str(error)) from error
+    simulator = simulator_ending_now(seed, entities, events, spec)
+    report = produce_simulation(settings, AvroCodec(registry_url=settings.schema_registry_url), simulator, events,
+                                rate=rate or None, poison_every=poison_every)
+    console.print(f"produced {report.events} events, {report.labels} labels, {report.poison} poison messages "
+                  f"in {report.seconds:.1f} s ({report.events / max(report.seconds, 1e-9):,.0f} events/s)")
+
+
+@app.command("train")
+def train(ctx: typer.Context,
+          days: float = typer.Option(0, "--days", min=0, help="Train on the last N days of events (0 = all)."),
+          reason: str = typer.Option("manual training", "--reason", help="Recorded with the version.")) -> None:
+    """Build the training set from ClickHouse (offline feature path), train, gate, register, maybe promote."""
+    from streamscore.codec import AvroCodec
+    from streamscore.model_updates import publish_model_updates
+    from streamscore.registry import ModelRegistry
+    from streamscore.retraining import train_and_register
+    from streamscore.store import StoreError, open_store
+    from streamscore.training import TrainingDataError
+
+    settings: Settings = ctx.obj
+    since_ms = int((time.time() - days * 86400) * 1000) if days else None
+    try:
+        store = open_store(settings)
+        store.migrate()
+        outcome = train_and_register(store, ModelRegistry(settings.registry_dir), settings, reason, since_ms=since_ms)
+    except (StoreError, TrainingDataError) as error:
+        raise fail(str(error)) from error
+    publish_model_updates(settings, AvroCodec(registry_url=settings.schema_registry_url), outcome.events)
+    verdict = "promoted to production" if outcome.promoted else "rejected"
+    console.print(f"model {settings.model_name} v{outcome.version.version}: {outcome.training_rows} labelled rows, "
+                  f"AUC {outcome.version.metrics.get('auc', math.nan):.3f}, {verdict}: {outcome.gate_reason}",
+                  highlight=False)
+
+
+@app.command("demo")
+def demo(ctx: typer.Context,
+         history: int = typer.Option(30_000, "--history", min=1_000, help="Events before the first model."),
+         events: int = typer.Option(20_000, "--events", min=1, help="Live events after v1 is serving."),
+         rate: float = typer.Option(2_000.0, "--rate", min=1, help="Offered live events/s."),
+         seed: int = typer.Option(7, "--seed", help="Simulator seed.")) -> None:
+    """The end-to-end demo: infra, history, train v1, hot swap, live traffic, figures and SQL answers."""
+    from streamscore.services.demo import DemoOptions, run_demo
+
+    settings: Settings = ctx.obj
+    run_demo(settings, DemoOptions(history_events=history, live_events=events, rate=rate, seed=seed), console)
 
 
 def main() -> None:
