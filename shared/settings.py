@@ -108,6 +108,13 @@ class Settings(BaseSettings):
     gate_max_auc_drop: float = Field(default=0.01, ge=0, le=1, description="Promotion gate: candidate AUC may be at most this much below production's on the same holdout.")
 
     log_level: str = Field(default="INFO", description="Log level: DEBUG, INFO, WARNING, ERROR.")
+    log_format: str = Field(default="text", pattern=r"^(text|json)$",
+                            description="Log lines as 'text' (key=value fields appended) or 'json' (one object per line).")
+
+    # --- operations ---------------------------------------------------------------
+    metrics_port: int = Field(default=0, ge=0, le=65535,
+                              description="Serve Prometheus metrics of the services run by this process on this port (0 = off).")
+    metrics_lag_interval_s: float = Field(default=10.0, gt=0, description="How often the consumer lag gauges are refreshed from Kafka.")
 
     # --- derived ------------------------------------------------------------
     @property
