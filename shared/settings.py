@@ -21,6 +21,7 @@ TOPIC_DEAD_LETTER = "events-dlq"
 TOPIC_RETRAIN = "retrain"
 TOPIC_MODEL_UPDATES = "model-updates"
 TOPIC_SCORER_STATE = "scorer-state"
+TOPIC_DRIFT_STATE = "drift-state"
 
 
 class Settings(BaseSettings):
@@ -99,6 +100,9 @@ class Settings(BaseSettings):
     drift_perf_window: int = Field(default=5000, ge=100, description="Labeled predictions in the rolling log loss / AUC window.")
     drift_logloss_ratio_threshold: float = Field(default=1.5, gt=1, description="Rolling log loss / reference (validation) log loss above this is drift.")
     drift_auc_drop_threshold: float = Field(default=0.1, gt=0, lt=1, description="Reference AUC - rolling AUC above this is drift.")
+    drift_checkpoint_interval_s: float = Field(default=5.0, gt=0, description="Drift service: save the monitor state (drift-state topic), write drift_events and commit offsets at most this often (at once after a retrain request).")
+    drift_label_join_size: int = Field(default=200_000, ge=1, description="Drift service: recent predictions (event_id -> score) kept in memory to join labels; labels of older ones are joined through ClickHouse.")
+    drift_label_wait_s: float = Field(default=60.0, ge=0, description="Drift service: a label whose prediction is not found yet is retried for this long, then counted as unmatched.")
 
     # --- trainer (streamscore.training) -------------------------------------------
     train_num_boost_round: int = Field(default=200, ge=1, description="LightGBM boosting rounds per training run.")
@@ -106,6 +110,7 @@ class Settings(BaseSettings):
     train_alert_rate: float | None = Field(default=None, gt=0, lt=1, description="Serving threshold flags this top share of the holdout; unset = threshold maximising F1.")
     gate_min_auc: float = Field(default=0.70, ge=0, le=1, description="Promotion gate: a candidate needs at least this holdout AUC.")
     gate_max_auc_drop: float = Field(default=0.01, ge=0, le=1, description="Promotion gate: candidate AUC may be at most this much below production's on the same holdout.")
+    trainer_window_days: float = Field(default=30.0, gt=0, description="Trainer service: train on labelled events of the last N days, counted back from the newest logged event.")
 
     log_level: str = Field(default="INFO", description="Log level: DEBUG, INFO, WARNING, ERROR.")
     log_format: str = Field(default="text", pattern=r"^(text|json)$",

@@ -14,6 +14,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from streamscore.settings import (
     TOPIC_DEAD_LETTER,
+    TOPIC_DRIFT_STATE,
     TOPIC_EVENTS,
     TOPIC_LABELS,
     TOPIC_MODEL_UPDATES,
@@ -26,6 +27,8 @@ from streamscore.settings import (
 SEVEN_DAYS_MS = 7 * 24 * 3600 * 1000
 THIRTY_DAYS_MS = 30 * 24 * 3600 * 1000
 ADMIN_TIMEOUT_S = 30.0
+# A DriftMonitor snapshot holds its open windows (a few hundred KB at default sizes).
+DRIFT_STATE_MAX_BYTES = 16 * 1024 * 1024
 
 
 class TopicMismatchError(RuntimeError):
@@ -51,6 +54,8 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
         TopicSpec(TOPIC_RETRAIN, 1, control),
         TopicSpec(TOPIC_MODEL_UPDATES, 1, control),
         TopicSpec(TOPIC_SCORER_STATE, settings.partitions, {"cleanup.policy": "compact", "min.compaction.lag.ms": "0"}),
+        # The drift service's checkpoint (monitor state + consumed offsets), one record per model, latest wins.
+        TopicSpec(TOPIC_DRIFT_STATE, 1, {"cleanup.policy": "compact", "max.message.bytes": str(DRIFT_STATE_MAX_BYTES)}),
     ]
 
 
