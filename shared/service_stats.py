@@ -45,6 +45,11 @@ class ServiceStats:
                                 labelnames=["service"], registry=self.registry).labels(**labels)
         self.m_lag = Gauge("streamscore_consumer_lag", "Messages behind the end of each partition",
                            labelnames=["service", "topic", "partition"], registry=self.registry)
+        self._m_drift_statistic = Gauge("streamscore_drift_statistic",
+                                        "Latest windowed drift statistic (PSI, mean shift, ...) vs the training baseline",
+                                        labelnames=["service", "feature", "statistic"], registry=self.registry)
+        self._m_drift_detections = Counter("streamscore_drift_detections", "Drift detections",
+                                           labelnames=["service", "detector", "feature"], registry=self.registry)
 
     def record_batch(self, n_in: int, n_out: int, seconds: float, latencies_ms: list[float] = ()) -> None:
         with self._lock:
@@ -63,6 +68,12 @@ class ServiceStats:
         with self._lock:
             self.rejections[reason] += 1
         self._m_dead.labels(service=self.service, reason=reason).inc()
+
+    def record_drift_statistic(self, feature: str, statistic: str, value: float) -> None:
+        self._m_drift_statistic.labels(service=self.service, feature=feature, statistic=statistic).set(value)
+
+    def count_drift(self, detector: str, feature: str) -> None:
+        self._m_drift_detections.labels(service=self.service, detector=detector, feature=feature).inc()
 
     def latency_percentiles(self, qs=(50, 99, 99.9)) -> dict[float, float]:
         with self._lock:
