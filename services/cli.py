@@ -245,6 +245,8 @@ models_app = typer.Typer(help="Model registry: list versions, show one, promote,
 app.add_typer(models_app, name="models")
 
 _MODEL_OPTION = typer.Option(None, "--model", "-m", help="Model name (default: STREAMSCORE_MODEL_NAME).")
+_PUBLISH_OPTION = typer.Option(True, "--publish/--no-publish",
+                               help="Publish the ModelUpdate to Kafka (model-updates topic; logged to model_versions).")
 
 
 def _registry(ctx: typer.Context, model: str | None):
@@ -333,7 +335,8 @@ def models_show(ctx: typer.Context, version: int = typer.Argument(..., help="Ver
 @models_app.command("promote")
 def models_promote(ctx: typer.Context, version: int = typer.Argument(..., help="Version to serve."),
                    model: str | None = _MODEL_OPTION,
-                   reason: str = typer.Option("manual promote", "--reason", help="Recorded in the history.")) -> None:
+                   reason: str = typer.Option("manual promote", "--reason", help="Recorded in the history."),
+                   publish: bool = _PUBLISH_OPTION) -> None:
     """Make VERSION the production model (scorers pick it up within a second)."""
     from streamscore.registry import RegistryError
 
@@ -344,11 +347,14 @@ def models_promote(ctx: typer.Context, version: int = typer.Argument(..., help="
         raise fail(str(error)) from error
     before = "none" if update.previous_production is None else f"v{update.previous_production}"
     console.print(f"model {name}: production {before} -> v{update.model_version.version} ({reason})", highlight=False)
+    if publish:
+        _publish_update(ctx.obj, update.event)
 
 
 @models_app.command("rollback")
 def models_rollback(ctx: typer.Context, model: str | None = _MODEL_OPTION,
-                    reason: str = typer.Option("manual rollback", "--reason", help="Recorded in the history.")) -> None:
+                    reason: str = typer.Option("manual rollback", "--reason", help="Recorded in the history."),
+                    publish: bool = _PUBLISH_OPTION) -> None:
     """Serve the previous production version again."""
     from streamscore.registry import RegistryError
 
@@ -359,6 +365,27 @@ def models_rollback(ctx: typer.Context, model: str | None = _MODEL_OPTION,
         raise fail(str(error)) from error
     console.print(f"model {name}: production v{update.previous_production} -> v{update.model_version.version} "
                   f"({reason})", highlight=False)
+    if publish:
+        _publish_update(ctx.obj, update.event)
+
+
+def _publish_update(settings: Settings, event: dict) -> None:
+    """Announce a registry action on `model-updates`: scorers swap at once and the logger
+    records it in `model_versions`. The registry change itself is already done (scorers
+    also poll the production pointer), so a broker problem is reported, not undone."""
+    from confluent_kafka import KafkaException
+
+    from streamscore.codec import AvroCodec
+    from streamscore.kafka_io import DeliveryFailed
+    from streamscore.model_updates import publish_model_updates
+    from streamscore.settings import TOPIC_MODEL_UPDATES
+
+    try:
+        publish_model_updates(settings, AvroCodec(registry_url=settings.schema_registry_url), [event], timeout_s=15)
+    except (DeliveryFailed, KafkaException) as error:
+        raise fail(f"the registry was updated, but the model update was not published to "
+                   f"{settings.topic(TOPIC_MODEL_UPDATES)} ({error}); scorers still pick the change up from the "
+                   "registry, the model_versions log misses it") from error
 
 
 # --- services -------------------------------------------------------------------

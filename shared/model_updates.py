@@ -11,7 +11,7 @@ from streamscore.kafka_io import DeliveryTracker, flush_or_raise, make_producer
 from streamscore.settings import TOPIC_MODEL_UPDATES, Settings
 
 
-def publish_model_updates(settings: Settings, codec: AvroCodec, events: list[dict]) -> None:
+def publish_model_updates(settings: Settings, codec: AvroCodec, events: list[dict], timeout_s: float = 60.0) -> None:
     """Produce ModelUpdate records and wait until the broker acknowledged them."""
     if not events:
         return
@@ -21,4 +21,4 @@ def publish_model_updates(settings: Settings, codec: AvroCodec, events: list[dic
     for event in events:
         producer.produce(settings.topic(TOPIC_MODEL_UPDATES), key=event["model_name"].encode(),
                          value=encode(event), on_delivery=tracker)
-    flush_or_raise(producer, tracker, timeout_s=60)
+    flush_or_raise(producer, tracker, timeout_s=timeout_s)

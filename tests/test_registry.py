@@ -281,13 +281,13 @@ def test_models_cli_list_promote_rollback(tmp_path, booster, monkeypatch):
     register(registry, booster)
     register(registry, booster)
     runner = CliRunner()
-    result = runner.invoke(app, ["models", "promote", "1"])
+    result = runner.invoke(app, ["models", "promote", "1", "--no-publish"])
     assert result.exit_code == 0, result.output
     assert "production none -> v1" in result.output
-    assert "production v1 -> v2" in runner.invoke(app, ["models", "promote", "2", "--reason", "better"]).output
+    assert "production v1 -> v2" in runner.invoke(app, ["models", "promote", "2", "--reason", "better", "--no-publish"]).output
     listing = runner.invoke(app, ["models", "list"], env={"COLUMNS": "200"})
     assert listing.exit_code == 0 and "production" in listing.output and "retired" in listing.output
-    assert "production v2 -> v1" in runner.invoke(app, ["models", "rollback"]).output
+    assert "production v2 -> v1" in runner.invoke(app, ["models", "rollback", "--no-publish"]).output
     missing = runner.invoke(app, ["models", "show", "9"])
     assert missing.exit_code == 1
     assert registry.read_production_version(MODEL) == 1
