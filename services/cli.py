@@ -7,6 +7,7 @@ import math
 import sys
 import time
 from enum import Enum
+from pathlib import Path
 
 import typer
 from pydantic import ValidationError
@@ -393,20 +394,31 @@ def _publish_update(settings: Settings, event: dict) -> None:
 def run(ctx: typer.Context,
         services: list[str] = typer.Argument(..., help="scorer, logger, drift, trainer, or 'all'.")) -> None:
     """Run services in this process until SIGTERM/SIGINT (then flush, commit and exit)."""
-    import logging
-
+    from streamscore.logs import configure_logging
+    from streamscore.metrics import MetricsServer
     from streamscore.services.runner import SERVICE_NAMES, ServiceGroup, run_until_signalled
     from streamscore.store import StoreError
 
     settings: Settings = ctx.obj
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        configure_logging(settings)
+    except ValueError as error:
+        raise fail(str(error)) from error
     names = list(SERVICE_NAMES) if services == ["all"] else services
     try:
         group = ServiceGroup(settings, names)
     except (ValueError, StoreError) as error:
         raise fail(str(error)) from error
-    run_until_signalled(group)
+    # One endpoint per process, exposing every service it runs (STREAMSCORE_METRICS_PORT, 0 = off).
+    metrics = None
+    if settings.metrics_port:
+        stats = {name: service.stats for name, service in group.services.items() if hasattr(service, "stats")}
+        metrics = MetricsServer(settings, stats).start()
+    try:
+        run_until_signalled(group)
+    finally:
+        if metrics is not None:
+            metrics.stop()
 
 
 @app.command("simulate")
@@ -474,6 +486,41 @@ def demo(ctx: typer.Context,
 
     settings: Settings = ctx.obj
     run_demo(settings, DemoOptions(history_events=history, live_events=events, rate=rate, seed=seed), console)
+
+
+# --- operations ---------------------------------------------------------------------
+_DEMO_OPTION = typer.Option(False, "--demo", help="Look at the demo's namespace (topics demo.*, database streamscore_demo).")
+
+
+@app.command("status")
+def status(ctx: typer.Context, demo: bool = _DEMO_OPTION) -> None:
+    """Services alive, consumer lag per group and partition, model versions, recent drift and retrains."""
+    from streamscore.services.demo import demo_settings
+    from streamscore.services.status import show_status
+
+    settings: Settings = demo_settings(ctx.obj) if demo else ctx.obj
+    show_status(settings, console)
+
+
+@app.command("report")
+def report(ctx: typer.Context,
+           out: Path = typer.Option(Path("streamscore-report.html"), "--out", "-o", help="HTML file to write."),
+           demo: bool = _DEMO_OPTION) -> None:
+    """Write a self-contained HTML report (plots + their SQL) from ClickHouse: scores, drift, online AUC, rejects, retrains."""
+    from streamscore.report import write_report
+    from streamscore.services.demo import demo_settings
+    from streamscore.store import StoreError, open_store
+
+    settings: Settings = demo_settings(ctx.obj) if demo else ctx.obj
+    try:
+        store = open_store(settings)
+        try:
+            write_report(store, settings, out)
+        finally:
+            store.close()
+    except StoreError as error:
+        raise fail(str(error)) from error
+    console.print(f"report written to {out.resolve()}", highlight=False)
 
 
 def main() -> None:
