@@ -25,6 +25,7 @@ from streamscore.codec import AvroCodec
 from streamscore.kafka_broker import LocalKafkaBroker
 from streamscore.model_updates import publish_model_updates
 from streamscore.registry import ModelRegistry
+from streamscore.report import write_report
 from streamscore.retraining import train_and_register
 from streamscore.services.runner import ServiceGroup
 from streamscore.services.simulate import produce_simulation, simulator_ending_now
@@ -189,6 +190,11 @@ def run_demo(base: Settings, options: DemoOptions, console: Console | None = Non
         figures["rows"] = {t: count_rows(store, t) for t in ("predictions", "labels", "rejected_events",
                                                                "model_versions")}
         _print_summary(console, store, figures, options)
+        # Written now, while this process still owns the (embedded) store.
+        report_path = settings.data_dir / "demo" / "report.html"
+        write_report(store, settings, report_path)
+        figures["report"] = str(report_path.resolve())
+        console.print(f"HTML report (plots + their SQL): [bold]{figures['report']}[/bold]", highlight=False)
         figures["total_seconds"] = time.monotonic() - t0
         console.print(f"demo finished in {figures['total_seconds']:.1f} s")
         return figures
