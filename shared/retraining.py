@@ -61,7 +61,11 @@ def train_and_register(store: Store, registry: ModelRegistry, settings: Settings
     else:
         events.append(registry.reject(settings.model_name, version.version, verdict.reason).event)
     log.info("model %s v%d %s: %s", settings.model_name, version.version,
-             "promoted" if verdict.passed else "rejected", verdict.reason)
+             "promoted" if verdict.passed else "rejected", verdict.reason,
+             extra={"model_name": settings.model_name, "model_version": version.version,
+                    "parent_version": version.parent_version, "action": "promote" if verdict.passed else "reject",
+                    "auc": version.metrics.get("auc"), "train_rows": data.rows, "reason": reason,
+                    "seconds": round(time.monotonic() - started, 2)})
     return RetrainOutcome(version=version, promoted=verdict.passed, gate_reason=verdict.reason,
                           training_rows=data.rows, events_replayed=data.events_replayed,
                           seconds=time.monotonic() - started, events=events)
