@@ -20,6 +20,7 @@ from streamscore.settings import TOPIC_DEAD_LETTER, Settings
 # librdkafka's own log lines (e.g. transient "coordinator load in progress" while
 # a fresh broker starts) go through Python logging instead of raw stderr.
 CLIENT_LOG = logging.getLogger("streamscore.kafka")
+DEAD_LETTER_LOG = logging.getLogger("streamscore.dead_letter")
 
 
 def producer_config(settings: Settings, **overrides) -> dict:
@@ -140,6 +141,11 @@ def dead_letter(producer: Producer, settings: Settings, msg: Message, rejection:
         headers.append(("event.id", event_id.encode()))
     producer.produce(settings.topic(TOPIC_DEAD_LETTER), key=msg.key(), value=msg.value() or b"",
                      headers=headers, on_delivery=on_delivery)
+    DEAD_LETTER_LOG.info(
+        "dead letter: %s", rejection.reason,
+        extra={"service": service, "reason": rejection.reason, "field": rejection.field, "event_id": event_id,
+               "source_topic": msg.topic(), "source_partition": msg.partition(), "source_offset": msg.offset(),
+               "detail": rejection.detail})
 
 
 def headers_dict(msg: Message) -> dict[str, str]:
