@@ -112,7 +112,9 @@ class ScorerService:
             log.error("not swapping model: %s", exc)
             self.stats.errors += 1
             return
-        log.info("model swap: %s v%d -> v%d", model.name, self.pipeline.model.version, model.version)
+        log.info("model swap: %s v%d -> v%d", model.name, self.pipeline.model.version, model.version,
+                 extra={"model_name": model.name, "model_version": model.version,
+                        "previous_version": self.pipeline.model.version})
         self.pipeline.swap_model(model)
         self.stats.model_version = model.version
         self.stats.model_swaps += 1
