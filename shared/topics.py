@@ -54,8 +54,10 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
         TopicSpec(TOPIC_RETRAIN, 1, control),
         TopicSpec(TOPIC_MODEL_UPDATES, 1, control),
         TopicSpec(TOPIC_SCORER_STATE, settings.partitions, {"cleanup.policy": "compact", "min.compaction.lag.ms": "0"}),
-        # The drift service's checkpoint (monitor state + consumed offsets), one record per model, latest wins.
-        TopicSpec(TOPIC_DRIFT_STATE, 1, {"cleanup.policy": "compact", "max.message.bytes": str(DRIFT_STATE_MAX_BYTES)}),
+        # The drift service's checkpoint (monitor state + consumed offsets), one record per model, latest wins;
+        # segments roll hourly because compaction never cleans the open segment.
+        TopicSpec(TOPIC_DRIFT_STATE, 1, {"cleanup.policy": "compact", "max.message.bytes": str(DRIFT_STATE_MAX_BYTES),
+                                         "segment.ms": str(3_600_000)}),
     ]
 
 

@@ -1,0 +1,249 @@
+"""Drift: predictions + labels -> DriftMonitor -> drift_events rows and ONE retrain request per drift.
+
+Loop: consume predictions and labels -> DriftTracker (pure; see
+streamscore.drift_tracking) -> every `drift_checkpoint_interval_s`, and at once
+after a retrain request: insert drift_events rows -> produce retrain requests
+-> save the checkpoint -> commit offsets.
+
+State. The checkpoint is one record on the compacted `drift-state` topic, key
+= model name: the monitor's `to_bytes()`, the next offset of every consumed
+partition and the labels still waiting for their prediction. On start the
+service reads the latest record and seeks every partition to the saved offset,
+so the monitor continues exactly where its state ends (the group's committed
+offsets, written after the checkpoint, are used only for partitions the
+checkpoint does not know). A crash after writing rows or a request but before
+the checkpoint replays that stretch: statistic rows may repeat, and a repeated
+request is recognised by the trainer (streamscore.retrain_requests).
+
+Run ONE drift service per model: it is assigned every partition of
+predictions and labels (no consumer-group balancing) because one monitor must
+see the whole stream.
+
+Label join: labels carry no score. Recent predictions' scores are kept in
+memory by event_id (`drift_label_join_size`); a label whose prediction is not
+there is looked up in ClickHouse `predictions` (long label delays, restarts),
+and retried for `drift_label_wait_s` while the logger has not written it yet.
+
+The production pointer is polled every second; when it moves the monitor is
+reset to the new version's baseline, validation metrics and threshold.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from confluent_kafka import OFFSET_STORED, Consumer, KafkaError, TopicPartition
+
+from streamscore.codec import AvroCodec, DecodeError
+from streamscore.drift import DriftConfig, IncompatibleDriftState
+from streamscore.drift_tracking import DRIFT_EVENTS_COLUMNS, DriftOutputs, DriftTracker
+from streamscore.kafka_io import DeliveryTracker, flush_or_raise, make_consumer, make_producer
+from streamscore.registry import ModelRegistry
+from streamscore.service_stats import ServiceStats
+from streamscore.settings import TOPIC_DRIFT_STATE, TOPIC_LABELS, TOPIC_PREDICTIONS, TOPIC_RETRAIN, Settings
+from streamscore.store import Store, open_store
+from streamscore.topics import DRIFT_STATE_MAX_BYTES
+
+log = logging.getLogger("streamscore.drift")
+SERVICE = "drift"
+POINTER_POLL_S = 1.0
+LABEL_LOOKUP_INTERVAL_S = 1.0
+LABEL_LOOKUP_CHUNK = 10_000
+
+
+def read_checkpoint(settings: Settings, model_name: str, timeout_s: float = 60.0) -> bytes | None:
+    """The latest checkpoint of `model_name` on the drift-state topic, or None.
+
+    Reads backwards from the end in growing steps: compaction only cleans closed
+    segments, so the topic may hold many old checkpoints; the newest is last."""
+    topic = settings.topic(TOPIC_DRIFT_STATE)
+    reader = Consumer({"bootstrap.servers": settings.bootstrap_servers, "group.id": "unused",
+                       "enable.auto.commit": False, "enable.partition.eof": True})
+    key = model_name.encode()
+    deadline = time.monotonic() + timeout_s
+    try:
+        low, high = reader.get_watermark_offsets(TopicPartition(topic, 0), timeout=10)
+        step = 1
+        while high > low:
+            start = max(low, high - step)
+            latest = None
+            reader.assign([TopicPartition(topic, 0, start)])
+            at_end = False
+            while not at_end:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"reading the drift checkpoint from {topic} took over {timeout_s} s")
+                for msg in reader.consume(100, 0.5):
+                    if msg.error():
+                        if msg.error().code() != KafkaError._PARTITION_EOF:
+                            raise RuntimeError(f"reading {topic}: {msg.error()}")
+                        at_end = True  # (compaction may leave holes: wait for EOF, not for offset high-1)
+                        continue
+                    if msg.offset() >= high:
+                        at_end = True
+                        continue
+                    if msg.key() == key:
+                        latest = msg.value()
+            if latest is not None or start == low:
+                return latest
+            step *= 8
+        return None
+    finally:
+        reader.close()
+
+
+class DriftService:
+    def __init__(self, settings: Settings, store: Store | None = None, codec: AvroCodec | None = None,
+                 stats: ServiceStats | None = None):
+        self.settings = settings
+        self.store = store or open_store(settings)
+        self.codec = codec or AvroCodec(registry_url=settings.schema_registry_url)
+        self.registry = ModelRegistry(settings.registry_dir)
+        self.stats = stats or ServiceStats(SERVICE)
+        self.tracker = DriftTracker(DriftConfig.from_settings(settings), settings.model_name,
+                                    label_join_size=settings.drift_label_join_size,
+                                    label_wait_s=settings.drift_label_wait_s)
+        self.outputs = DriftOutputs()
+        self.requests_sent: list[tuple[float, dict]] = []  # (wall time s, request), for the demo and tests
+        self.checkpoints = 0
+        self.restored = False
+        self.encode_request = self.codec.encoder("retrain_request")
+        self._next_pointer_check = 0.0
+        self._next_label_lookup = 0.0
+
+    # --- state -----------------------------------------------------------------------
+    def _restore(self) -> None:
+        data = read_checkpoint(self.settings, self.settings.model_name)
+        if data is None:
+            return
+        try:
+            self.tracker.restore(data)
+        except IncompatibleDriftState as exc:
+            log.warning("drift checkpoint ignored: %s", exc)
+            return
+        self.restored = True
+        monitor = self.tracker.monitor
+        log.info("drift state restored: model v%s, %s predictions and %s labels seen, %d windows",
+                 monitor.model_version if monitor else "-", monitor.predictions_seen if monitor else 0,
+                 monitor.labels_seen if monitor else 0, monitor.windows_completed if monitor else 0)
+
+    def _assignment(self, consumer: Consumer) -> list[TopicPartition]:
+        """Every partition of predictions and labels, at the checkpoint's offset where it has one."""
+        assignment = []
+        for logical in (TOPIC_PREDICTIONS, TOPIC_LABELS):
+            topic = self.settings.topic(logical)
+            metadata = consumer.list_topics(topic, timeout=30).topics[topic]
+            if metadata.error is not None:
+                raise RuntimeError(f"topic {topic}: {metadata.error}")
+            saved = self.tracker.offsets.get(topic, {})
+            for partition in sorted(metadata.partitions):
+                assignment.append(TopicPartition(topic, partition, saved.get(partition, OFFSET_STORED)))
+        return assignment
+
+    def _maybe_follow_production(self) -> None:
+        now = time.monotonic()
+        if now < self._next_pointer_check:
+            return
+        self._next_pointer_check = now + POINTER_POLL_S
+        production = self.registry.read_production_version(self.settings.model_name)
+        if (production or 0) == self.tracker.model_version:
+            return
+        version = self.registry.get(self.settings.model_name, production) if production else None
+        if self.tracker.set_model(version):
+            log.info("drift monitor now follows %s v%s", self.settings.model_name, production)
+            self.stats.model_version = production or 0
+            self.stats.model_swaps += 1
+
+    # --- the loop --------------------------------------------------------------------
+    def _handle(self, msg) -> None:
+        topic = msg.topic()
+        try:
+            if topic == self.predictions_topic:
+                self.tracker.on_prediction(self.codec.decode(msg.value(), "prediction"), self.outputs)
+            else:
+                self.tracker.on_label(self.codec.decode(msg.value(), "label"), self.outputs)
+        except (DecodeError, KeyError, TypeError, ValueError) as exc:
+            # The scorer and simulator write these topics; a bad record is skipped, not fatal.
+            self.stats.count_rejection(getattr(exc, "reason", "undecodable"))
+            log.warning("skipping %s[%d]@%d: %s", topic, msg.partition(), msg.offset(), exc)
+        self.tracker.record_offset(topic, msg.partition(), msg.offset())
+
+    def _join_waiting_labels(self) -> None:
+        """Labels whose prediction is not in memory: look it up in ClickHouse (at most once a second)."""
+        now = time.monotonic()
+        if now < self._next_label_lookup:
+            return
+        self._next_label_lookup = now + LABEL_LOOKUP_INTERVAL_S
+        missing = self.tracker.take_unmatched()
+        found = {}
+        for start in range(0, len(missing), LABEL_LOOKUP_CHUNK):
+            result = self.store.query(
+                "SELECT event_id, model_version, score FROM predictions FINAL WHERE event_id IN {ids:Array(String)}",
+                {"ids": missing[start:start + LABEL_LOOKUP_CHUNK]})
+            found.update({event_id: (int(version), score) for event_id, version, score in result.rows})
+        self.tracker.resolve_labels(found, self.outputs)
+
+    def _checkpoint(self, consumer: Consumer, producer) -> None:
+        """Rows -> retrain requests -> state -> offsets, each step only after the previous one is durable."""
+        started = time.perf_counter()
+        outputs = self.outputs
+        if outputs.rows:
+            self.store.insert("drift_events", outputs.rows, DRIFT_EVENTS_COLUMNS)
+        tracker = DeliveryTracker()
+        for request in outputs.requests:
+            producer.produce(self.retrain_topic, key=request["model_name"].encode(),
+                             value=self.encode_request(request), on_delivery=tracker)
+        producer.produce(self.state_topic, key=self.settings.model_name.encode(), value=self.tracker.to_bytes(),
+                         on_delivery=tracker)
+        flush_or_raise(producer, tracker)
+        now = time.time()
+        self.requests_sent += [(now, request) for request in outputs.requests]
+        offsets = [TopicPartition(topic, partition, offset)
+                   for topic, parts in self.tracker.offsets.items() for partition, offset in parts.items()]
+        if offsets:
+            consumer.commit(offsets=offsets, asynchronous=False)
+        self.stats.record_batch(n_in=0, n_out=len(outputs.rows) + len(outputs.requests),
+                                seconds=time.perf_counter() - started)
+        outputs.clear()
+        self.checkpoints += 1
+
+    def run(self, stop: threading.Event) -> None:
+        settings = self.settings
+        self.predictions_topic = settings.topic(TOPIC_PREDICTIONS)
+        self.retrain_topic = settings.topic(TOPIC_RETRAIN)
+        self.state_topic = settings.topic(TOPIC_DRIFT_STATE)
+        self._restore()
+        consumer = make_consumer(settings, settings.group(SERVICE))
+        producer = make_producer(settings, **{"message.max.bytes": DRIFT_STATE_MAX_BYTES})
+        consumer.assign(self._assignment(consumer))
+        interval = settings.drift_checkpoint_interval_s
+        next_checkpoint = time.monotonic() + interval
+        dirty = False
+        self.stats.running = True
+        try:
+            while not stop.is_set():
+                self._maybe_follow_production()
+                batch = consumer.consume(5_000, 0.1)
+                handled = 0
+                for msg in batch:
+                    if msg.error():
+                        if msg.error().code() != KafkaError._PARTITION_EOF:
+                            log.warning("consumer error: %s", msg.error())
+                        continue
+                    self._handle(msg)
+                    handled += 1
+                if handled:
+                    dirty = True
+                    self.stats.events_in += handled
+                if self.tracker.labels_waiting:
+                    self._join_waiting_labels()
+                if dirty and (self.outputs.requests or time.monotonic() >= next_checkpoint):
+                    self._checkpoint(consumer, producer)
+                    dirty = False
+                    next_checkpoint = time.monotonic() + interval
+            if dirty:
+                self._checkpoint(consumer, producer)
+        finally:
+            self.stats.running = False
+            consumer.close()
+            producer.flush(10)

@@ -1,0 +1,150 @@
+"""Trainer: retrain requests -> train, gate, register, promote or reject -> model updates.
+
+Loop: consume one `retrain` request -> skip it if it is a duplicate or stale ->
+streamscore.retraining.train_and_register (point-in-time training set from
+ClickHouse over the last `trainer_window_days` before the newest logged
+event; gated against production on the candidate's recent holdout) ->
+publish the register + promote/reject ModelUpdate events (scorers hot-swap;
+the logger records them in model_versions) -> commit.
+
+Duplicates (see streamscore.retrain_requests): the same request_id, or the
+same (model version, detector, feature) inside the drift cool-down. The
+record survives restarts because each candidate's registry `reason` names its
+request. A request about a version that is no longer in production is stale
+(someone already replaced it) and skipped.
+
+A failed training (too few labels, one class only, ...) is logged, counted and
+kept in `outcomes` with its reason; its offset is committed like any other, so
+one bad request never becomes a crash loop.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+from confluent_kafka import KafkaError
+
+from streamscore.codec import AvroCodec, DecodeError
+from streamscore.kafka_io import commit, make_consumer
+from streamscore.model_updates import publish_model_updates
+from streamscore.registry import ModelRegistry
+from streamscore.retrain_requests import HandledRequest, HandledRequests, retrain_reason
+from streamscore.retraining import train_and_register
+from streamscore.service_stats import ServiceStats
+from streamscore.settings import TOPIC_RETRAIN, Settings
+from streamscore.store import Store, open_store
+
+log = logging.getLogger("streamscore.trainer")
+SERVICE = "trainer"
+DAY_MS = 86_400_000
+
+
+@dataclass(frozen=True)
+class RequestOutcome:
+    """What the trainer did with one request (kept in memory for the demo, tests and logs)."""
+
+    request_id: str
+    action: str  # promoted | rejected | failed | duplicate | stale
+    reason: str
+    version: int | None = None
+    seconds: float = 0.0
+    training_rows: int = 0
+    handled_at: float = 0.0  # wall time s
+
+
+class TrainerService:
+    def __init__(self, settings: Settings, store: Store | None = None, codec: AvroCodec | None = None,
+                 stats: ServiceStats | None = None):
+        self.settings = settings
+        self.store = store or open_store(settings)
+        self.codec = codec or AvroCodec(registry_url=settings.schema_registry_url)
+        self.registry = ModelRegistry(settings.registry_dir)
+        self.stats = stats or ServiceStats(SERVICE)
+        self.handled = HandledRequests.from_registry(self.registry, settings.model_name,
+                                                     cooldown_ms=int(settings.drift_cooldown_s * 1000))
+        self.outcomes: list[RequestOutcome] = []
+
+    def training_since_ms(self) -> int | None:
+        """Start of the training window: `trainer_window_days` before the newest logged event
+        (not the wall clock, so a replay or backfill trains on the data it has)."""
+        newest = self.store.query("SELECT toUnixTimestamp64Milli(max(event_time)), count() FROM predictions").rows[0]
+        if not newest[1]:
+            return None
+        return int(newest[0]) - int(self.settings.trainer_window_days * DAY_MS)
+
+    def handle(self, request: dict) -> RequestOutcome:
+        """Act on one decoded RetrainRequest; never raises for a training problem."""
+        settings = self.settings
+        key = HandledRequest.of(request)
+        request_id = request["request_id"]
+        duplicate = self.handled.duplicate_of(key)
+        if duplicate:
+            return self._outcome(request_id, "duplicate", duplicate)
+        if request["model_name"] != settings.model_name:
+            return self._outcome(request_id, "stale", f"request is for model {request['model_name']!r}, "
+                                                     f"this trainer trains {settings.model_name!r}")
+        production = self.registry.read_production_version(settings.model_name) or 0
+        if production != request["model_version"]:
+            self.handled.add(key)
+            return self._outcome(request_id, "stale", f"request is about v{request['model_version']} but "
+                                                     f"production is v{production} now")
+        log.info("retraining %s for request %s: %s", settings.model_name, request_id, request["reason"])
+        started = time.monotonic()
+        try:
+            outcome = train_and_register(self.store, self.registry, settings, reason=retrain_reason(request),
+                                         since_ms=self.training_since_ms(),
+                                         num_boost_round=settings.train_num_boost_round)
+        except Exception as exc:  # noqa: BLE001 - a failed training must not crash-loop the service
+            self.handled.add(key)
+            self.stats.errors += 1
+            self.stats.count_rejection("training_failed")
+            log.exception("training for request %s failed", request_id)
+            return self._outcome(request_id, "failed", f"{type(exc).__name__}: {exc}",
+                                 seconds=time.monotonic() - started)
+        self.handled.add(key)
+        publish_model_updates(settings, self.codec, outcome.events)
+        action = "promoted" if outcome.promoted else "rejected"
+        return self._outcome(request_id, action, outcome.gate_reason, version=outcome.version.version,
+                             seconds=outcome.seconds, training_rows=outcome.training_rows)
+
+    def _outcome(self, request_id: str, action: str, reason: str, **fields) -> RequestOutcome:
+        outcome = RequestOutcome(request_id, action, reason, handled_at=time.time(), **fields)
+        if action in ("duplicate", "stale"):
+            log.info("request %s skipped (%s): %s", request_id, action, reason)
+        else:
+            log.info("request %s: %s v%s (%s)", request_id, action, outcome.version, reason)
+        self.outcomes.append(outcome)
+        return outcome
+
+    def run(self, stop: threading.Event) -> None:
+        settings = self.settings
+        consumer = make_consumer(settings, settings.group(SERVICE))
+        consumer.subscribe([settings.topic(TOPIC_RETRAIN)])
+        self.stats.running = True
+        try:
+            while not stop.is_set():
+                msg = consumer.poll(0.2)
+                if msg is None:
+                    continue
+                if msg.error():
+                    if msg.error().code() != KafkaError._PARTITION_EOF:
+                        log.warning("consumer error: %s", msg.error())
+                    continue
+                started = time.perf_counter()
+                try:
+                    request = self.codec.decode(msg.value(), "retrain_request")
+                except DecodeError as exc:
+                    self.stats.count_rejection(exc.reason)
+                    log.warning("skipping undecodable retrain request at offset %d: %s", msg.offset(), exc)
+                else:
+                    outcome = self.handle(request)
+                    self.stats.model_version = self.registry.read_production_version(settings.model_name) or 0
+                    if outcome.action == "promoted":
+                        self.stats.model_swaps += 1
+                commit(consumer, [msg])
+                self.stats.record_batch(n_in=1, n_out=0, seconds=time.perf_counter() - started)
+        finally:
+            self.stats.running = False
+            consumer.close()
