@@ -5,9 +5,11 @@ schemas); tests/test_settings.py and tests/test_public_interfaces.py compare
 those sections with the code. The Configuration table and the CLI list are
 generated from the code, so after adding a Settings field or a command run
 
-    .venv/bin/python tests/readme_tables.py configuration   # or: cli
+    .venv/bin/python tests/readme_tables.py configuration --write   # or: cli --write
 
-and paste the output into README.md.
+which replaces that table in README.md (without --write it prints it).
+`clickhouse` prints the columns of a freshly migrated database as a starting
+point for the ClickHouse tables section (keys and notes are added by hand).
 """
 from __future__ import annotations
 
@@ -247,6 +249,29 @@ def cli_table() -> str:
     return "\n".join(lines)
 
 
+def clickhouse_columns_table() -> str:
+    """Columns of a freshly migrated database (embedded chDB in a temp dir: run it as its own process)."""
+    import tempfile
+
+    from streamscore.settings import Settings
+    from streamscore.store import open_store
+
+    with tempfile.TemporaryDirectory() as data_dir:
+        settings = Settings(clickhouse_url=None, data_dir=Path(data_dir), clickhouse_database="readme")
+        store = open_store(settings)
+        store.migrate()
+        engines = dict(store.query("SELECT name, engine FROM system.tables WHERE database = 'readme'").rows)
+        columns: dict[str, list[str]] = {name: [] for name in engines}
+        for table, name, type_ in store.query("SELECT table, name, type FROM system.columns "
+                                              "WHERE database = 'readme' ORDER BY table, position").rows:
+            columns[table].append(f"`{name}` {type_}")
+        store.close()
+    lines = ["| table | engine, key | columns |", "|---|---|---|"]
+    for table in sorted(engines):
+        lines.append(f"| `{table}` | {engines[table]} | {', '.join(columns[table])} |")
+    return "\n".join(lines)
+
+
 def documented_cli_commands(text: str) -> set[str]:
     """Command paths in the CLI section's table: the lower-case words after `streamscore` in each first cell."""
     documented = set()
@@ -263,12 +288,33 @@ def documented_cli_commands(text: str) -> set[str]:
     return documented
 
 
+def replace_first_table(text: str, section_title: str, new_table: str) -> str:
+    """`text` with the first table of the section replaced by `new_table` (the rest untouched)."""
+    body = section(text, section_title)
+    start = text.index(body)
+    lines = body.splitlines(keepends=True)
+    first = next(i for i, line in enumerate(lines) if line.lstrip().startswith("|"))
+    last = first
+    while last < len(lines) and lines[last].lstrip().startswith("|"):
+        last += 1
+    before = "".join(lines[:first])
+    after = "".join(lines[last:])
+    return text[:start] + before + new_table + "\n" + after + text[start + len(body):]
+
+
+GENERATED = {"configuration": ("Configuration", configuration_table), "cli": ("CLI", cli_table)}
+
 if __name__ == "__main__":
-    sys.path.insert(0, str(REPO_ROOT))
     what = sys.argv[1] if len(sys.argv) > 1 else ""
-    if what == "configuration":
-        print(configuration_table())
-    elif what == "cli":
-        print(cli_table())
+    write = "--write" in sys.argv[2:]
+    if what in GENERATED:
+        title, generate = GENERATED[what]
+        if write:
+            README.write_text(replace_first_table(readme_text(), title, generate()), encoding="utf-8")
+            print(f"README.md: {title} table regenerated")
+        else:
+            print(generate())
+    elif what == "clickhouse":
+        print(clickhouse_columns_table())
     else:
-        sys.exit("usage: python tests/readme_tables.py configuration|cli")
+        sys.exit("usage: python tests/readme_tables.py configuration|cli [--write] | clickhouse")
