@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from matplotlib.dates import AutoDateLocator, ConciseDateFormatter
 from matplotlib.figure import Figure
 
 from streamscore.registry import ModelRegistry, ModelVersion
@@ -88,6 +89,13 @@ def _png(figure: Figure) -> bytes:
     return buffer.getvalue()
 
 
+def _time_axis(ax) -> None:
+    locator = AutoDateLocator()
+    ax.xaxis.set_major_locator(locator)
+    ax.xaxis.set_major_formatter(ConciseDateFormatter(locator))
+    ax.tick_params(axis="x", labelsize=7)
+
+
 def _reference_model(registry: ModelRegistry, model_name: str) -> ModelVersion | None:
     """The model whose training baseline live data is compared with: production, else the newest version."""
     production = registry.production(model_name)
@@ -137,7 +145,8 @@ def score_section(store: Store, bucket_s: int) -> Section:
         section.note = "no predictions logged yet"
         return section
     figure = Figure(figsize=(11, 5.5))
-    counts_ax, score_ax, hist_ax = figure.add_subplot(2, 2, 1), figure.add_subplot(2, 2, 3), figure.add_subplot(1, 2, 2)
+    counts_ax = figure.add_subplot(2, 2, 1)
+    score_ax, hist_ax = figure.add_subplot(2, 2, 3, sharex=counts_ax), figure.add_subplot(1, 2, 2)
     width = bucket_s / 86400 * 0.9  # bar width in matplotlib date units (days)
     bottoms: dict = defaultdict(int)
     for version, s in section.data["series"].items():
@@ -157,7 +166,7 @@ def score_section(store: Store, bucket_s: int) -> Section:
     if score_ax.lines:
         score_ax.legend(fontsize=8)
     for ax in (counts_ax, score_ax):
-        ax.tick_params(axis="x", labelrotation=30, labelsize=7)
+        _time_axis(ax)
     for version, bins in section.data["histogram"].items():
         total = sum(bins.values())
         hist_ax.step([b + 0.025 for b in bins], [n / total for n in bins.values()], where="mid", label=f"v{version}")
@@ -219,7 +228,7 @@ def _drift_from_statistics(result: QueryResult) -> Section:
             ax.axhline(thresholds[statistic], linestyle="--", color="grey")
         ax.set_ylabel(statistic)
         ax.legend(fontsize=7, ncol=4)
-        ax.tick_params(axis="x", labelrotation=30, labelsize=7)
+        _time_axis(ax)
     section.png = _png(figure)
     return section
 
@@ -328,7 +337,7 @@ def online_metrics_section(store: Store, bucket_s: int) -> Section:
     for ax in (auc_ax, loss_ax):
         ax.set_xlabel("event time (UTC)")
         ax.legend(fontsize=8)
-        ax.tick_params(axis="x", labelrotation=30, labelsize=7)
+        _time_axis(ax)
     section.png = _png(figure)
     return section
 
@@ -405,7 +414,7 @@ def retrain_section(store: Store) -> Section:
     ax.set_ylabel("validation AUC")
     ax.set_xlabel("recorded at (UTC)")
     ax.legend(fontsize=8)
-    ax.tick_params(axis="x", labelrotation=30, labelsize=7)
+    _time_axis(ax)
     section.png = _png(figure)
     if detections.rows:
         section.note = f"{len(detections.rows)} drift detection(s), " \

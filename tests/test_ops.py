@@ -309,3 +309,27 @@ def test_logs_carry_fields_as_json_or_key_value(make_settings):
             configure_logging(make_settings(log_level="LOUD"))
     finally:
         root.handlers[:], root.level = saved[0], saved[1]
+
+
+# --- deployment wiring ----------------------------------------------------------------------------
+def test_prometheus_and_grafana_look_for_what_services_export():
+    import re
+
+    import yaml
+
+    from conftest import REPO_ROOT
+    from streamscore.service_stats import ServiceStats
+
+    compose = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())
+    port = int(compose["x-streamscore"]["environment"]["STREAMSCORE_METRICS_PORT"])
+    scrape = yaml.safe_load((REPO_ROOT / "deploy" / "prometheus.yml").read_text())["scrape_configs"][0]
+    discovery = scrape["dns_sd_configs"][0]
+    assert discovery["port"] == port
+    assert set(discovery["names"]) == {n for n, s in compose["services"].items()
+                                       if s.get("command", [None])[0] == "run"}
+    stats = ServiceStats("scorer")
+    families = {family.name for family in stats.registry.collect()}
+    dashboard = json.loads((REPO_ROOT / "deploy" / "grafana" / "dashboards" / "streamscore.json").read_text())
+    used = {re.sub(r"_(total|bucket|count|sum)$", "", name) for panel in dashboard["panels"]
+            for target in panel["targets"] for name in re.findall(r"streamscore_[a-z_]+", target["expr"])}
+    assert used and used <= families
