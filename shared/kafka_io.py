@@ -13,7 +13,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from streamscore.settings import TOPIC_DEAD_LETTER, Settings
 
@@ -104,18 +104,54 @@ def next_offsets(messages: list[Message]) -> list[TopicPartition]:
     return [TopicPartition(t, p, o + 1) for (t, p), o in last.items()]
 
 
-def commit(consumer: Consumer, messages: list[Message]) -> None:
-    """Synchronously commit what `messages` covered. A partition revoked meanwhile is
-    simply reprocessed by its new owner (at-least-once), so that error is not fatal."""
+# Commit errors that mean this consumer no longer owns the partitions (a rebalance,
+# or the group forgot it while the broker was away): the new owner replays from the
+# last committed offset, which at-least-once allows, so these are not fatal.
+MEMBERSHIP_LOST_ERRORS = frozenset({
+    KafkaError.UNKNOWN_MEMBER_ID, KafkaError.ILLEGAL_GENERATION, KafkaError.REBALANCE_IN_PROGRESS,
+    KafkaError.FENCED_INSTANCE_ID, KafkaError._ASSIGNMENT_LOST, KafkaError._STATE,
+})
+# Commit errors while the coordinator is away (broker restart, coordinator moving): retried.
+COORDINATOR_AWAY_ERRORS = frozenset({
+    KafkaError.COORDINATOR_NOT_AVAILABLE, KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+    KafkaError.REQUEST_TIMED_OUT, KafkaError.NETWORK_EXCEPTION, KafkaError._TRANSPORT, KafkaError._TIMED_OUT,
+    KafkaError._WAIT_COORD, KafkaError._ALL_BROKERS_DOWN,
+})
+
+
+def commit(consumer: Consumer, messages: list[Message], attempts: int = 5) -> bool:
+    """Synchronously commit what `messages` covered; True when committed.
+
+    Never fatal for a lost membership or an unreachable coordinator: those
+    offsets are then simply consumed again (by us or the partition's new owner)
+    and the duplicates they produce are collapsed downstream (at-least-once).
+    The next successful commit of a partition covers this one's offsets too.
+    """
     offsets = next_offsets(messages)
     if not offsets:
-        return
-    try:
-        consumer.commit(offsets=offsets, asynchronous=False)
-    except KafkaException as exc:
-        if "_ASSIGNMENT_LOST" in str(exc) or "REBALANCE" in str(exc).upper() or "_STATE" in str(exc):
-            return
-        raise
+        return True
+    backoff_s = 0.2
+    for attempt in range(1, attempts + 1):
+        try:
+            consumer.commit(offsets=offsets, asynchronous=False)
+            return True
+        except KafkaException as exc:
+            error = exc.args[0]
+            code = error.code() if isinstance(error, KafkaError) else None
+            if code in MEMBERSHIP_LOST_ERRORS:
+                CLIENT_LOG.warning("commit skipped, partitions are being reassigned (%s); they will be re-consumed",
+                                   error)
+                return False
+            transient = code in COORDINATOR_AWAY_ERRORS or (isinstance(error, KafkaError) and error.retriable())
+            if not transient:
+                raise
+            if attempt == attempts:
+                CLIENT_LOG.warning("commit failed %d times (%s); offsets stay uncommitted until the next commit",
+                                   attempts, error)
+                return False
+            time.sleep(backoff_s)
+            backoff_s = min(backoff_s * 2, 2.0)
+    return False
 
 
 @dataclass(frozen=True)
