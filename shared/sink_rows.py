@@ -8,6 +8,8 @@ from __future__ import annotations
 import hashlib
 from datetime import datetime, timezone
 
+from streamscore.validation import InvalidEvent
+
 PREDICTION_COLUMNS = [
     "event_id", "entity_id", "event_time", "scored_at", "model_name", "model_version", "score",
     "amount", "currency", "merchant_category", "channel", "country", "device_id",
@@ -20,15 +22,24 @@ REJECTED_COLUMNS = [
 ]
 
 
-def ms_to_datetime(ms: int) -> datetime:
+# What DateTime64(3) columns hold: 1900-01-01 .. 2299-12-31 23:59:59.999 UTC.
+DATETIME64_MIN_MS = -2_208_988_800_000
+DATETIME64_MAX_MS = 10_413_791_999_999
+
+
+def ms_to_datetime(ms: int, field: str = "time") -> datetime:
+    """Epoch ms -> aware UTC datetime. Out of ClickHouse's range is a bad record (ValueError naming
+    the field), not an OSError from the OS or a failing insert that would block the whole batch."""
+    if not DATETIME64_MIN_MS <= ms <= DATETIME64_MAX_MS:
+        raise InvalidEvent("out_of_range", field, f"{field} {ms} ms is outside the years 1900..2299")
     return datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
 
 
 def prediction_row(record: dict) -> list:
     event = record["event"]
     return [
-        record["event_id"], record["entity_id"], ms_to_datetime(record["event_time"]),
-        ms_to_datetime(record["scored_at"]), record["model_name"], record["model_version"], record["score"],
+        record["event_id"], record["entity_id"], ms_to_datetime(record["event_time"], "event_time"),
+        ms_to_datetime(record["scored_at"], "scored_at"), record["model_name"], record["model_version"], record["score"],
         event["amount"], event["currency"], event.get("merchant_category"), event.get("channel"),
         event.get("country"), event.get("device_id"),
         record["features"], record["feature_set"], record["event_partition"], record["event_offset"],
@@ -36,7 +47,13 @@ def prediction_row(record: dict) -> list:
 
 
 def label_row(record: dict) -> list:
-    return [record["event_id"], record["entity_id"], int(record["label"]), ms_to_datetime(record["label_time"])]
+    """Labels come from outside the system: a label other than 0/1 (UInt8 column) would fail
+    the insert of the whole batch, so it is rejected here, naming the field."""
+    label = record["label"]
+    if label not in (0, 1):
+        raise InvalidEvent("invalid_value", "label", f"label must be 0 or 1, got {label!r} "
+                                                     f"(event {record['event_id']!r})")
+    return [record["event_id"], record["entity_id"], int(label), ms_to_datetime(record["label_time"], "label_time")]
 
 
 def rejected_row(headers: dict[str, str], raw: bytes, topic: str, partition: int, offset: int,

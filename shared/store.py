@@ -109,6 +109,13 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
         # time; FINAL gives exactly-once reads regardless.
         "CREATE VIEW IF NOT EXISTS {db}.predictions_dedup AS SELECT * FROM {db}.predictions FINAL",
     ]),
+    (3, "insert deduplication on the append-only logs", [
+        # A plain MergeTree ignores insert_deduplication_token unless this window is set,
+        # and FINAL cannot collapse its duplicates: without it, a logger replay of an
+        # uncommitted batch wrote every model_versions / drift_events row twice.
+        f"ALTER TABLE {{db}}.model_versions MODIFY SETTING {DEDUP_WINDOW}",
+        f"ALTER TABLE {{db}}.drift_events MODIFY SETTING {DEDUP_WINDOW}",
+    ]),
 ]
 
 SCHEMA_MIGRATIONS_DDL = """CREATE TABLE IF NOT EXISTS {db}.schema_migrations (

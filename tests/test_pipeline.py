@@ -484,44 +484,84 @@ def prediction_records(n: int) -> list[dict]:
 
 
 def test_logger_replay_of_uncommitted_batches_writes_no_duplicates(settings, store):
+    from streamscore.registry import registration_event
     from streamscore.services.logger.service import LoggerService
+    from streamscore.settings import TOPIC_MODEL_UPDATES
 
+    # one message kind per table, plus labels the logger must reject instead of failing the insert
     records = prediction_records(400)
+    labels = [{"event_id": r["event_id"], "entity_id": r["entity_id"], "label": i % 2,
+               "label_time": r["event_time"] + HOUR_MS} for i, r in enumerate(records[:50])]
+    bad_labels = [dict(labels[0], event_id="bad-label", label=300),  # UInt8 insert would fail
+                  dict(labels[1], event_id="bad-label-time", label_time=9 * 10**18)]  # beyond DateTime64
+    registry = ModelRegistry(settings.registry_dir)
+    version = registry.register(settings.model_name, "model text", feature_set=features.FEATURE_SET_HASH,
+                                feature_names=features.FEATURE_NAMES, train_rows=1, metrics={"auc": 0.9},
+                                baseline={}, threshold=0.5, reason="replay test")
+    updates = [registration_event(version), registry.promote(settings.model_name, 1, reason="replay test").event]
     producer, tracker = make_producer(settings), DeliveryTracker()
-    encode = CODEC.encoder("prediction")
-    topic = settings.topic(TOPIC_PREDICTIONS)
     for record in records:
-        producer.produce(topic, key=record["entity_id"].encode(), value=encode(record), on_delivery=tracker)
+        producer.produce(settings.topic(TOPIC_PREDICTIONS), key=record["entity_id"].encode(),
+                         value=CODEC.encoder("prediction")(record), on_delivery=tracker)
+    for label in labels + bad_labels:
+        producer.produce(settings.topic(TOPIC_LABELS), key=label["entity_id"].encode(),
+                         value=CODEC.encoder("label")(label), on_delivery=tracker)
+    for i in range(5):
+        producer.produce(settings.topic(TOPIC_DEAD_LETTER), key=b"k", value=b"garbage %d" % i, on_delivery=tracker,
+                         headers=[("error.reason", b"undecodable"), ("error.service", b"scorer"),
+                                  ("source.topic", settings.topic(TOPIC_EVENTS).encode()),
+                                  ("source.partition", b"0"), ("source.offset", str(i).encode())])
+    for update in updates:
+        producer.produce(settings.topic(TOPIC_MODEL_UPDATES), key=b"fraud", value=CODEC.encoder("model_update")(update),
+                         on_delivery=tracker)
     flush_or_raise(producer, tracker)
+    expected = {"predictions": len(records), "labels": len(labels),
+                "rejected_events": 5 + len(bad_labels), "model_versions": len(updates)}
+    n_messages = len(records) + len(labels) + len(bad_labels) + 5 + len(updates)
 
-    # a logger consumes and writes, then dies before committing; the same batch is written twice
+    def counts(final: bool) -> dict[str, int]:
+        suffix = {t: " FINAL" if final and t != "model_versions" else "" for t in expected}
+        return {t: int(scalar(store, f"SELECT count() FROM {t}{suffix[t]}")) for t in expected}
+
+    # a logger consumes and writes, then dies before committing: the same batch is written twice
+    crashed = LoggerService(settings, store=store)
     consumer = make_consumer(settings, settings.group("logger"))
-    consumer.subscribe([topic])
+    consumer.subscribe(list(crashed.topics))
     messages = []
     deadline = time.monotonic() + WAIT_S
-    while len(messages) < len(records):
-        assert time.monotonic() < deadline, f"consumed {len(messages)} of {len(records)}"
+    while len(messages) < n_messages:
+        assert time.monotonic() < deadline, f"consumed {len(messages)} of {n_messages}"
         messages.extend(m for m in consumer.consume(1000, 0.5) if not m.error())
-    crashed = LoggerService(settings, store=store)
     for _ in range(2):
         for msg in messages:
-            crashed.topics[msg.topic()](msg)
-        assert crashed.sink.flush() == len(records)
-    consumer.close()  # no commit
-    # identical batch (same offsets -> same dedup token): no duplicate even without FINAL
+            crashed.handle(msg)
+        assert crashed.sink.flush() == sum(expected.values())
+    consumer.close()  # without committing
+    # identical batch (same offsets -> same dedup tokens): no duplicate even without FINAL
+    assert counts(final=False) == expected
     assert store.query("SELECT count(), uniqExact(event_id) FROM predictions").rows[0] == (len(records),) * 2
+    rejected = dict(store.query("SELECT event_id, field FROM rejected_events WHERE service = 'logger'").rows
+                    or [])
+    assert sorted(store.query("SELECT reason, field FROM rejected_events WHERE service = 'logger'").rows) == [
+        ("invalid_value", "label"), ("out_of_range", "label_time")], rejected
 
     # a new logger in the same group re-consumes the uncommitted offsets
     group = ServiceGroup(settings, ["logger"], store=store).start()
     try:
         probe = Consumer({"bootstrap.servers": settings.bootstrap_servers, "group.id": settings.group("logger")})
-        partitions = [TopicPartition(topic, p) for p in range(settings.partitions)]
-        ends = {p.partition: probe.get_watermark_offsets(p, timeout=10)[1] for p in partitions}
-        wait_until(lambda: all(tp.offset == ends[tp.partition] for tp in probe.committed(partitions, timeout=10)),
-                   "the replaying logger's commit", group=group)
+        partitions = [TopicPartition(topic, p) for topic in crashed.topics
+                      for p in probe.list_topics(topic, timeout=10).topics[topic].partitions]
+        ends = {(p.topic, p.partition): probe.get_watermark_offsets(p, timeout=10)[1] for p in partitions}
+
+        def committed_to_the_end() -> bool:
+            return all(tp.offset == ends[(tp.topic, tp.partition)] or ends[(tp.topic, tp.partition)] == 0
+                       for tp in probe.committed(partitions, timeout=10))
+
+        wait_until(committed_to_the_end, "the replaying logger's commit", group=group)
         probe.close()
     finally:
         group.shutdown()
-    raw = scalar(store, "SELECT count() FROM predictions")
-    print(f"\n[pipeline] logger replay: {raw} raw rows for {len(records)} events (FINAL collapses the rest)")
+    raw = counts(final=False)
+    print(f"\n[pipeline] logger replay: raw rows {raw} for {expected} (FINAL collapses the rest)")
+    assert counts(final=True) == expected
     assert store.query("SELECT count(), uniqExact(event_id) FROM predictions FINAL").rows[0] == (len(records),) * 2

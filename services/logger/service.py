@@ -131,8 +131,23 @@ class LoggerService:
         self.sink.add("rejected_events", row, msg)
         self.stats.count_rejection(reason)
 
+    def handle(self, msg: Message) -> None:
+        """Buffer the rows of one consumed message (or its rejection); written by the next flush."""
+        try:
+            self.topics[msg.topic()](msg)
+        except (DecodeError, RegistryError, KeyError, TypeError, ValueError) as exc:
+            self._rejected_here(msg, exc)
+        self.pending.append(msg)
+
     # --- the loop ------------------------------------------------------------------
-    def _flush_and_commit(self, consumer) -> None:
+    def _flush_and_commit(self, consumer, stop: threading.Event | None = None) -> None:
+        """Write the buffered rows, then commit the messages they came from.
+
+        A failed insert is retried with backoff and nothing is committed meanwhile.
+        Once `stop` is set the logger gives up instead of retrying (a SIGTERM must
+        not hang on a dead store): the uncommitted messages are consumed again at
+        the next start, and the dedup tokens / FINAL absorb what was written twice.
+        """
         if not self.pending:
             return
         started = time.perf_counter()
@@ -143,8 +158,15 @@ class LoggerService:
                 break
             except Exception as exc:  # store down: keep the batch, retry, commit nothing
                 self.stats.errors += 1
+                if stop is not None and stop.is_set():
+                    log.error("insert failed while stopping (%s): %d messages stay uncommitted and are "
+                              "consumed again at the next start", exc, len(self.pending))
+                    return
                 log.warning("insert failed (%s); retrying in %.1f s", exc, backoff)
-                time.sleep(backoff)
+                if stop is not None:
+                    stop.wait(backoff)
+                else:
+                    time.sleep(backoff)
                 backoff = min(backoff * 2, 10.0)
         commit(consumer, self.pending)
         self.stats.record_batch(n_in=len(self.pending), n_out=written, seconds=time.perf_counter() - started)
@@ -162,16 +184,12 @@ class LoggerService:
                         if msg.error().code() != KafkaError._PARTITION_EOF:
                             log.warning("consumer error: %s", msg.error())
                         continue
-                    try:
-                        self.topics[msg.topic()](msg)
-                    except (DecodeError, RegistryError, KeyError, TypeError, ValueError) as exc:
-                        self._rejected_here(msg, exc)
-                    self.pending.append(msg)
+                    self.handle(msg)
                 age = time.monotonic() - self.sink.opened_at
                 if self.sink.pending_rows() >= settings.logger_batch_rows or (
                         self.pending and age >= settings.logger_flush_interval_s):
-                    self._flush_and_commit(consumer)
-            self._flush_and_commit(consumer)
+                    self._flush_and_commit(consumer, stop)
+            self._flush_and_commit(consumer, stop)
         finally:
             self.stats.running = False
             consumer.close()
