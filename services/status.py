@@ -64,6 +64,9 @@ def _print_query(console: Console, title: str, result: QueryResult | None, empty
         console.print(f"{title}: {empty}")
         return
     table = Table(*result.column_names, title=title, title_justify="left", box=box.SIMPLE_HEAD)
-    for row in result.rows:
-        table.add_row(*(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row))
+    cells = [[f"{v:.4f}" if isinstance(v, float) else str(v) for v in row] for row in result.rows]
+    for i, column in enumerate(table.columns[:-1]):  # the free-text last column wraps, the others never
+        column.min_width = max(len(column.header), *(len(row[i]) for row in cells))
+    for row in cells:
+        table.add_row(*row)
     console.print(table)

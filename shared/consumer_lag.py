@@ -8,6 +8,7 @@ consumer of its own, so it never joins (or rebalances) a group.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -54,7 +55,8 @@ def _offsets(admin: AdminClient, partitions: list[TopicPartition], spec: OffsetS
 def consumer_groups_status(settings: Settings, services: Iterable[str], timeout_s: float = 10.0,
                            admin: AdminClient | None = None) -> list[GroupStatus]:
     """State, active members and per-partition lag of the group `settings.group(service)` of each service."""
-    admin = admin or AdminClient({"bootstrap.servers": settings.bootstrap_servers})
+    admin = admin or AdminClient({"bootstrap.servers": settings.bootstrap_servers,
+                                  "logger": logging.getLogger("streamscore.kafka")})
     services = list(services)
     groups = {service: settings.group(service) for service in services}
     descriptions = {group: future.result() for group, future in

@@ -10,17 +10,19 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from confluent_kafka.admin import AdminClient
+
 from streamscore.consumer_lag import GroupStatus, consumer_groups_status
 from streamscore.registry import ModelRegistry
 from streamscore.settings import Settings
 from streamscore.store import QueryResult, Store, StoreError, open_store
 
-RECENT_DRIFT_SQL = """SELECT detected_at, model_version, detector, feature, statistic, round(value, 4) AS value,
+RECENT_DRIFT_SQL = """SELECT formatDateTime(detected_at, '%F %T') AS detected_at, model_version, detector, feature, statistic, round(value, 4) AS value,
        round(threshold, 4) AS threshold, retrain_requested
 FROM drift_events WHERE kind = 'drift' ORDER BY detected_at DESC LIMIT {limit:UInt32}"""
 
-RECENT_MODEL_EVENTS_SQL = """SELECT recorded_at, version, action, stage, parent_version, train_rows,
-       round(metrics['auc'], 4) AS auc, reason
+RECENT_MODEL_EVENTS_SQL = """SELECT formatDateTime(recorded_at, '%F %T') AS recorded_at, version, action,
+       train_rows, round(metrics['auc'], 4) AS auc, reason
 FROM model_versions ORDER BY recorded_at DESC LIMIT {limit:UInt32}"""
 
 
@@ -58,8 +60,12 @@ def collect_status(settings: Settings, services: Iterable[str], store: Store | N
                    recent: int = 5) -> OpsStatus:
     """Everything `streamscore status` shows; errors of one source are recorded, not raised."""
     status = OpsStatus()
+    # Quiet client (failures surface as exceptions below), and a quick probe so a
+    # stopped broker costs seconds, not one timeout per request.
+    admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers, "log_level": 0})
     try:
-        status.groups = consumer_groups_status(settings, services)
+        admin.list_topics(timeout=5)
+        status.groups = consumer_groups_status(settings, services, admin=admin)
     except Exception as exc:  # broker down or unreachable
         status.kafka_error = f"Kafka at {settings.bootstrap_servers} did not answer: {exc}"
     try:

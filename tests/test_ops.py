@@ -247,6 +247,31 @@ def test_status_shows_groups_lag_and_models(run):
     assert "recent model registry events" in text
 
 
+def test_status_cli_reports_kafka_and_registry_when_the_store_is_held_elsewhere(run):
+    """This test process holds the session's embedded ClickHouse dir, like a running `streamscore run`
+    would: a `streamscore status` process cannot open it, says so, and still shows the rest."""
+    import os
+    import subprocess
+    import sys
+
+    if not run.settings.is_embedded_store:
+        pytest.skip("only embedded ClickHouse (chDB) is single-process")
+    s = run.settings
+    env = {key: value for key, value in os.environ.items() if not key.startswith("STREAMSCORE_")}
+    env.update(KAFKA_BOOTSTRAP_SERVERS=s.bootstrap_servers, STREAMSCORE_DATA_DIR=str(s.data_dir),
+               STREAMSCORE_CLICKHOUSE_DATABASE=s.clickhouse_database, STREAMSCORE_TOPIC_PREFIX=s.topic_prefix,
+               STREAMSCORE_CONSUMER_GROUP_PREFIX=s.consumer_group_prefix, STREAMSCORE_MODEL_DIR=str(s.registry_dir),
+               COLUMNS="200")
+    env.pop("CLICKHOUSE_URL", None)
+    result = subprocess.run([sys.executable, "-c", "from streamscore.services.cli import main; main()", "status"],
+                            env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    text = " ".join(result.stdout.split())
+    assert "ClickHouse not read" in text and "in use by another process" in text
+    assert s.group("scorer") in text and "alive" in text
+    assert f"production v{run.model_version}" in text
+
+
 # --- metrics -------------------------------------------------------------------------------
 def scrape(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
