@@ -33,7 +33,7 @@ import logging
 import threading
 import time
 
-from confluent_kafka import OFFSET_STORED, Consumer, KafkaError, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
 from streamscore.codec import AvroCodec, DecodeError
 from streamscore.drift import DriftConfig, IncompatibleDriftState
@@ -127,17 +127,36 @@ class DriftService:
                  monitor.model_version if monitor else "-", monitor.predictions_seen if monitor else 0,
                  monitor.labels_seen if monitor else 0, monitor.windows_completed if monitor else 0)
 
-    def _assignment(self, consumer: Consumer) -> list[TopicPartition]:
-        """Every partition of predictions and labels, at the checkpoint's offset where it has one."""
-        assignment = []
+    def _assignment(self, consumer: Consumer, timeout_s: float = 60.0) -> list[TopicPartition]:
+        """Every partition of predictions and labels, at the checkpoint's offset where it has one,
+        else at the group's committed offset, else at the beginning."""
+        partitions = []
         for logical in (TOPIC_PREDICTIONS, TOPIC_LABELS):
             topic = self.settings.topic(logical)
             metadata = consumer.list_topics(topic, timeout=30).topics[topic]
             if metadata.error is not None:
                 raise RuntimeError(f"topic {topic}: {metadata.error}")
-            saved = self.tracker.offsets.get(topic, {})
-            for partition in sorted(metadata.partitions):
-                assignment.append(TopicPartition(topic, partition, saved.get(partition, OFFSET_STORED)))
+            partitions += [TopicPartition(topic, p) for p in sorted(metadata.partitions)]
+        # Asked explicitly (not OFFSET_STORED in assign): a group coordinator that is still
+        # loading makes librdkafka give up on the fetch and the partition would never start.
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                committed = consumer.committed(partitions, timeout=10)
+                failed = [tp for tp in committed if tp.error is not None]
+                if failed:
+                    raise KafkaException(failed[0].error)
+                break
+            except KafkaException as exc:
+                if time.monotonic() > deadline:
+                    raise
+                log.info("committed offsets not available yet (%s); retrying", exc)
+                time.sleep(0.5)
+        assignment = []
+        for tp in committed:
+            saved = self.tracker.offsets.get(tp.topic, {}).get(tp.partition)
+            start = saved if saved is not None else (tp.offset if tp.offset >= 0 else OFFSET_BEGINNING)
+            assignment.append(TopicPartition(tp.topic, tp.partition, start))
         return assignment
 
     def _maybe_follow_production(self) -> None:
@@ -237,6 +256,7 @@ class DriftService:
                     self.stats.events_in += handled
                 if self.tracker.labels_waiting:
                     self._join_waiting_labels()
+                    dirty = True  # labels may have been fed or dropped
                 if dirty and (self.outputs.requests or time.monotonic() >= next_checkpoint):
                     self._checkpoint(consumer, producer)
                     dirty = False
