@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable
 
 from streamscore.settings import Settings
@@ -70,11 +71,18 @@ class ServiceGroup:
         return self
 
     def join(self, timeout_s: float | None = None) -> None:
+        """Wait for every service thread (all within `timeout_s` together); raise if one
+        crashed or is still running then, so a stuck shutdown never looks like a clean one."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         for thread in self._threads:
-            thread.join(timeout_s)
+            thread.join(None if deadline is None else max(deadline - time.monotonic(), 0))
         if self.failures:
             name, exc = next(iter(self.failures.items()))
             raise RuntimeError(f"service {name} failed: {exc}") from exc
+        stuck = [thread.name for thread in self._threads if thread.is_alive()]
+        if stuck:
+            raise RuntimeError(f"service(s) {', '.join(stuck)} did not stop within {timeout_s:.0f} s; what they "
+                               "did not commit is consumed again at the next start")
 
     def shutdown(self, timeout_s: float = 30.0) -> None:
         self.stop.set()
