@@ -513,6 +513,30 @@ def test_store_failures_are_retried_with_backoff_without_committing(settings_and
     assert counts.labels == report.labels
 
 
+def test_stop_during_a_store_outage_is_prompt_and_commits_nothing(settings_and_store):
+    """SIGTERM while ClickHouse is down must not hang in the retry loop, nor commit unwritten rows."""
+    from streamscore.services.logger.service import LoggerService
+
+    settings, store = settings_and_store()
+    report = BackgroundProducer(settings, 500, rate=None, seed=5).result()
+    down = FailingInserts(store, failures=10**9)
+    logger = ServiceThread(LoggerService(settings, store=down), "logger")
+    wait_until(lambda: logger.check() or len(down.calls) >= 2, 60, "the logger to retry a failing insert")
+    started = time.monotonic()
+    logger.shutdown(timeout_s=15)
+    print(f"\nlogger stopped {time.monotonic() - started:.1f} s after stop, during the outage")
+    committed, ends = positions(settings, settings.group("logger"), settings.topic(TOPIC_LABELS))
+    assert sum(committed) == 0 and sum(ends) == report.labels, "labels committed without being written"
+
+    logger = ServiceThread(LoggerService(settings, store=store), "logger")  # the store is back
+    try:
+        wait_until(lambda: logger.check() or positions(
+            settings, settings.group("logger"), settings.topic(TOPIC_LABELS))[0] == ends, 60, "labels logged")
+    finally:
+        logger.shutdown()
+    assert store_counts(store).labels == report.labels
+
+
 # --- 4. poison input ----------------------------------------------------------------------------------
 def poison_messages(settings: Settings) -> list[tuple[bytes | None, str]]:
     """(value, expected error.reason) for every kind of bad input we know of."""

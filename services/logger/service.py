@@ -175,7 +175,8 @@ class LoggerService:
     def run(self, stop: threading.Event) -> None:
         settings = self.settings
         consumer = make_consumer(settings, settings.group(SERVICE))
-        consumer.subscribe(list(self.topics), on_revoke=lambda c, parts: self._flush_and_commit(c))
+        # consumer.close() revokes too: with `stop` passed, a dead store cannot hang the shutdown there.
+        consumer.subscribe(list(self.topics), on_revoke=lambda c, parts: self._flush_and_commit(c, stop))
         self.stats.running = True
         try:
             while not stop.is_set():
