@@ -477,15 +477,29 @@ def train(ctx: typer.Context,
 
 @app.command("demo")
 def demo(ctx: typer.Context,
-         history: int = typer.Option(30_000, "--history", min=1_000, help="Events before the first model."),
-         events: int = typer.Option(20_000, "--events", min=1, help="Live events after v1 is serving."),
+         history: int | None = typer.Option(None, "--history", min=1_000,
+                                            help="Events before the first model (default 30000; 16000 with --drift)."),
+         events: int | None = typer.Option(None, "--events", min=1,
+                                           help="Live events after v1 is serving (default 20000; 10000 with --drift)."),
          rate: float = typer.Option(2_000.0, "--rate", min=1, help="Offered live events/s."),
-         seed: int = typer.Option(7, "--seed", help="Simulator seed.")) -> None:
+         seed: int = typer.Option(7, "--seed", help="Simulator seed."),
+         drift: bool = typer.Option(False, "--drift", help="Also run drift + trainer, inject a drift in the live "
+                                    "phase and show detection, retrain, the gate's verdict and v1 vs v2 metrics."),
+         drift_kind: str = typer.Option("concept", "--drift-kind",
+                                        help="With --drift: concept (fraud pattern changes), covariate (amounts x3) "
+                                        "or new_categories.")) -> None:
     """The end-to-end demo: infra, history, train v1, hot swap, live traffic, figures and SQL answers."""
-    from streamscore.services.demo import DemoOptions, run_demo
+    from streamscore.services.demo import DemoOptions, drift_options, run_demo
+    from streamscore.simulator import DRIFT_KINDS
 
     settings: Settings = ctx.obj
-    run_demo(settings, DemoOptions(history_events=history, live_events=events, rate=rate, seed=seed), console)
+    if drift:
+        if drift_kind not in DRIFT_KINDS:
+            raise fail(f"--drift-kind {drift_kind!r}: choose from {', '.join(DRIFT_KINDS)}")
+        options = drift_options(seed=seed, rate=rate, kind=drift_kind, history=history, live=events)
+    else:
+        options = DemoOptions(history_events=history or 30_000, live_events=events or 20_000, rate=rate, seed=seed)
+    run_demo(settings, options, console)
 
 
 # --- operations ---------------------------------------------------------------------

@@ -51,6 +51,20 @@ class DemoOptions:
     entities: int = 2_000
     seed: int = 7
     poison_every: int = 1_000
+    # --drift: the closed loop (services/drift_demo.py); see drift_options() for its sizes
+    drift: bool = False
+    drift_kind: str = "concept"  # a simulator DriftSpec kind: concept | covariate | new_categories
+    drift_at: int = 3_000  # live event index where the drift starts
+
+
+def drift_options(seed: int = 7, rate: float = 2_000.0, kind: str = "concept",
+                  history: int | None = None, live: int | None = None) -> DemoOptions:
+    """DemoOptions for `demo --drift`: 200 entities (a week of history in 16k events), no poison."""
+    from streamscore.services.drift_demo import DRIFT_DEMO_ENTITIES, DRIFT_DEMO_HISTORY, DRIFT_DEMO_LIVE
+
+    return DemoOptions(history_events=history or DRIFT_DEMO_HISTORY, live_events=live or DRIFT_DEMO_LIVE,
+                       rate=rate, entities=DRIFT_DEMO_ENTITIES, seed=seed, poison_every=0, drift=True,
+                       drift_kind=kind)
 
 
 def reset_namespace(settings: Settings, store: Store) -> None:
@@ -126,6 +140,9 @@ def _sql_table(console: Console, store: Store, title: str, sql: str) -> None:
 def run_demo(base: Settings, options: DemoOptions, console: Console | None = None) -> dict:
     console = console or Console()
     settings = demo_settings(base)
+    if options.drift:
+        from streamscore.services.drift_demo import DRIFT_DEMO_SETTINGS
+        settings = settings.model_copy(update=DRIFT_DEMO_SETTINGS)
     figures: dict = {}
     broker = LocalKafkaBroker(settings) if settings.uses_local_broker else None
     started_broker = False
@@ -144,6 +161,12 @@ def run_demo(base: Settings, options: DemoOptions, console: Console | None = Non
         codec = AvroCodec(registry_url=settings.schema_registry_url)
         registry = ModelRegistry(settings.registry_dir)
         total = options.history_events + options.live_events
+        if options.drift:
+            from streamscore.services.drift_demo import run_drift_phases
+            figures.update(run_drift_phases(console, settings, store, codec, options))
+            figures["total_seconds"] = time.monotonic() - t0
+            console.print(f"demo finished in {figures['total_seconds']:.1f} s")
+            return figures
         simulator = simulator_ending_now(options.seed, options.entities, total)
 
         with ServiceGroup(settings, ["scorer", "logger"], store=store) as group:

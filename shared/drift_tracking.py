@@ -152,7 +152,9 @@ class DriftTracker:
             return
         # Event time of the latest prediction is the monitor's one clock (cool-down, detected_at).
         signals = monitor.update_label(score, label)
-        if signals:
+        # The monitor's warm-up gates prediction detectors only; right after a swap the first
+        # labels of the new version are few and their loss is noise, so gate them here too.
+        if signals and monitor.predictions_seen >= self.config.min_events:
             self._on_signals(signals, out)
 
     def take_unmatched(self) -> list[str]:

@@ -111,6 +111,8 @@ class Settings(BaseSettings):
     gate_min_auc: float = Field(default=0.70, ge=0, le=1, description="Promotion gate: a candidate needs at least this holdout AUC.")
     gate_max_auc_drop: float = Field(default=0.01, ge=0, le=1, description="Promotion gate: candidate AUC may be at most this much below production's on the same holdout.")
     trainer_window_days: float = Field(default=30.0, gt=0, description="Trainer service: train on labelled events of the last N days, counted back from the newest logged event.")
+    trainer_min_new_labels: int = Field(default=1000, ge=0, description="Trainer service: before retraining, wait until this many labelled events newer than the drift detection are logged (the candidate must see the new regime, and the gate's recent holdout must contain it)...")
+    trainer_max_wait_s: float = Field(default=300.0, ge=0, description="...but train anyway after waiting this long for them.")
 
     log_level: str = Field(default="INFO", description="Log level: DEBUG, INFO, WARNING, ERROR.")
     log_format: str = Field(default="text", pattern=r"^(text|json)$",

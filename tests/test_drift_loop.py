@@ -42,12 +42,15 @@ CODEC = AvroCodec()
 WAIT_S = 120.0
 ENTITIES = 200
 HISTORY = 16_000
-LIVE = 9_000
+LIVE = 10_000
 DRIFT_AT = 3_000  # live index of the first drifted event
 LOOP_SETTINGS = dict(
     drift_detectors="windowed,performance", drift_window=2000, drift_min_events=2000, drift_perf_window=2000,
     drift_logloss_ratio_threshold=3.0, drift_cooldown_events=100_000, drift_checkpoint_interval_s=1.0,
     logger_flush_interval_s=0.5, train_num_boost_round=100,
+    # Retrain on ~2.5 simulated days (features still replay the whole history) once 2500 post-detection
+    # labels are in: the candidate learns the new regime and the gate's holdout is mostly post-drift.
+    trainer_window_days=2.5, trainer_min_new_labels=2500,
 )
 
 
@@ -225,3 +228,34 @@ def test_drift_state_survives_a_restart_without_reprocessing(loop_settings, stor
         time.sleep(2 * settings.drift_checkpoint_interval_s)  # nothing replayed after the restart
         assert monitor.predictions_seen == first_part + second_part
         assert monitor.windows_completed == (first_part + second_part) // 500
+
+
+def test_trainer_records_a_failed_training_and_skips_duplicates_across_restarts(loop_settings, store):
+    from streamscore.drift import DriftSignal
+    from streamscore.retrain_requests import retrain_reason, retrain_request
+    from streamscore.services.trainer.service import TrainerService
+
+    settings = loop_settings.model_copy(update={"trainer_min_new_labels": 0})
+    register_offline_v1(settings, simulator_ending_now(5, ENTITIES, 4000), 4000)
+    request = retrain_request(DriftSignal("psi", "amount", "psi", 0.4, 0.25, 2000, 1_000_000), settings.model_name,
+                              1, predictions_seen=5000)
+    trainer = TrainerService(settings, store=store)
+    failed = trainer.handle(request)  # nothing logged in ClickHouse: no training set
+    assert failed.action == "failed" and "empty" in failed.reason, failed
+    assert trainer.handle(request).action == "duplicate"
+    # After a restart the registry is the record: a version trained for the request makes it a duplicate,
+    # and so does a replayed detection of the same drift with another id.
+    registry = ModelRegistry(settings.registry_dir)
+    v1 = registry.get(settings.model_name, 1)
+    registry.register(settings.model_name, registry.model_text(settings.model_name, 1), feature_set=v1.feature_set,
+                      feature_names=v1.feature_names, categorical_features=v1.categorical_features,
+                      train_rows=1, metrics=v1.metrics, baseline=v1.baseline, threshold=v1.threshold,
+                      reason=retrain_reason(request))
+    restarted = TrainerService(settings, store=store)
+    assert restarted.handle(request).action == "duplicate"
+    replay = retrain_request(DriftSignal("psi", "amount", "psi", 0.4, 0.25, 2000, 1_004_000), settings.model_name,
+                             1, predictions_seen=5020)
+    assert restarted.handle(replay).action == "duplicate"
+    stale = retrain_request(DriftSignal("psi", "amount", "psi", 0.4, 0.25, 2000, 9_000_000), settings.model_name,
+                            7, predictions_seen=9000)
+    assert restarted.handle(stale).action == "stale"

@@ -143,3 +143,18 @@ def test_duplicates_by_id_or_same_detection_inside_the_cooldown():
     assert handled.duplicate_of(HandledRequest.of(other_feature)) is None
     next_version = retrain_request(signal(), "fraud", 2, 5000)
     assert handled.duplicate_of(HandledRequest.of(next_version)) is None
+
+
+def test_label_signals_wait_for_the_warm_up_after_a_swap():
+    def run(min_events: int) -> DriftOutputs:
+        t = tracker(min_events=min_events)
+        out = DriftOutputs()
+        feed(t, 600)
+        for i in range(600):  # right first, then confidently wrong: the loss ADWIN fires
+            t.on_label({"event_id": f"e{i}", "label": int(i >= 400)}, out)
+        assert t.monitor.labels_seen == 600
+        return out
+
+    assert [row for row in run(min_events=600).rows if row[3] == "drift"], "the scenario must alarm when warmed up"
+    early = run(min_events=601)
+    assert not [row for row in early.rows if row[3] == "drift"] and not early.requests

@@ -1,7 +1,8 @@
 """Trainer: retrain requests -> train, gate, register, promote or reject -> model updates.
 
 Loop: consume one `retrain` request -> skip it if it is a duplicate or stale ->
-streamscore.retraining.train_and_register (point-in-time training set from
+wait until `trainer_min_new_labels` labelled events after the detection are
+logged (at most `trainer_max_wait_s`) -> streamscore.retraining.train_and_register (point-in-time training set from
 ClickHouse over the last `trainer_window_days` before the newest logged
 event; gated against production on the candidate's recent holdout) ->
 publish the register + promote/reject ModelUpdate events (scorers hot-swap;
@@ -65,6 +66,7 @@ class TrainerService:
         self.handled = HandledRequests.from_registry(self.registry, settings.model_name,
                                                      cooldown_ms=int(settings.drift_cooldown_s * 1000))
         self.outcomes: list[RequestOutcome] = []
+        self._stop = threading.Event()  # run() replaces it with the group's stop event
 
     def training_since_ms(self) -> int | None:
         """Start of the training window: `trainer_window_days` before the newest logged event
@@ -73,6 +75,26 @@ class TrainerService:
         if not newest[1]:
             return None
         return int(newest[0]) - int(self.settings.trainer_window_days * DAY_MS)
+
+    def labelled_since(self, since_ms: int) -> int:
+        return int(self.store.query(
+            "SELECT count() FROM predictions AS p FINAL INNER JOIN labels AS l FINAL ON p.event_id = l.event_id "
+            "WHERE p.event_time >= fromUnixTimestamp64Milli({since:Int64}, 'UTC')", {"since": since_ms}).rows[0][0])
+
+    def wait_for_new_labels(self, since_ms: int) -> int:
+        """Wait (up to trainer_max_wait_s) for trainer_min_new_labels labelled events after the
+        detection: trained at once, the candidate would hardly see the new regime and the gate's
+        holdout (the most recent rows) would still be mostly the old one."""
+        settings = self.settings
+        deadline = time.monotonic() + settings.trainer_max_wait_s
+        while True:
+            n = self.labelled_since(since_ms)
+            if n >= settings.trainer_min_new_labels or time.monotonic() >= deadline or self._stop.is_set():
+                if n < settings.trainer_min_new_labels:
+                    log.warning("training with %d labelled events since the detection (wanted %d)",
+                                n, settings.trainer_min_new_labels)
+                return n
+            self._stop.wait(1.0)
 
     def handle(self, request: dict) -> RequestOutcome:
         """Act on one decoded RetrainRequest; never raises for a training problem."""
@@ -90,8 +112,10 @@ class TrainerService:
             self.handled.add(key)
             return self._outcome(request_id, "stale", f"request is about v{request['model_version']} but "
                                                      f"production is v{production} now")
-        log.info("retraining %s for request %s: %s", settings.model_name, request_id, request["reason"])
         started = time.monotonic()
+        new_labels = self.wait_for_new_labels(int(request["detected_at"]))
+        log.info("retraining %s for request %s (%d labelled events since the detection): %s",
+                 settings.model_name, request_id, new_labels, request["reason"])
         try:
             outcome = train_and_register(self.store, self.registry, settings, reason=retrain_reason(request),
                                          since_ms=self.training_since_ms(),
@@ -120,6 +144,7 @@ class TrainerService:
 
     def run(self, stop: threading.Event) -> None:
         settings = self.settings
+        self._stop = stop
         consumer = make_consumer(settings, settings.group(SERVICE))
         consumer.subscribe([settings.topic(TOPIC_RETRAIN)])
         self.stats.running = True
