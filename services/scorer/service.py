@@ -88,6 +88,8 @@ class ScorerService:
         self.stats = stats or ServiceStats(SERVICE)
         self.stats.model_version = self.pipeline.model.version
         self.encode_prediction = self.codec.encoder("prediction")
+        # partitions assigned to us now (their state is loaded); see the filter in run()
+        self._owned: set[int] = set()
 
     # --- rebalance callbacks: state follows partitions --------------------------
     def _on_assign(self, consumer, partitions) -> None:
@@ -95,11 +97,13 @@ class ScorerService:
             started = time.monotonic()
             states = read_changelog(self.settings, tp.partition)
             self.pipeline.load_partition_state(tp.partition, states)
+            self._owned.add(tp.partition)
             log.info("partition %d assigned: %d entities restored in %.2f s",
                      tp.partition, len(states), time.monotonic() - started)
 
     def _on_revoke(self, consumer, partitions) -> None:
         for tp in partitions:
+            self._owned.discard(tp.partition)
             self.pipeline.drop_partition_state(tp.partition)
         log.info("partitions revoked: %s", [tp.partition for tp in partitions])
 
@@ -135,7 +139,10 @@ class ScorerService:
             while not stop.is_set():
                 self._maybe_swap_model()
                 batch = consumer.consume(settings.scorer_batch_size, max(wait_s, 0.05))
-                messages = [m for m in batch if not m.error()]
+                # A rebalance runs inside consume(): messages fetched before it may belong to partitions
+                # revoked meanwhile. Their new owner scores them with their entity state; scored here
+                # they would see an empty state (wrong features) and pollute the changelog.
+                messages = [m for m in batch if not m.error() and m.partition() in self._owned]
                 for m in batch:
                     if m.error() and m.error().code() != KafkaError._PARTITION_EOF:
                         log.warning("consumer error: %s", m.error())
