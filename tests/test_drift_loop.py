@@ -154,7 +154,8 @@ def test_concept_drift_triggers_one_retrain_and_the_scorer_serves_v2(loop_settin
     assert (2, "register") in versions and (2, "promote") in versions
     v2 = registry.get(settings.model_name, 2)
     assert request["request_id"] in v2.reason and v2.parent_version == 1
-    # how late: events scored by v1 from the first drifted event to the event whose evidence fired
+    # how late: events scored by v1 from the first drifted event until the alarm (detected_at is the event
+    # time of the newest prediction when the evidence completed, so the ~1 s label delay is included)
     delay_events = int(store.query(
         "SELECT count() FROM predictions FINAL WHERE model_version = 1 AND event_time >= "
         "(SELECT any(event_time) FROM predictions FINAL WHERE event_id = {first:String}) "
