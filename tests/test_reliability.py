@@ -162,12 +162,15 @@ def service_env(settings: Settings, data_dir: Path, **extra: str) -> dict[str, s
 class ServiceProcess:
     """`streamscore run <names>` as a child process; its output goes to a log file shown on failure."""
 
+    started: list["ServiceProcess"] = []  # killed by the autouse fixture below if a test fails midway
+
     def __init__(self, env: dict[str, str], names: list[str], log_path: Path):
         self.names = names
         self.log_path = log_path
         self._log = open(log_path, "ab")
         self.process = subprocess.Popen([STREAMSCORE, "run", *names], env=env, stdout=self._log,
                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        ServiceProcess.started.append(self)
 
     def kill9(self) -> None:
         self.process.send_signal(signal.SIGKILL)
@@ -195,6 +198,16 @@ class ServiceProcess:
 
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+@pytest.fixture(autouse=True)
+def no_service_process_outlives_its_test():
+    yield
+    while ServiceProcess.started:
+        leftover = ServiceProcess.started.pop()
+        if leftover.process.poll() is None:
+            leftover.process.kill()
+            leftover.process.wait(30)
 
 
 def query_json(env: dict[str, str], sql: str) -> list[dict]:
