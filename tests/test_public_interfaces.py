@@ -156,7 +156,7 @@ def test_every_cli_command_is_documented(readme):
     actual = set(cli_commands())
     assert documented == actual, (
         f"README CLI section: undocumented {sorted(actual - documented)}, stale {sorted(documented - actual)}; "
-        "regenerate with `.venv/bin/python tests/readme_tables.py cli`")
+        "regenerate with `.venv/bin/python tests/readme_tables.py cli --write`")
 
 
 def test_headings_are_present(readme):

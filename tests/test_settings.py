@@ -14,7 +14,7 @@ from readme_tables import (accepted_env_vars, configuration_table, default_text,
 from streamscore.services.cli import app
 from streamscore.settings import Settings
 
-REGENERATE = "regenerate with `.venv/bin/python tests/readme_tables.py configuration` and paste it into README.md"
+REGENERATE = "regenerate with `.venv/bin/python tests/readme_tables.py configuration --write`"
 
 
 @pytest.fixture(autouse=True)
