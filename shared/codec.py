@@ -540,6 +540,7 @@ class AvroCodec:
             return buf.getvalue()
 
         encode.__name__ = f"encode_{name}"
+        encode.header = header  # the framing prefix, for writers that assemble records themselves
         return encode
 
     def _registry_header(self, writer: WriterSchema, subject_base: str) -> bytes:
@@ -625,6 +626,12 @@ class AvroCodec:
 
         decode.__name__ = f"decode_{expected_name}"
         return decode
+
+    def writer_of(self, data: bytes) -> WriterSchema:
+        """The schema `data` (a framed message) was written with; DecodeError if unknown or unframed."""
+        if not data or data[0] not in (0xC3, 0x00):
+            raise DecodeError(UNDECODABLE, "message is neither single-object nor Confluent framed")
+        return self._writer_for_header(bytes(data[:SINGLE_OBJECT_HEADER_LEN if data[0] == 0xC3 else CONFLUENT_HEADER_LEN]))
 
     def _writer_for_header(self, header: bytes) -> WriterSchema:
         if header[0] == 0xC3:

@@ -8,13 +8,14 @@ benchmarkable in process; services/scorer wraps it in a consume/produce/commit l
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from streamscore import features
 from streamscore.codec import AvroCodec, DecodeError
 from streamscore.kafka_io import Rejection
+from streamscore.prediction_encoding import PredictionWriter
 from streamscore.registry import ModelRegistry, ModelVersion, check_feature_set
 from streamscore.settings import Settings
 from streamscore.validation import InvalidEvent, validate_event
@@ -52,13 +53,47 @@ class InputMessage:
     offset: int
 
 
-@dataclass
 class BatchResult:
-    predictions: list[dict] = field(default_factory=list)
-    # one per prediction, same order: (partition, offset) of the source event
-    sources: list[tuple[int, int]] = field(default_factory=list)
-    rejected: list[tuple[int, Rejection, str | None]] = field(default_factory=list)  # (index, why, event_id)
-    touched: dict[int, set[str]] = field(default_factory=dict)  # partition -> entity ids updated
+    """What one batch produced, in input order.
+
+    `encoded[i]` is the framed Avro Prediction of the i-th scored event and `keys[i]` its
+    Kafka key; `predictions` gives the same records as dicts (built on first access: the
+    scorer only needs the bytes, tests and tools read the dicts).
+    """
+
+    def __init__(self) -> None:
+        self.encoded: list[bytes] = []
+        self.keys: list[bytes] = []
+        # one per prediction, same order: (partition, offset) of the source event
+        self.sources: list[tuple[int, int]] = []
+        self.rejected: list[tuple[int, Rejection, str | None]] = []  # (index, why, event_id)
+        self.touched: dict[int, set[str]] = {}  # partition -> entity ids updated
+        self._records: tuple | None = None  # (events, matrix, scores, scored_at, model) for `predictions`
+        self._predictions: list[dict] | None = None
+
+    @property
+    def predictions(self) -> list[dict]:
+        if self._predictions is None:
+            self._predictions = []
+            if self._records is not None:
+                events, matrix, scores, scored_at, model = self._records
+                names = features.FEATURE_NAMES
+                for i, (event, (partition, offset)) in enumerate(zip(events, self.sources)):
+                    self._predictions.append({
+                        "event_id": event["event_id"],
+                        "entity_id": event["entity_id"],
+                        "event_time": event["event_time"],
+                        "scored_at": scored_at,
+                        "model_name": model.name,
+                        "model_version": model.version,
+                        "score": None if scores is None else float(scores[i]),
+                        "feature_set": features.FEATURE_SET_HASH,
+                        "features": dict(zip(names, matrix[i].tolist())),
+                        "event": event,
+                        "event_partition": partition,
+                        "event_offset": offset,
+                    })
+        return self._predictions
 
 
 class ScoringPipeline:
@@ -67,6 +102,8 @@ class ScoringPipeline:
         self.codec = codec
         self.model = model
         self.states: dict[int, dict[str, features.EntityState]] = {}
+        self.writer = PredictionWriter(codec)
+        self._decode_event = codec.decoder("event")
 
     # --- state ownership follows partition assignment ------------------------
     def load_partition_state(self, partition: int, states: dict[str, features.EntityState]) -> None:
@@ -85,52 +122,50 @@ class ScoringPipeline:
     def score(self, messages: list[InputMessage], now_ms: int | None = None) -> BatchResult:
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
         result = BatchResult()
-        by_partition: dict[int, list[tuple[int, dict]]] = {}
+        events: list[dict] = []  # accepted events, input order
+        raws: list[bytes] = []
+        by_partition: dict[int, list[int]] = {}  # partition -> positions in `events`
         for index, msg in enumerate(messages):
             event, rejection = self._read_event(msg, now_ms)
             if rejection is not None:
                 result.rejected.append((index, rejection, event.get("event_id") if event else None))
                 continue
-            by_partition.setdefault(msg.partition, []).append((index, event))
-
-        rows: list[tuple[int, dict, list[float]]] = []
-        for partition, items in by_partition.items():
-            states = self.states.setdefault(partition, {})
-            events = [event for _, event in items]
-            offsets = [messages[index].offset for index, _ in items]
-            matrix = features.compute_batch(states, events, offsets)
-            result.touched.setdefault(partition, set()).update(e["entity_id"] for e in events)
-            rows.extend((index, event, vector) for (index, event), vector in zip(items, matrix))
-
-        rows.sort(key=lambda row: row[0])  # keep input order in the output
-        matrix = np.asarray([vector for _, _, vector in rows], dtype=np.float64).reshape(len(rows), len(features.FEATURE_NAMES))
-        scores = self.model.predict(matrix)
-        scored_at = int(time.time() * 1000)
-        names = features.FEATURE_NAMES
-        for i, (index, event, _) in enumerate(rows):
-            msg = messages[index]
-            result.predictions.append({
-                "event_id": event["event_id"],
-                "entity_id": event["entity_id"],
-                "event_time": event["event_time"],
-                "scored_at": scored_at,
-                "model_name": self.model.name,
-                "model_version": self.model.version,
-                "score": None if scores is None else float(scores[i]),
-                "feature_set": features.FEATURE_SET_HASH,
-                "features": dict(zip(names, matrix[i].tolist())),
-                "event": event,
-                "event_partition": msg.partition,
-                "event_offset": msg.offset,
-            })
+            positions = by_partition.get(msg.partition)
+            if positions is None:
+                positions = by_partition[msg.partition] = []
+            positions.append(len(events))
+            events.append(event)
+            raws.append(msg.value)
             result.sources.append((msg.partition, msg.offset))
+
+        sources = result.sources
+        if len(by_partition) == 1:
+            partition = next(iter(by_partition))
+            matrix = features.compute_batch(self.states.setdefault(partition, {}), events,
+                                            [offset for _, offset in sources])
+            result.touched[partition] = {e["entity_id"] for e in events}
+        else:
+            matrix = np.empty((len(events), features.N_FEATURES), dtype=np.float64)
+            for partition, positions in by_partition.items():
+                part_events = [events[i] for i in positions]
+                matrix[positions] = features.compute_batch(self.states.setdefault(partition, {}), part_events,
+                                                           [sources[i][1] for i in positions])
+                result.touched[partition] = {e["entity_id"] for e in part_events}
+        model = self.model
+        scores = model.predict(matrix)
+        scored_at = int(time.time() * 1000)
+        result.encoded = self.writer.encode_batch(
+            events, raws, matrix, scores, scored_at, model.name, model.version,
+            [partition for partition, _ in sources], [offset for _, offset in sources])
+        result.keys = [event["entity_id"].encode() for event in events]
+        result._records = (events, matrix, scores, scored_at, model)
         return result
 
     def _read_event(self, msg: InputMessage, now_ms: int) -> tuple[dict | None, Rejection | None]:
         if not msg.value:
             return None, Rejection("undecodable", None, "empty message value")
         try:
-            event = self.codec.decode(msg.value, "event")
+            event = self._decode_event(msg.value)
         except DecodeError as exc:
             return None, Rejection(exc.reason, exc.field, str(exc))
         try:

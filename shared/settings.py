@@ -61,6 +61,10 @@ class Settings(BaseSettings):
     # --- scorer -------------------------------------------------------------
     scorer_batch_size: int = Field(default=500, ge=1, description="Max events the scorer takes per batch.")
     scorer_batch_wait_ms: int = Field(default=5, ge=0, description="Max wait to fill a scorer batch.")
+    scorer_checkpoint_interval_ms: int = Field(
+        default=500, ge=0,
+        description="The scorer waits for acks, writes changed entity state and commits offsets at most this often "
+        "(0 = after every batch); a crash replays at most this much (predictions are at-least-once either way).")
     max_event_age_days: float = Field(default=365.0, gt=0, description="Events older than this (vs. wall clock) are rejected.")
     max_event_future_s: float = Field(default=300.0, ge=0, description="Events further in the future than this are rejected.")
     max_amount: float = Field(default=1_000_000.0, gt=0, description="Amounts above this are rejected as out of range.")

@@ -1,7 +1,12 @@
 """Scorer: events -> features -> LightGBM -> predictions, at-least-once.
 
-Loop: consume a batch -> ScoringPipeline.score (pure) -> produce predictions,
-dead letters and the touched entities' state -> wait for acks -> commit.
+Loop: consume a batch -> ScoringPipeline.score (pure) -> produce predictions and
+dead letters. Every `scorer_checkpoint_interval_ms` (and before partitions are
+revoked, and on a graceful stop) a checkpoint produces the state of the entities
+changed since the last one, waits for acks of everything produced, then commits
+the offsets consumed: commit after acks, so at-least-once. Checkpointing per
+interval instead of per batch keeps the ack round trip and the state
+serialisation off every batch's latency; a crash replays at most one interval.
 
 Entity state lives in memory, grouped by partition, and is backed by the
 compacted `scorer-state` topic (co-partitioned with `events`): when a partition
@@ -87,7 +92,11 @@ class ScorerService:
         self.watcher = ModelWatcher(self.registry, settings.model_name)
         self.stats = stats or ServiceStats(SERVICE)
         self.stats.model_version = self.pipeline.model.version
-        self.encode_prediction = self.codec.encoder("prediction")
+        # produced but not yet committed: the messages, and the entities whose state changed
+        self._uncommitted: list = []
+        self._dirty: dict[int, set[str]] = {}
+        self._producer = None
+        self._tracker = DeliveryTracker()
         # partitions assigned to us now (their state is loaded); see the filter in run()
         self._owned: set[int] = set()
 
@@ -102,10 +111,48 @@ class ScorerService:
                      tp.partition, len(states), time.monotonic() - started)
 
     def _on_revoke(self, consumer, partitions) -> None:
+        # Hand over cleanly: the next owner starts from our committed offsets and state.
+        if self._producer is not None:
+            self._checkpoint(consumer)
         for tp in partitions:
             self._owned.discard(tp.partition)
             self.pipeline.drop_partition_state(tp.partition)
         log.info("partitions revoked: %s", [tp.partition for tp in partitions])
+
+    def _on_lost(self, consumer, partitions) -> None:
+        # Another consumer may own them already: never commit for them; they get replayed.
+        lost = {tp.partition for tp in partitions}
+        self._uncommitted = [m for m in self._uncommitted if m.partition() not in lost]
+        for partition in lost:
+            self._owned.discard(partition)
+            self._dirty.pop(partition, None)
+            self.pipeline.drop_partition_state(partition)
+        log.info("partitions lost: %s", sorted(lost))
+
+    def _checkpoint(self, consumer) -> None:
+        """State of changed entities -> wait for acks of all outputs -> commit what they cover."""
+        producer, tracker = self._producer, self._tracker
+        state_topic = self.settings.topic(TOPIC_SCORER_STATE)
+        for partition, entities in self._dirty.items():
+            states = self.pipeline.states.get(partition)
+            if states is None:
+                continue
+            for entity in entities:
+                producer.produce(state_topic, key=entity.encode(), value=states[entity].to_bytes(),
+                                 partition=partition, on_delivery=tracker)
+        self._dirty = {}
+        flush_or_raise(producer, tracker)
+        commit(consumer, self._uncommitted)
+        self._uncommitted = []
+        tracker.reset()
+
+    def _next_batch(self, consumer, wait_s: float) -> list:
+        """Up to scorer_batch_size messages: waits (<= 0.1 s) for the first one only as long as it
+        takes to arrive, then at most `wait_s` for more, so a quiet stream is not held back."""
+        first = consumer.consume(1, 0.1)
+        if not first:
+            return first
+        return first + consumer.consume(self.settings.scorer_batch_size - 1, wait_s)
 
     def _maybe_swap_model(self) -> None:
         if not self.watcher.changed(self.pipeline.model.version):
@@ -126,19 +173,21 @@ class ScorerService:
     def run(self, stop: threading.Event) -> None:
         settings = self.settings
         consumer = make_consumer(settings, settings.group(SERVICE))
-        producer = make_producer(settings)
-        tracker = DeliveryTracker()
+        producer = self._producer = make_producer(settings)
+        tracker = self._tracker
+        tracker.reset()
         events_topic = settings.topic(TOPIC_EVENTS)
         predictions_topic = settings.topic(TOPIC_PREDICTIONS)
-        state_topic = settings.topic(TOPIC_SCORER_STATE)
         consumer.subscribe([events_topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
-                           on_lost=self._on_revoke)
+                           on_lost=self._on_lost)
         wait_s = settings.scorer_batch_wait_ms / 1000
+        interval_s = settings.scorer_checkpoint_interval_ms / 1000
+        next_checkpoint = time.monotonic() + interval_s
         self.stats.running = True
         try:
             while not stop.is_set():
                 self._maybe_swap_model()
-                batch = consumer.consume(settings.scorer_batch_size, max(wait_s, 0.05))
+                batch = self._next_batch(consumer, wait_s)
                 # A rebalance runs inside consume(): messages fetched before it may belong to partitions
                 # revoked meanwhile. Their new owner scores them with their entity state; scored here
                 # they would see an empty state (wrong features) and pollute the changelog.
@@ -146,31 +195,31 @@ class ScorerService:
                 for m in batch:
                     if m.error() and m.error().code() != KafkaError._PARTITION_EOF:
                         log.warning("consumer error: %s", m.error())
-                if not messages:
-                    continue
-                started = time.perf_counter()
-                inputs = [InputMessage(m.value(), m.partition(), m.offset()) for m in messages]
-                result = self.pipeline.score(inputs)
-                tracker.reset()
-                for prediction in result.predictions:
-                    producer.produce(predictions_topic, key=prediction["entity_id"].encode(),
-                                     value=self.encode_prediction(prediction), on_delivery=tracker)
-                for index, rejection, event_id in result.rejected:
-                    dead_letter(producer, settings, messages[index], rejection, SERVICE, event_id=event_id,
-                                on_delivery=tracker)
-                    self.stats.count_rejection(rejection.reason)
-                for partition, entities in result.touched.items():
-                    states = self.pipeline.states[partition]
-                    for entity in entities:
-                        producer.produce(state_topic, key=entity.encode(), value=states[entity].to_bytes(),
-                                         partition=partition, on_delivery=tracker)
-                flush_or_raise(producer, tracker)
-                commit(consumer, messages)
-                now_ms = time.time() * 1000
-                self.stats.record_batch(
-                    n_in=len(messages), n_out=len(result.predictions), seconds=time.perf_counter() - started,
-                    latencies_ms=[now_ms - m.timestamp()[1] for m in messages if m.timestamp()[1] > 0])
+                if messages:
+                    started = time.perf_counter()
+                    inputs = [InputMessage(m.value(), m.partition(), m.offset()) for m in messages]
+                    result = self.pipeline.score(inputs)
+                    for key, value in zip(result.keys, result.encoded):
+                        producer.produce(predictions_topic, key=key, value=value, on_delivery=tracker)
+                    for index, rejection, event_id in result.rejected:
+                        dead_letter(producer, settings, messages[index], rejection, SERVICE, event_id=event_id,
+                                    on_delivery=tracker)
+                        self.stats.count_rejection(rejection.reason)
+                    for partition, entities in result.touched.items():
+                        self._dirty.setdefault(partition, set()).update(entities)
+                    self._uncommitted.extend(messages)
+                    producer.poll(0)  # serve delivery callbacks
+                    # latency here = event produced -> its prediction handed to the producer client
+                    now_ms = time.time() * 1000
+                    self.stats.record_batch(
+                        n_in=len(messages), n_out=len(result.encoded), seconds=time.perf_counter() - started,
+                        latencies_ms=[now_ms - m.timestamp()[1] for m in messages if m.timestamp()[1] > 0])
+                if self._uncommitted and time.monotonic() >= next_checkpoint:
+                    self._checkpoint(consumer)
+                    next_checkpoint = time.monotonic() + interval_s
+            self._checkpoint(consumer)  # graceful stop: everything acknowledged and committed
         finally:
             self.stats.running = False
+            self._producer = None  # close() revokes: after a failure, nothing more may be committed
             consumer.close()
             producer.flush(10)
