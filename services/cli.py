@@ -537,5 +537,50 @@ def report(ctx: typer.Context,
     console.print(f"report written to {out.resolve()}", highlight=False)
 
 
+# --- performance ----------------------------------------------------------------------
+@app.command("bench")
+def bench(ctx: typer.Context,
+          quick: bool = typer.Option(False, "--quick", help="Shorter runs (~2 min): fewer events, 4 s per rate, "
+                                     "memory at 100k and 300k entities."),
+          sections: str = typer.Option("scorer,e2e,logger,memory", "--sections",
+                                       help="Comma list of scorer (with the naive baseline), e2e, logger, memory."),
+          rates: str = typer.Option("1000,5000", "--rates", help="Offered events/s of the end-to-end runs."),
+          seconds: float = typer.Option(0, "--seconds", min=0, help="Seconds per offered rate (0 = default)."),
+          repeats: int = typer.Option(0, "--repeats", min=0, help="In-process runs per figure, median (0 = default)."),
+          memory_entities: str = typer.Option("", "--memory-entities",
+                                              help="Comma list of entity counts (default 100000,1000000).")) -> None:
+    """Performance figures with ratios to a naive baseline: scorer in process, end to end, logger, state memory."""
+    from streamscore.kafka_broker import LocalKafkaBroker
+    from streamscore.services.bench import BenchOptions, print_report, run_bench
+
+    settings: Settings = ctx.obj
+    chosen = tuple(s.strip() for s in sections.split(",") if s.strip())
+    unknown = set(chosen) - {"scorer", "e2e", "logger", "memory"}
+    if unknown:
+        raise fail(f"unknown --sections {sorted(unknown)}; choose from scorer, e2e, logger, memory")
+    overrides: dict = {"sections": chosen, "rates": tuple(float(r) for r in rates.split(",") if r.strip())}
+    if seconds:
+        overrides["seconds_per_rate"] = seconds
+    if repeats:
+        overrides["repeats"] = repeats
+    if memory_entities:
+        overrides["memory_entities"] = tuple(int(n) for n in memory_entities.split(",") if n.strip())
+    options = BenchOptions.quick_options(**overrides) if quick else BenchOptions(**overrides)
+    broker = None
+    if settings.uses_local_broker and {"e2e", "logger"} & set(chosen):
+        broker = LocalKafkaBroker(settings)
+        broker.install()
+        if broker.status().running:
+            broker = None  # someone else's broker: leave it running
+        else:
+            broker.start()
+    try:
+        report = run_bench(settings, options, progress=lambda text: console.print(f"[dim]{text}[/dim]"))
+    finally:
+        if broker is not None:
+            broker.stop()
+    print_report(report, options, Console(width=max(console.width, 160)))
+
+
 def main() -> None:
     app()

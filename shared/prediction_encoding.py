@@ -34,8 +34,13 @@ _NULL_SCORE = b"\x00"  # union branch 0: null
 _SCORE_BRANCH = b"\x02"  # union branch 1: double
 
 
+_SMALL_LONGS = [bytes(((v << 1) ^ (v >> 63),)) for v in range(64)]  # 0..63 encode to one byte
+
+
 def avro_long(value: int) -> bytes:
     """Zig-zag varint, the Avro binary encoding of int and long."""
+    if 0 <= value < 64:
+        return _SMALL_LONGS[value]
     value = (value << 1) ^ (value >> 63)
     if value < 0x80:
         return bytes((value,))
@@ -49,7 +54,8 @@ def avro_long(value: int) -> bytes:
 
 def avro_string(value: str) -> bytes:
     data = value.encode()
-    return avro_long(len(data)) + data
+    size = len(data)
+    return (_SMALL_LONGS[size] if size < 64 else avro_long(size)) + data
 
 
 def _features_map_dtype(names: Sequence[str]) -> tuple[np.dtype, bytes, bytes]:
