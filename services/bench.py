@@ -238,7 +238,11 @@ class PredictionWatcher:
     def _run(self) -> None:
         received = self.received
         while not self._stop.is_set():
-            for msg in self.consumer.consume(1000, 0.05):
+            # consume(n, t) waits for n messages or t: wait for one, then take what is already there
+            batch = self.consumer.consume(1, 0.05)
+            if batch:
+                batch += self.consumer.consume(1000, 0)
+            for msg in batch:
                 if msg.error():
                     continue
                 received[prediction_event_id(msg.value())] = (time.time(), msg.timestamp()[1])
@@ -362,7 +366,9 @@ def end_to_end(settings: Settings, codec: AvroCodec, options: BenchOptions, serv
     from streamscore.kafka_io import make_producer
 
     per_rate = [int(rate * options.seconds_per_rate) for rate in options.rates]
-    total = 500 + sum(per_rate) + options.backlog_events
+    # warm-up, untimed: the scorer's assignment and state restore, and a freshly started broker JVM's JIT
+    warmup_events = 500 + int(max(options.rates) * (2 if options.quick else 5))
+    total = warmup_events + sum(per_rate) + options.backlog_events
     from streamscore.services.simulate import simulator_ending_now
 
     events = [e for e, _ in simulator_ending_now(options.seed + 1, 20_000, total).events(total)]
@@ -373,12 +379,15 @@ def end_to_end(settings: Settings, codec: AvroCodec, options: BenchOptions, serv
     process = _scorer_process(settings, services)
     figures = []
     try:
-        warmup, position = stream[:500], 500
         sent: dict[str, float] = {}
-        _produce_paced(producer, settings.topic(TOPIC_EVENTS), warmup, None, sent)
-        missing = watcher.wait_for([e for _, _, e in warmup], timeout_s=120)
+        _produce_paced(producer, settings.topic(TOPIC_EVENTS), stream[:500], None, sent)
+        missing = watcher.wait_for([e for _, _, e in stream[:500]], timeout_s=120)
         if missing:
             raise RuntimeError(f"the scorer subprocess did not score the warm-up events ({missing} missing)")
+        progress(f"  e2e [{services}]: warm-up, {warmup_events - 500:,} events at {max(options.rates):,.0f}/s (untimed)")
+        _produce_paced(producer, settings.topic(TOPIC_EVENTS), stream[500:warmup_events], max(options.rates), sent)
+        watcher.wait_for([e for _, _, e in stream[500:warmup_events]], timeout_s=120)
+        position = warmup_events
         for rate, n in zip(options.rates, per_rate):
             progress(f"  e2e [{services}]: offered {rate:,.0f}/s for {options.seconds_per_rate:g} s")
             figures.append(end_to_end_run(settings, producer, watcher, stream[position:position + n], rate,
