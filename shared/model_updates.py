@@ -1,8 +1,9 @@
 """Publishing registry actions to the `model-updates` topic.
 
-Scorers react to these at once (they also poll the registry's production
-pointer, so a lost update only delays a swap by a second); the logger turns
-them into rows of the ClickHouse `model_versions` log.
+The logger turns them into rows of the ClickHouse `model_versions` log, and
+other consumers (dashboards, audit) can follow deployments here. Scorers do not
+need them: they poll the registry's production pointer every 0.5 s, which
+works even when an update was never published.
 """
 from __future__ import annotations
 
