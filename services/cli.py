@@ -371,9 +371,9 @@ def models_rollback(ctx: typer.Context, model: str | None = _MODEL_OPTION,
 
 
 def _publish_update(settings: Settings, event: dict) -> None:
-    """Announce a registry action on `model-updates`: scorers swap at once and the logger
-    records it in `model_versions`. The registry change itself is already done (scorers
-    also poll the production pointer), so a broker problem is reported, not undone."""
+    """Announce a registry action on `model-updates`, which the logger records in
+    `model_versions`. The registry change itself is already done (scorers poll the
+    production pointer within 0.5 s), so a broker problem is reported, not undone."""
     from confluent_kafka import KafkaException
 
     from streamscore.codec import AvroCodec
