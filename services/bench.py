@@ -681,18 +681,22 @@ def print_report(report: BenchReport, options: BenchOptions, console) -> None:
     if report.memory:
         table = Table(title="4. memory: RSS growth of a fresh process building entity states via compute_batch",
                       title_justify="left")
-        for column in ("entities", "events/entity", "RSS delta MiB", "bytes/entity", "x first row per entity",
+        for column in ("entities", "events/entity", "RSS delta MiB", "bytes/entity", "marginal bytes/entity",
                        "serialized bytes/entity"):
             table.add_column(column, justify="right")
-        first = report.memory[0]["bytes_per_entity"]
+        previous = None
         for r in report.memory:
             delta = r["rss_after"] - r["rss_before"]
+            marginal = "-"
+            if previous is not None and r["entities"] > previous[0]:
+                marginal = f"{(delta - previous[1]) / (r['entities'] - previous[0]):,.0f}"
+            previous = (r["entities"], delta)
             table.add_row(f"{r['entities']:,}", str(r["events_per_entity"]), f"{delta / 2**20:,.0f}",
-                          f"{r['bytes_per_entity']:,.0f}", f"{r['bytes_per_entity'] / first:.2f}",
-                          f"{r['serialized_bytes_per_entity']:,.0f}")
+                          f"{r['bytes_per_entity']:,.0f}", marginal, f"{r['serialized_bytes_per_entity']:,.0f}")
         console.print(table)
-        console.print("linear in entities when bytes/entity stays constant (x first row ~1.0); state grows with "
-                      "retained events per entity (14 days of history at most)", highlight=False)
+        console.print("linear = the marginal bytes/entity (slope between rows) is what each further entity costs; "
+                      "bytes/entity of the first row also carries fixed costs (interpreter arenas, event chunks). "
+                      "State grows with retained events per entity (14 days of history at most)", highlight=False)
 
 
 if __name__ == "__main__":  # python -m streamscore.services.bench: same as `streamscore bench`
