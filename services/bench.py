@@ -438,8 +438,8 @@ def logger_bench(settings: Settings, codec: AvroCodec, encoded: list[bytes], n_r
                  label: str) -> list[LoggerFigure]:
     """Rows/s into `predictions` through PredictionSink.flush -> Store.insert, in logger_batch_rows inserts;
     'decode+insert' also counts Avro decode and row building (the logger's whole per-message work)."""
+    from streamscore.prediction_decoding import PredictionReader
     from streamscore.services.logger.service import PredictionSink
-    from streamscore.sink_rows import prediction_row
     from streamscore.store import open_store
 
     store = open_store(settings)
@@ -448,10 +448,10 @@ def logger_bench(settings: Settings, codec: AvroCodec, encoded: list[bytes], n_r
     sink = PredictionSink(store)
     topic = settings.topic(TOPIC_PREDICTIONS)
     batch_rows = settings.logger_batch_rows
-    decode = codec.decoder("prediction")
+    read_row = PredictionReader(codec).row  # what LoggerService does per prediction message
     figures = []
     for path in ("insert", "decode+insert"):
-        prepared = None if path == "decode+insert" else [prediction_row(decode(v)) for v in encoded]
+        prepared = None if path == "decode+insert" else [read_row(v) for v in encoded]
         offset = 0 if path == "insert" else n_rows
         written = 0
         seconds = 0.0
@@ -460,7 +460,7 @@ def logger_bench(settings: Settings, codec: AvroCodec, encoded: list[bytes], n_r
             started = time.perf_counter()
             for i in range(take):
                 j = (written + i) % len(encoded)
-                row = prepared[j] if prepared is not None else prediction_row(decode(encoded[j]))
+                row = prepared[j] if prepared is not None else read_row(encoded[j])
                 sink.add("predictions", row, _SourceMessage(topic, 0, offset + written + i))
             sink.flush()
             seconds += time.perf_counter() - started
@@ -676,7 +676,7 @@ def print_report(report: BenchReport, options: BenchOptions, console) -> None:
                           "ok" if f.rows_per_s >= 200_000 else "< 200k")
         console.print(table)
         console.print("insert = rows prebuilt (sink + clickhouse-connect + ClickHouse); decode+insert = also Avro "
-                      "decode and prediction_row per message, i.e. the logger's whole per-message work",
+                      "decode and row building per message (PredictionReader.row), i.e. the logger's whole per-message work",
                       highlight=False)
     if report.memory:
         table = Table(title="4. memory: RSS growth of a fresh process building entity states via compute_batch",

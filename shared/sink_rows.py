@@ -35,11 +35,19 @@ def ms_to_datetime(ms: int, field: str = "time") -> datetime:
     return datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
 
 
+def checked_ms(ms: int, field: str = "time") -> int:
+    """Epoch ms as a DateTime64(3) column takes it (clickhouse-connect writes ints as the raw ticks,
+    ~20% faster than datetime objects), after the same range check as ms_to_datetime."""
+    if not DATETIME64_MIN_MS <= ms <= DATETIME64_MAX_MS:
+        raise InvalidEvent("out_of_range", field, f"{field} {ms} ms is outside the years 1900..2299")
+    return ms
+
+
 def prediction_row(record: dict) -> list:
     event = record["event"]
     return [
-        record["event_id"], record["entity_id"], ms_to_datetime(record["event_time"], "event_time"),
-        ms_to_datetime(record["scored_at"], "scored_at"), record["model_name"], record["model_version"], record["score"],
+        record["event_id"], record["entity_id"], checked_ms(record["event_time"], "event_time"),
+        checked_ms(record["scored_at"], "scored_at"), record["model_name"], record["model_version"], record["score"],
         event["amount"], event["currency"], event.get("merchant_category"), event.get("channel"),
         event.get("country"), event.get("device_id"),
         record["features"], record["feature_set"], record["event_partition"], record["event_offset"],

@@ -206,9 +206,12 @@ class Store:
         if not rows:
             return 0
         settings = {"insert_deduplication_token": dedup_token} if dedup_token else None
+        # Column-oriented: clickhouse-connect writes Native format column by column, so handing it
+        # columns (one zip, in C) skips its own row -> column transposition (~10% of a logger insert).
+        columns = list(zip(*rows))
         with self._lock:
-            self._client.insert(table, rows, column_names=list(column_names), database=self.database,
-                                settings=settings)
+            self._client.insert(table, columns, column_names=list(column_names), database=self.database,
+                                settings=settings, column_oriented=True)
         return len(rows)
 
     def query(self, sql: str, parameters: dict | Sequence | None = None,

@@ -19,12 +19,13 @@ from confluent_kafka import KafkaError, Message
 
 from streamscore.codec import AvroCodec, DecodeError
 from streamscore.kafka_io import commit, headers_dict, make_consumer
+from streamscore.prediction_decoding import PredictionReader
 from streamscore.registry import ModelRegistry, RegistryError, model_versions_row
 from streamscore.service_stats import ServiceStats
 from streamscore.settings import (TOPIC_DEAD_LETTER, TOPIC_LABELS, TOPIC_MODEL_UPDATES, TOPIC_PREDICTIONS,
                                   Settings)
 from streamscore.sink_rows import (LABEL_COLUMNS, PREDICTION_COLUMNS, REJECTED_COLUMNS, batch_token, label_row,
-                                   prediction_row, rejected_row)
+                                   rejected_row)
 from streamscore.store import Store, open_store
 
 log = logging.getLogger("streamscore.logger")
@@ -90,6 +91,7 @@ class LoggerService:
         self.settings = settings
         self.store = store or open_store(settings)
         self.codec = codec or AvroCodec(registry_url=settings.schema_registry_url)
+        self.read_prediction = PredictionReader(self.codec)
         self.registry = ModelRegistry(settings.registry_dir)
         self.stats = stats or ServiceStats(SERVICE)
         self.sink = PredictionSink(self.store)
@@ -103,7 +105,7 @@ class LoggerService:
 
     # --- decoding one message into rows -----------------------------------------
     def _on_prediction(self, msg: Message) -> None:
-        self.sink.add("predictions", prediction_row(self.codec.decode(msg.value(), "prediction")), msg)
+        self.sink.add("predictions", self.read_prediction.row(msg.value()), msg)
 
     def _on_label(self, msg: Message) -> None:
         self.sink.add("labels", label_row(self.codec.decode(msg.value(), "label")), msg)
