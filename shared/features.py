@@ -50,6 +50,14 @@ Semantics (quoted by the README)
   first scoring read); otherwise it is scored like a late event, from what is
   retained. Offsets are per Kafka partition, so keep one states dict per
   partition, as the scorer does; `offline_features` does the same.
+* Re-sent events. An event whose event_id was already applied to its entity's
+  state at ANOTHER offset (a producer re-send; found among the retained events
+  by a 64-bit key of the event_id) is a duplicate: it is not applied again, and
+  `compute_and_update` returns the vector of its first arrival (like a crash
+  replay of that offset). The scorer does not score it but dead-letters it
+  (`duplicate_event`); the offline replay applies the same rule. A late event
+  is never applied, so its id is not remembered and a re-send of it is scored
+  (as late, not applied) again.
 """
 from __future__ import annotations
 
@@ -61,6 +69,7 @@ import sys
 from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Mapping, Sequence
+from hashlib import blake2b
 from itertools import accumulate
 from operator import mul
 
@@ -172,8 +181,17 @@ FEATURE_SET_HASH = feature_set_hash(feature_set_description())
 
 _NO_VALUE = -(2**63)  # int64 sentinel for "none" in the serialised form
 _HEADER = struct.Struct("<BIIqqq")  # format, n events, palette bytes, last offset, evicted time, evicted offset
-_STATE_FORMAT = 1
+_STATE_FORMAT = 2  # 2 added the event keys column; format 1 (without it) is still read, see from_bytes
+_OLD_STATE_FORMAT_WITHOUT_KEYS = 1
 _BIG_ENDIAN = sys.byteorder == "big"
+_unpack_key = struct.Struct("<q").unpack
+UNKNOWN_EVENT_KEY = 0  # a retained event whose event_id is not known (state migrated from format 1)
+
+
+def event_key(event_id: str) -> int:
+    """The 64-bit key an entity state remembers for an event_id (stable across processes, never 0)."""
+    # Python's hash() is salted per process; the key is stored in the changelog, so it must not be.
+    return _unpack_key(blake2b(event_id.encode(), digest_size=8).digest())[0] or 1
 
 
 def amount_units(amount: float) -> int:
@@ -186,8 +204,10 @@ class EntityState:
 
     Retained events are parallel lists sorted by event time (ties in arrival
     order): `times` (epoch ms), `units` (amount in AMOUNT_SCALE integer units),
-    `mccs` (merchant category or None) and `offsets` (source offset, -1 when none
-    was given). `evicted_time` / `evicted_offset` describe the latest event that
+    `mccs` (merchant category or None), `offsets` (source offset, -1 when none
+    was given) and `keys` (`event_key` of the event_id, UNKNOWN_EVENT_KEY when
+    not known). `key_offsets` maps each known key to its offset: the duplicate
+    check is one dict lookup; it is a cache rebuilt from `keys` on load. `evicted_time` / `evicted_offset` describe the latest event that
     retention dropped (for secs_since_prev); `last_offset` is the last applied
     source offset.
 
@@ -198,24 +218,27 @@ class EntityState:
     state computes bit-identical features.
     """
 
-    __slots__ = ("times", "units", "mccs", "offsets", "last_offset", "evicted_time", "evicted_offset",
-                 "sum_prefix", "square_prefix")
-    _CANONICAL = ("times", "units", "mccs", "offsets", "last_offset", "evicted_time", "evicted_offset")
+    __slots__ = ("times", "units", "mccs", "offsets", "keys", "last_offset", "evicted_time", "evicted_offset",
+                 "sum_prefix", "square_prefix", "key_offsets")
+    _CANONICAL = ("times", "units", "mccs", "offsets", "keys", "last_offset", "evicted_time", "evicted_offset")
 
     def __init__(self) -> None:
         self.times: list[int] = []
         self.units: list[int] = []
         self.mccs: list[str | None] = []
         self.offsets: list[int] = []
+        self.keys: list[int] = []
         self.last_offset: int | None = None
         self.evicted_time: int | None = None
         self.evicted_offset: int | None = None
         self.sum_prefix: list[int] = [0]
         self.square_prefix: list[int] = [0]
+        self.key_offsets: dict[int, int] = {}
 
-    def _rebuild_prefixes(self) -> None:
+    def _rebuild_caches(self) -> None:
         self.sum_prefix = list(accumulate(self.units, initial=0))
         self.square_prefix = list(accumulate(map(mul, self.units, self.units), initial=0))
+        self.key_offsets = {key: offset for key, offset in zip(self.keys, self.offsets) if key != UNKNOWN_EVENT_KEY}
 
     @property
     def watermark(self) -> int | None:
@@ -241,8 +264,19 @@ class EntityState:
     def is_late(self, event_time: int) -> bool:
         return bool(self.times) and event_time < self.times[-1] - ALLOWED_LATENESS_MS
 
-    def apply(self, event_time: int, amount: float, mcc: str | None, offset: int | None) -> None:
-        """Add a (non-late) event, then drop what retention no longer needs. Late events only advance the offset."""
+    def first_offset_of(self, key: int, offset: int | None) -> int | None:
+        """If the event with `key` arriving at `offset` re-sends a retained event: that event's offset (-1 if
+        it had none). None for a new event, and for the same offset again (a crash replay, not a re-send)."""
+        first = self.key_offsets.get(key)
+        if first is None or first == offset:
+            return None
+        return first
+
+    def apply(self, event_time: int, amount: float, mcc: str | None, offset: int | None,
+              key: int = UNKNOWN_EVENT_KEY) -> None:
+        """Add a (non-late) event, then drop what retention no longer needs. Late events only advance the offset.
+
+        `key` is the event_key of its event_id (see compute_and_update: a re-sent key is never applied)."""
         if offset is not None:
             self.last_offset = offset
         times = self.times
@@ -257,6 +291,7 @@ class EntityState:
             self.units.append(units)
             self.mccs.append(mcc)
             self.offsets.append(stored_offset)
+            self.keys.append(key)
             sum_prefix.append(sum_prefix[-1] + units)
             square_prefix.append(square_prefix[-1] + square)
         else:  # out of order: insert, and shift the prefixes after it (usually a few seconds' worth)
@@ -265,41 +300,50 @@ class EntityState:
             self.units.insert(at, units)
             self.mccs.insert(at, mcc)
             self.offsets.insert(at, stored_offset)
+            self.keys.insert(at, key)
             sum_prefix.insert(at + 1, sum_prefix[at] + units)
             square_prefix.insert(at + 1, square_prefix[at] + square)
             for i in range(at + 2, len(sum_prefix)):
                 sum_prefix[i] += units
                 square_prefix[i] += square
+        if key:  # not UNKNOWN_EVENT_KEY (0)
+            self.key_offsets[key] = stored_offset
         drop = bisect_left(times, times[-1] - RETENTION_MS)  # keep time >= watermark - retention
         if drop:
             self.evicted_time = times[drop - 1]
             self.evicted_offset = self.offsets[drop - 1]
-            del times[:drop], self.units[:drop], self.mccs[:drop], self.offsets[:drop]
+            key_offsets, keys = self.key_offsets, self.keys
+            for i in range(drop):
+                key_offsets.pop(keys[i], None)
+            del times[:drop], self.units[:drop], self.mccs[:drop], self.offsets[:drop], self.keys[:drop]
             del sum_prefix[:drop], square_prefix[:drop]
 
     def arrived_before(self, offset: int) -> EntityState:
         """A copy holding only the retained events with a smaller source offset (to score a replay)."""
         view = EntityState()
-        for time, units, mcc, event_offset in zip(self.times, self.units, self.mccs, self.offsets):
+        for time, units, mcc, event_offset, key in zip(self.times, self.units, self.mccs, self.offsets, self.keys):
             if event_offset < offset:
                 view.times.append(time)
                 view.units.append(units)
                 view.mccs.append(mcc)
                 view.offsets.append(event_offset)
-        view._rebuild_prefixes()
+                view.keys.append(key)
+        view._rebuild_caches()
         if self.evicted_offset is not None and self.evicted_offset < offset:
             view.evicted_time, view.evicted_offset = self.evicted_time, self.evicted_offset
         return view
 
     # --- serialisation (compacted changelog value) -------------------------------
     def to_bytes(self) -> bytes:
-        """Compact little-endian binary form: header, int64 columns, uint16 mcc indexes, JSON mcc palette."""
+        """Compact little-endian binary form: header, int64 columns (times, units, offsets, keys), uint16 mcc
+        indexes, JSON mcc palette."""
         palette: dict[str | None, int] = {}
         mcc_index = array("H", [palette.setdefault(m, len(palette)) for m in self.mccs])
         palette_json = json.dumps(list(palette), separators=(",", ":")).encode()
         times, units, offsets = array("q", self.times), array("q", self.units), array("q", self.offsets)
+        keys = array("q", self.keys)
         if _BIG_ENDIAN:
-            for column in (times, units, offsets, mcc_index):
+            for column in (times, units, offsets, keys, mcc_index):
                 column.byteswap()
         header = _HEADER.pack(
             _STATE_FORMAT, len(self.times), len(palette_json),
@@ -307,23 +351,30 @@ class EntityState:
             _NO_VALUE if self.evicted_time is None else self.evicted_time,
             _NO_VALUE if self.evicted_offset is None else self.evicted_offset,
         )
-        return b"".join((header, times.tobytes(), units.tobytes(), offsets.tobytes(),
+        return b"".join((header, times.tobytes(), units.tobytes(), offsets.tobytes(), keys.tobytes(),
                          mcc_index.tobytes(), palette_json))
 
     @classmethod
     def from_bytes(cls, data: bytes) -> EntityState:
-        """The state `to_bytes` wrote; ValueError naming the problem for anything else."""
+        """The state `to_bytes` wrote; ValueError naming the problem for anything else.
+
+        Format 1 (written before event keys existed) is migrated: its retained events get
+        UNKNOWN_EVENT_KEY, so only re-sends of events applied after the upgrade are recognised."""
         if len(data) < _HEADER.size:
             raise ValueError(f"entity state is {len(data)} bytes, shorter than its {_HEADER.size}-byte header")
         fmt, n, palette_len, last_offset, evicted_time, evicted_offset = _HEADER.unpack_from(data)
-        if fmt != _STATE_FORMAT:
-            raise ValueError(f"entity state format {fmt} is not the supported format {_STATE_FORMAT}")
-        expected = _HEADER.size + n * (8 + 8 + 8 + 2) + palette_len
+        if fmt not in (_STATE_FORMAT, _OLD_STATE_FORMAT_WITHOUT_KEYS):
+            raise ValueError(f"entity state format {fmt} is not a supported format "
+                             f"({_OLD_STATE_FORMAT_WITHOUT_KEYS} or {_STATE_FORMAT})")
+        has_keys = fmt == _STATE_FORMAT
+        widths = (("q", 8), ("q", 8), ("q", 8)) + ((("q", 8),) if has_keys else ()) + (("H", 2),)
+        expected = _HEADER.size + n * sum(width for _, width in widths) + palette_len
         if len(data) != expected:
-            raise ValueError(f"entity state with {n} events should be {expected} bytes, got {len(data)}")
+            raise ValueError(f"entity state (format {fmt}) with {n} events should be {expected} bytes, "
+                             f"got {len(data)}")
         pos = _HEADER.size
         columns = []
-        for typecode, width in (("q", 8), ("q", 8), ("q", 8), ("H", 2)):
+        for typecode, width in widths:
             column = array(typecode)
             column.frombytes(data[pos:pos + n * width])
             if _BIG_ENDIAN:
@@ -331,11 +382,13 @@ class EntityState:
             columns.append(column)
             pos += n * width
         palette = json.loads(data[pos:pos + palette_len])
-        times, units, offsets, mcc_index = columns
+        times, units, offsets = columns[:3]
+        mcc_index = columns[-1]
         state = cls()
         state.times = times.tolist()
         state.units = units.tolist()
         state.offsets = offsets.tolist()
+        state.keys = columns[3].tolist() if has_keys else [UNKNOWN_EVENT_KEY] * n
         try:
             state.mccs = [palette[i] for i in mcc_index]
         except IndexError:
@@ -343,7 +396,7 @@ class EntityState:
         state.last_offset = None if last_offset == _NO_VALUE else last_offset
         state.evicted_time = None if evicted_time == _NO_VALUE else evicted_time
         state.evicted_offset = None if evicted_offset == _NO_VALUE else evicted_offset
-        state._rebuild_prefixes()
+        state._rebuild_caches()
         return state
 
 
@@ -428,33 +481,67 @@ def _feature_vector(state: EntityState, event: Mapping) -> list[float]:
     ]
 
 
+def is_duplicate(states: Mapping[str, EntityState], event: Mapping, offset: int | None = None) -> int | None:
+    """If `event` re-sends an event_id already applied to its entity's state at another offset (a producer
+    re-send): the offset of that first arrival (-1 if it came without one). None for a new event and for
+    a crash replay of the same offset. `compute_and_update` applies this rule itself."""
+    state = states.get(event["entity_id"])
+    if state is None:
+        return None
+    return state.first_offset_of(event_key(event["event_id"]), offset)
+
+
+def _compute_and_update(states: dict[str, EntityState], event: Mapping,
+                        offset: int | None) -> tuple[list[float], int | None]:
+    """`compute_and_update`, plus the first arrival's offset when the event is a re-send (else None)."""
+    entity_id = event["entity_id"]
+    state = states.get(entity_id)
+    if state is None:
+        state = states[entity_id] = EntityState()
+    key = _unpack_key(blake2b(event["event_id"].encode(), digest_size=8).digest())[0] or 1  # event_key, inlined
+    first = state.key_offsets.get(key)  # state.first_offset_of, inlined (hot path)
+    if first is not None and first != offset:  # a re-send: never applied twice
+        return _feature_vector(state.arrived_before(first) if first >= 0 else state, event), first
+    if offset is not None and state.last_offset is not None and offset <= state.last_offset:
+        return _feature_vector(state.arrived_before(offset), event), None
+    vector = _feature_vector(state, event)
+    state.apply(event["event_time"], float(event["amount"]), event.get("merchant_category") or None, offset, key)
+    return vector, None
+
+
 def compute_and_update(states: dict[str, EntityState], event: Mapping, offset: int | None = None) -> list[float]:
     """The event's feature vector from its entity's state BEFORE it, then the event applied to the state.
 
     `event` must have passed validation (streamscore.validation). A replay
     (offset <= the entity's last applied offset) is scored from the events that
-    arrived before it and not applied again (see the module docstring).
+    arrived before it and not applied again; so is a re-send of an applied
+    event_id (see `is_duplicate`), which gets its first arrival's vector (see
+    the module docstring; without offsets, the vector from the current state).
     """
-    entity_id = event["entity_id"]
-    state = states.get(entity_id)
-    if state is None:
-        state = states[entity_id] = EntityState()
-    if offset is not None and state.last_offset is not None and offset <= state.last_offset:
-        return _feature_vector(state.arrived_before(offset), event)
-    vector = _feature_vector(state, event)
-    state.apply(event["event_time"], float(event["amount"]), event.get("merchant_category") or None, offset)
-    return vector
+    return _compute_and_update(states, event, offset)[0]
 
 
 def compute_batch(states: dict[str, EntityState], events: Sequence[Mapping],
-                  offsets: Sequence[int] | None = None) -> np.ndarray:
-    """`compute_and_update` for each event in order; an (n, N_FEATURES) float64 matrix."""
+                  offsets: Sequence[int] | None = None,
+                  duplicates: list[tuple[int, int]] | None = None) -> np.ndarray:
+    """`compute_and_update` for each event in order; an (n, N_FEATURES) float64 matrix.
+
+    If `duplicates` is a list, (position in `events`, offset of the first arrival) is appended to it for
+    every re-sent event (see `is_duplicate`): the scorer dead-letters those instead of scoring them. The
+    check runs in order with the updates, so a re-send in the same batch as its original is found too.
+    """
     if offsets is None:
-        rows = [compute_and_update(states, event) for event in events]
-    else:
-        if len(offsets) != len(events):
-            raise ValueError(f"compute_batch got {len(events)} events but {len(offsets)} offsets")
-        rows = [compute_and_update(states, event, offset) for event, offset in zip(events, offsets)]
+        offsets = [None] * len(events)
+    elif len(offsets) != len(events):
+        raise ValueError(f"compute_batch got {len(events)} events but {len(offsets)} offsets")
+    compute = _compute_and_update
+    rows = []
+    append = rows.append
+    for position, (event, offset) in enumerate(zip(events, offsets)):
+        vector, first = compute(states, event, offset)
+        append(vector)
+        if first is not None and duplicates is not None:
+            duplicates.append((position, first))
     if not rows:
         return np.empty((0, N_FEATURES), dtype=np.float64)
     return np.array(rows, dtype=np.float64)
@@ -468,6 +555,9 @@ def offline_features(events_in_arrival_order: Iterable[Mapping]) -> np.ndarray:
     `event_offset` (as logged predictions do), states are kept per partition and
     the offset is passed on, exactly as the scorer does, so a logged duplicate
     is not counted twice; otherwise each event is applied in the given order.
+    A re-sent event_id is not applied again either (the scorer's rule, see
+    `is_duplicate`); its row is its first arrival's vector. Logged predictions
+    never hold one (the scorer dead-letters re-sends), but raw event lists may.
     """
     partitions: dict[object, dict[str, EntityState]] = {}
     rows = []
@@ -475,7 +565,7 @@ def offline_features(events_in_arrival_order: Iterable[Mapping]) -> np.ndarray:
         states = partitions.get(event.get("event_partition"))
         if states is None:
             states = partitions[event.get("event_partition")] = {}
-        rows.append(compute_and_update(states, event, event.get("event_offset")))
+        rows.append(_compute_and_update(states, event, event.get("event_offset"))[0])
     if not rows:
         return np.empty((0, N_FEATURES), dtype=np.float64)
     return np.array(rows, dtype=np.float64)

@@ -18,7 +18,7 @@ from streamscore.kafka_io import Rejection
 from streamscore.prediction_encoding import PredictionWriter
 from streamscore.registry import ModelRegistry, ModelVersion, check_feature_set
 from streamscore.settings import Settings
-from streamscore.validation import InvalidEvent, validate_event
+from streamscore.validation import DUPLICATE_EVENT, InvalidEvent, validate_event
 
 
 @dataclass(frozen=True)
@@ -124,6 +124,7 @@ class ScoringPipeline:
         result = BatchResult()
         events: list[dict] = []  # accepted events, input order
         raws: list[bytes] = []
+        indexes: list[int] = []  # position in `events` -> index in `messages`
         by_partition: dict[int, list[int]] = {}  # partition -> positions in `events`
         for index, msg in enumerate(messages):
             event, rejection = self._read_event(msg, now_ms)
@@ -136,21 +137,28 @@ class ScoringPipeline:
             positions.append(len(events))
             events.append(event)
             raws.append(msg.value)
+            indexes.append(index)
             result.sources.append((msg.partition, msg.offset))
 
         sources = result.sources
+        duplicates: list[tuple[int, int]] = []  # (position in `events`, offset of the first arrival)
         if len(by_partition) == 1:
             partition = next(iter(by_partition))
             matrix = features.compute_batch(self.states.setdefault(partition, {}), events,
-                                            [offset for _, offset in sources])
+                                            [offset for _, offset in sources], duplicates)
             result.touched[partition] = {e["entity_id"] for e in events}
         else:
             matrix = np.empty((len(events), features.N_FEATURES), dtype=np.float64)
             for partition, positions in by_partition.items():
                 part_events = [events[i] for i in positions]
+                part_duplicates: list[tuple[int, int]] = []
                 matrix[positions] = features.compute_batch(self.states.setdefault(partition, {}), part_events,
-                                                           [sources[i][1] for i in positions])
+                                                           [sources[i][1] for i in positions], part_duplicates)
+                duplicates.extend((positions[i], first) for i, first in part_duplicates)
                 result.touched[partition] = {e["entity_id"] for e in part_events}
+        if duplicates:
+            events, raws, matrix = _reject_duplicates(result, duplicates, events, raws, matrix, indexes)
+            sources = result.sources
         model = self.model
         scores = model.predict(matrix)
         scored_at = int(time.time() * 1000)
@@ -173,3 +181,22 @@ class ScoringPipeline:
         except InvalidEvent as exc:
             return event, Rejection(exc.reason, exc.field, exc.detail)
         return event, None
+
+
+def _reject_duplicates(result: BatchResult, duplicates: list[tuple[int, int]], events: list[dict],
+                       raws: list[bytes], matrix: np.ndarray, indexes: list[int]):
+    """Re-sent events (features.is_duplicate: state already has their event_id) become rejections, not
+    predictions: predictions are keyed by event_id, and the feature state did not count them again."""
+    dropped = set()
+    for position, first in duplicates:
+        event = events[position]
+        partition, offset = result.sources[position]
+        where = f"offset {first}" if first >= 0 else "an unknown offset"
+        detail = (f"event_id {event['event_id']!r} of entity {event['entity_id']!r} was already applied at "
+                  f"{where} of partition {partition}; this re-send at offset {offset} is not scored again")
+        result.rejected.append((indexes[position], Rejection(DUPLICATE_EVENT, "event_id", detail), event["event_id"]))
+        dropped.add(position)
+    result.rejected.sort(key=lambda rejected: rejected[0])  # input order
+    keep = [i for i in range(len(events)) if i not in dropped]
+    result.sources = [result.sources[i] for i in keep]
+    return [events[i] for i in keep], [raws[i] for i in keep], matrix[keep]

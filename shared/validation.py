@@ -22,6 +22,8 @@ NON_FINITE = "non_finite"
 OUT_OF_RANGE = "out_of_range"
 FUTURE_EVENT_TIME = "future_event_time"
 STALE_EVENT_TIME = "stale_event_time"
+# Not a validation failure: the scorer's feature state already applied this event_id (features.is_duplicate).
+DUPLICATE_EVENT = "duplicate_event"
 
 DAY_MS = 86_400_000
 OPTIONAL_STRING_FIELDS = ("merchant_category", "channel", "country", "device_id")

@@ -227,6 +227,83 @@ def test_state_round_trips_exactly_and_rejects_garbage():
         EntityState.from_bytes(b"\x09" + data[1:])
 
 
+def test_resent_event_id_is_not_applied_again_and_gets_its_first_vector():
+    a, b, c = ev(T0, 10.0), ev(T0 + MIN, 20.0), ev(T0 + 3 * MIN, 40.0)
+    states: dict[str, EntityState] = {}
+    duplicates: list[tuple[int, int]] = []
+    # the re-send of `a` lands in the same batch as its original, at a new offset
+    matrix = compute_batch(states, [a, b, dict(a), c], [100, 101, 102, 103], duplicates)
+    assert duplicates == [(2, 100)]
+    np.testing.assert_array_equal(matrix[2], matrix[0])  # the vector of its first arrival
+    clean = compute_batch({}, [a, b, c], [100, 101, 103])
+    np.testing.assert_array_equal(matrix[[0, 1, 3]], clean)  # c counts a once
+    assert dict(zip(FEATURE_NAMES, matrix[3]))["count_1h"] == 2.0
+    state = states["card-1"]
+    assert len(state) == 3 and state.offsets == [100, 101, 103]
+    assert state.keys == [F.event_key(e["event_id"]) for e in (a, b, c)]
+    # a later re-send (another batch) is found too; a crash replay of an applied offset is not a re-send
+    assert F.is_duplicate(states, a, 250) == 100 and F.is_duplicate(states, c, 250) == 103
+    assert F.is_duplicate(states, a, 100) is None and F.is_duplicate(states, ev(T0 + 4 * MIN), 104) is None
+    assert F.is_duplicate({}, a, 1) is None
+    later: list[tuple[int, int]] = []
+    compute_batch(states, [c, a], [103, 250], later)  # crash replay of 103, then a re-send of a
+    assert later == [(1, 100)] and len(state) == 3
+    # the same id under another entity is another event
+    assert F.is_duplicate(states, dict(a, entity_id="card-2"), 251) is None
+    # without offsets a repeated id is always a re-send (there are no crash replays)
+    plain: dict[str, EntityState] = {}
+    compute_and_update(plain, a)
+    assert F.is_duplicate(plain, a) == -1
+    compute_and_update(plain, dict(a))
+    assert len(plain["card-1"]) == 1
+
+
+def test_resent_ids_are_forgotten_with_their_events_and_late_events_are_never_remembered():
+    states: dict[str, EntityState] = {}
+    old = ev(T0, 1.0)
+    compute_and_update(states, old, offset=1)
+    compute_and_update(states, ev(T0 + 20 * DAY_MS, 2.0), offset=2)  # evicts `old` (retention 14 d)
+    state = states["card-1"]
+    assert len(state.keys) == len(state.times) == 1 and F.event_key(old["event_id"]) not in state.key_offsets
+    assert F.is_duplicate(states, old, 3) is None
+    # a re-send of an evicted event is late against the watermark, so it cannot be counted again anyway
+    assert state.is_late(old["event_time"])
+    compute_and_update(states, old, offset=3)
+    assert len(state) == 1
+    # a late event is not applied, so its id is not remembered: a re-send is scored (as late) again
+    late = ev(T0 + 5 * DAY_MS, 3.0)
+    compute_and_update(states, late, offset=4)
+    assert F.is_duplicate(states, late, 5) is None and len(state) == 1
+
+
+def test_state_round_trip_keeps_event_keys_and_format_1_is_migrated():
+    states: dict[str, EntityState] = {}
+    events = [ev(T0 + i * MIN, float(i), merchant_category=["5411", None][i % 2]) for i in range(5)]
+    compute_batch(states, events, list(range(10, 15)))
+    state = states["card-1"]
+    restored = EntityState.from_bytes(state.to_bytes())
+    assert restored == state and restored.keys == state.keys and restored.key_offsets == state.key_offsets
+    assert F.is_duplicate({"card-1": restored}, events[2], 99) == 12
+    # format 1 (written before event keys): the same layout without the keys column
+    data = state.to_bytes()
+    header, n = F._HEADER.size, len(state)
+    keys_at = header + 3 * 8 * n
+    format_1 = b"\x01" + data[1:keys_at] + data[keys_at + 8 * n:]
+    migrated = EntityState.from_bytes(format_1)
+    assert (migrated.times, migrated.units, migrated.mccs, migrated.offsets, migrated.last_offset) == (
+        state.times, state.units, state.mccs, state.offsets, state.last_offset)
+    assert migrated.keys == [F.UNKNOWN_EVENT_KEY] * n and migrated.key_offsets == {}
+    # its features are unchanged; only re-sends of events applied before the upgrade go unrecognised
+    nxt = ev(T0 + 10 * MIN, 7.0)
+    np.testing.assert_array_equal(compute_batch({"card-1": migrated}, [nxt], [15]),
+                                  compute_batch({"card-1": EntityState.from_bytes(data)}, [nxt], [15]))
+    assert F.is_duplicate({"card-1": migrated}, events[2], 99) is None
+    assert F.is_duplicate({"card-1": migrated}, nxt, 99) == 15
+    assert EntityState.from_bytes(migrated.to_bytes()) == migrated  # written back as format 2
+    with pytest.raises(ValueError, match="format 1.*should be"):
+        EntityState.from_bytes(format_1[:-1])
+
+
 def test_compute_batch_shapes_and_offset_count():
     states: dict[str, EntityState] = {}
     assert compute_batch(states, []).shape == (0, len(FEATURE_NAMES))
@@ -246,12 +323,16 @@ def test_offline_skips_logged_duplicates_per_partition():
 
 # --- no skew: online (scorer-like, with restarts) == offline replay == reference ---------------
 
-def generate_stream(seed: int, n: int, n_entities: int = 6) -> list[dict]:
-    """Arrival-ordered events with out-of-order, late (> 7 d behind), unknown and null categories."""
+def generate_stream(seed: int, n: int, n_entities: int = 6, resend: float = 0.0) -> list[dict]:
+    """Arrival-ordered events with out-of-order, late (> 7 d behind), unknown and null categories; with
+    probability `resend`, an event is a producer re-send of one of the last 50 (same event_id)."""
     rnd = random.Random(seed)
     clock = T0
     events = []
     for i in range(n):
+        if events and rnd.random() < resend:
+            events.append(dict(rnd.choice(events[-50:])))
+            continue
         clock += int(rnd.expovariate(1 / (20 * MIN)))
         if rnd.random() < 0.01:
             clock += rnd.randint(1, 20) * DAY_MS  # quiet periods beyond retention
@@ -304,11 +385,18 @@ def score_like_the_scorer(events: list[dict], batch: int, restart_every: int, re
 
 
 def reference_features(events: list[dict]) -> tuple[np.ndarray, np.ndarray]:
-    """Naive restatement of the documented semantics; also returns which events were late."""
+    """Naive restatement of the documented semantics; also returns which events were late or re-sent
+    (a re-send's vector is its first arrival's, so only its own columns are compared)."""
     applied: dict[str, list[tuple[int, Fraction, str | None]]] = {}
+    applied_ids: dict[str, set[str]] = {}
     rows, late = [], []
     for e in events:
         prior = applied.setdefault(e["entity_id"], [])
+        ids = applied_ids.setdefault(e["entity_id"], set())
+        if e["event_id"] in ids:  # a re-send: never applied twice
+            rows.append(rows[next(i for i, x in enumerate(events) if x["event_id"] == e["event_id"])])
+            late.append(True)
+            continue
         t, amount = e["event_time"], e["amount"]
         is_late = bool(prior) and t < max(p[0] for p in prior) - ALLOWED_LATENESS_MS
 
@@ -338,19 +426,33 @@ def reference_features(events: list[dict]) -> tuple[np.ndarray, np.ndarray]:
         ])
         late.append(is_late)
         if not is_late:  # the documented rule: late events never enter the state
+            ids.add(e["event_id"])
             prior.append((t, Fraction(round(amount * F.AMOUNT_SCALE), F.AMOUNT_SCALE), e["merchant_category"]))
     return np.array(rows, dtype=np.float64), np.array(late)
 
 
-def assert_no_skew(events: list[dict], batch: int = 7, restart_every: int = 50, replay: int = 5) -> None:
+def assert_no_skew(events: list[dict], batch: int = 7, restart_every: int = 50, replay: int = 5,
+                   logged_offsets: bool = False) -> None:
+    """`logged_offsets`: the offline replay gets each event's offset, as logged predictions carry it."""
     online = score_like_the_scorer(events, batch, restart_every, replay)
-    offline = offline_features(events)
+    if logged_offsets:
+        offline = offline_features([dict(e, event_partition=0, event_offset=i) for i, e in enumerate(events)])
+    else:
+        offline = offline_features(events)
     np.testing.assert_allclose(online, offline, rtol=0, atol=0, equal_nan=True)  # bit for bit
     reference, late = reference_features(events)
     np.testing.assert_allclose(offline[~late], reference[~late], rtol=1e-9, atol=1e-9, equal_nan=True)
     # a late event is only approximate in its windows; its own columns are exact
     own = [FEATURE_NAMES.index(n) for n in ("amount", "log_amount", "hour_of_day", *F.CATEGORICAL_FEATURES)]
     np.testing.assert_array_equal(offline[late][:, own], reference[late][:, own])
+
+
+def test_online_with_resent_events_equals_offline_and_reference():
+    events = generate_stream(seed=11, n=1200, resend=0.05)
+    resent = len(events) - len({e["event_id"] for e in events})
+    assert resent >= 30
+    # a re-send gets its first arrival's vector, which needs offsets to find (the scorer always has them)
+    assert_no_skew(events, logged_offsets=True)
 
 
 def test_online_with_restarts_and_replays_equals_offline_and_reference():

@@ -567,11 +567,8 @@ def test_logger_replay_of_uncommitted_batches_writes_no_duplicates(settings, sto
     assert store.query("SELECT count(), uniqExact(event_id) FROM predictions FINAL").rows[0] == (len(records),) * 2
 
 
-# --- known design gap: an upstream duplicate (same event_id, new offset) ---------------------------------
-@pytest.mark.xfail(strict=True, reason="design gap: the scorer applies a re-sent event_id to the entity state a second "
-                                       "time, while predictions FINAL (ORDER BY event_id) keeps one row, so the "
-                                       "offline replay counts it once: training/serving skew for later events")
-def test_a_resent_event_id_does_not_skew_later_features(settings, store):
+# --- an upstream duplicate (same event_id, new offset) is dead-lettered, not counted twice ---------------
+def test_a_resent_event_id_is_dead_lettered_and_does_not_skew_later_features(settings, store):
     now_ms = int(time.time() * 1000)
     base = {"entity_id": "card-dup", "amount": 10.0, "currency": "EUR", "merchant_category": "5411",
             "channel": "pos", "country": "DE", "device_id": None}
@@ -580,5 +577,20 @@ def test_a_resent_event_id_does_not_skew_later_features(settings, store):
     with ServiceGroup(settings, ["scorer", "logger"], store=store) as group:
         produce_events(settings, [first, first, later])  # the producer upstream re-sent dup-1
         wait_for_count(store, "SELECT count() FROM predictions FINAL", 2, "predictions", group)
+        wait_for_count(store, "SELECT count() FROM rejected_events FINAL", 1, "the re-send's rejection", group)
         wait_until(lambda: group.services["scorer"].stats.events_in >= 3, "scorer saw all three", group=group)
-    assert_no_skew(store, ["dup-1", "dup-2"])
+    # the re-send: its original bytes on the DLQ, and in rejected_events, with reason duplicate_event
+    (dead,) = read_topic(settings, TOPIC_DEAD_LETTER, 1)
+    headers = headers_dict(dead)
+    assert dead.value() == CODEC.encoder("event")(first)
+    assert (headers["error.reason"], headers["error.field"]) == ("duplicate_event", "event_id")
+    first_offset = scalar(store, "SELECT event_offset FROM predictions FINAL WHERE event_id = 'dup-1'")
+    assert f"offset {first_offset}" in headers["error.detail"], headers["error.detail"]
+    assert store.query("SELECT reason, field, event_id, source_offset FROM rejected_events FINAL").rows == [
+        ("duplicate_event", "event_id", "dup-1", int(headers["source.offset"]))]
+    assert int(headers["source.offset"]) > first_offset
+    # dup-1 was scored (and counted) once: dup-2 sees exactly one prior event, online and offline
+    logged, _ = assert_no_skew(store, ["dup-1", "dup-2"])
+    later_features = dict(zip(features.FEATURE_NAMES, logged[1]))
+    assert (later_features["count_1h"], later_features["sum_1h"]) == (1.0, 10.0)
+    assert group.services["scorer"].stats.rejections == {"duplicate_event": 1}

@@ -21,7 +21,7 @@ ENCODE_LABEL = CODEC.encoder("label")
 NOW_MS = 1_760_000_000_000
 DAY_MS = 86_400_000
 KNOWN_REASONS = {"undecodable", "unknown_schema", "wrong_schema", "missing_field", "invalid_value", "null_entity",
-                 "out_of_range", "non_finite", "future_event_time", "stale_event_time"}
+                 "out_of_range", "non_finite", "future_event_time", "stale_event_time", "duplicate_event"}
 
 # Doubles the way a hostile or buggy producer could write them: anything Avro can carry.
 any_double = st.one_of(
@@ -135,3 +135,22 @@ def test_extreme_valid_events_through_validation_and_features(batch):
     offline = features.offline_features([dict(e, event_partition=0, event_offset=i) for i, e in enumerate(accepted)])
     np.testing.assert_array_equal(offline, matrix)
 
+
+
+def test_a_resent_event_id_is_rejected_as_duplicate_in_the_same_and_a_later_batch():
+    pipeline = new_pipeline()
+    event = {"event_id": "e-1", "entity_id": "card-1", "event_time": NOW_MS - 60_000, "amount": 5.0,
+             "currency": "EUR", "merchant_category": None, "channel": None, "country": None, "device_id": None}
+    other = dict(event, event_id="e-2", event_time=NOW_MS - 30_000)
+    first = pipeline.score([InputMessage(ENCODE_EVENT(event), 0, 10), InputMessage(ENCODE_EVENT(event), 0, 11),
+                            InputMessage(ENCODE_EVENT(other), 0, 12)], now_ms=NOW_MS)
+    assert [p["event_id"] for p in first.predictions] == ["e-1", "e-2"] and first.sources == [(0, 10), (0, 12)]
+    assert first.predictions[1]["features"]["count_1h"] == 1.0
+    ((index, rejection, event_id),) = first.rejected
+    assert (index, rejection.reason, rejection.field, event_id) == (1, "duplicate_event", "event_id", "e-1")
+    assert "offset 10" in rejection.detail and "offset 11" in rejection.detail
+    later = pipeline.score([InputMessage(ENCODE_EVENT(other), 0, 20), InputMessage(ENCODE_EVENT(event), 0, 10)],
+                           now_ms=NOW_MS)  # a re-send of e-2, then a crash replay of e-1's offset
+    assert [r[1].reason for r in later.rejected] == ["duplicate_event"] and later.rejected[0][0] == 0
+    assert [p["event_offset"] for p in later.predictions] == [10]
+    assert len(pipeline.states[0]["card-1"]) == 2

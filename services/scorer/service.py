@@ -12,7 +12,8 @@ Entity state lives in memory, grouped by partition, and is backed by the
 compacted `scorer-state` topic (co-partitioned with `events`): when a partition
 is assigned, its state is rebuilt from that changelog before any of its events
 are scored. A replayed event (offset already applied) is scored again but not
-double-counted in the state.
+double-counted in the state; a re-sent event (its event_id already applied at
+another offset) is dead-lettered as `duplicate_event` (features.is_duplicate).
 """
 from __future__ import annotations
 
