@@ -623,7 +623,9 @@ def test_poison_is_dead_lettered_with_reasons_and_does_not_slow_good_events(make
     print(f"\ngood events/s (best of {len(rates['clean'])}): {clean_rate:,.0f} clean, {poisoned_rate:,.0f} with "
           f"{len(poison)} poison messages ({len(poison) / (n_good + len(poison)):.0%}) mixed in: "
           f"{poisoned_rate / clean_rate:.0%}; all rounds: {rates}")
-    assert poisoned_rate > 0.5 * clean_rate
+    # Quiet machine: 75-108 %. The bound is loose because CI shares 2 cores with the broker; a real per-poison
+    # cost (a flush or retry per dead letter, an exception storm) drops the ratio far below it.
+    assert poisoned_rate > 0.35 * clean_rate
 
     # Every poison message is in the dead-letter topic with its reason and original bytes ...
     dlq = Consumer({"bootstrap.servers": poisoned.bootstrap_servers, "group.id": "test-dlq-reader",
