@@ -82,6 +82,40 @@ class DeliveryTracker:
         self.delivered = 0
 
 
+class AckBatch:
+    """Delivery callback for one group of produced messages, and the offsets they make committable.
+
+    A service produces with `on_delivery=batch` and adds to `produced` what it produced; once
+    `seal`ed with the source messages those outputs cover, the batch is `acknowledged` when every
+    message produced with it was delivered. Delivery reports of different partitions arrive in any
+    order, so a global "delivered >= produced" count could not tell which offsets are safe; one
+    counter per batch can, without flushing the producer.
+    """
+
+    __slots__ = ("produced", "delivered", "errors", "covered", "sealed")
+
+    def __init__(self) -> None:
+        self.produced = 0
+        self.delivered = 0
+        self.errors: list[str] = []
+        self.covered: list[Message] = []  # source messages whose offsets commit once acknowledged
+        self.sealed = False
+
+    def __call__(self, err, msg) -> None:  # confluent-kafka on_delivery callback
+        if err is not None:
+            self.errors.append(f"{msg.topic()}: {err}")
+        else:
+            self.delivered += 1
+
+    def seal(self, covered: list[Message]) -> None:
+        self.covered = covered
+        self.sealed = True
+
+    @property
+    def acknowledged(self) -> bool:
+        return self.sealed and self.delivered + len(self.errors) >= self.produced
+
+
 class DeliveryFailed(RuntimeError):
     """Some outputs of a batch were not acknowledged; its offsets must not be committed."""
 

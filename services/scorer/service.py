@@ -1,12 +1,15 @@
 """Scorer: events -> features -> LightGBM -> predictions, at-least-once.
 
 Loop: consume a batch -> ScoringPipeline.score (pure) -> produce predictions and
-dead letters. Every `scorer_checkpoint_interval_ms` (and before partitions are
-revoked, and on a graceful stop) a checkpoint produces the state of the entities
-changed since the last one, waits for acks of everything produced, then commits
-the offsets consumed: commit after acks, so at-least-once. Checkpointing per
-interval instead of per batch keeps the ack round trip and the state
-serialisation off every batch's latency; a crash replays at most one interval.
+dead letters, never waiting for acks. Every `scorer_checkpoint_interval_ms` a
+checkpoint starts: it notes the messages consumed so far and the entities whose
+state changed, produces those states a slice per loop turn (serialising them all
+at once would stall scoring for tens of ms), then seals an `AckBatch` with those
+messages. Their offsets are committed once every message produced up to the seal
+(predictions, dead letters, states) is acknowledged: commit after acks, so
+at-least-once, without flushing the producer on the hot loop. Before partitions
+are revoked and on a graceful stop the same is done synchronously (flush, then
+commit). A crash replays about one interval plus the acks still in flight.
 
 Entity state lives in memory, grouped by partition, and is backed by the
 compacted `scorer-state` topic (co-partitioned with `events`): when a partition
@@ -20,12 +23,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from streamscore import features
 from streamscore.codec import AvroCodec
-from streamscore.kafka_io import DeliveryTracker, commit, dead_letter, flush_or_raise, make_consumer, make_producer
+from streamscore.kafka_io import AckBatch, DeliveryFailed, commit, dead_letter, make_consumer, make_producer
 from streamscore.registry import ModelRegistry
 from streamscore.scoring import InputMessage, ScoringPipeline, load_production_model
 from streamscore.service_stats import ServiceStats
@@ -33,6 +37,9 @@ from streamscore.settings import TOPIC_EVENTS, TOPIC_PREDICTIONS, TOPIC_SCORER_S
 
 log = logging.getLogger("streamscore.scorer")
 SERVICE = "scorer"
+# Entity states serialised per loop turn while a checkpoint is in progress (at least as many as the
+# batch had events, so a checkpoint keeps up with the entities a backlog dirties): ~25 us each.
+STATE_SLICE = 128
 
 
 def read_changelog(settings: Settings, partition: int, timeout_s: float = 60.0) -> dict[str, features.EntityState]:
@@ -93,11 +100,16 @@ class ScorerService:
         self.watcher = ModelWatcher(self.registry, settings.model_name)
         self.stats = stats or ServiceStats(SERVICE)
         self.stats.model_version = self.pipeline.model.version
-        # produced but not yet committed: the messages, and the entities whose state changed
+        # consumed since the last checkpoint started: the messages, and the entities whose state changed
         self._uncommitted: list = []
         self._dirty: dict[int, set[str]] = {}
+        # the checkpoint in progress: messages it covers and the entity states still to produce
+        self._checkpointing: list | None = None
+        self._state_queue: list[tuple[int, str]] = []
+        # outputs produced now count on `_acks`; sealed checkpoints wait (oldest first) for their acks
+        self._acks = AckBatch()
+        self._sealed: deque[AckBatch] = deque()
         self._producer = None
-        self._tracker = DeliveryTracker()
         # partitions assigned to us now (their state is loaded); see the filter in run()
         self._owned: set[int] = set()
 
@@ -114,7 +126,7 @@ class ScorerService:
     def _on_revoke(self, consumer, partitions) -> None:
         # Hand over cleanly: the next owner starts from our committed offsets and state.
         if self._producer is not None:
-            self._checkpoint(consumer)
+            self._checkpoint_now(consumer)
         for tp in partitions:
             self._owned.discard(tp.partition)
             self.pipeline.drop_partition_state(tp.partition)
@@ -124,28 +136,77 @@ class ScorerService:
         # Another consumer may own them already: never commit for them; they get replayed.
         lost = {tp.partition for tp in partitions}
         self._uncommitted = [m for m in self._uncommitted if m.partition() not in lost]
+        if self._checkpointing is not None:
+            self._checkpointing = [m for m in self._checkpointing if m.partition() not in lost]
+        self._state_queue = [(p, e) for p, e in self._state_queue if p not in lost]
+        for batch in self._sealed:
+            batch.covered = [m for m in batch.covered if m.partition() not in lost]
         for partition in lost:
             self._owned.discard(partition)
             self._dirty.pop(partition, None)
             self.pipeline.drop_partition_state(partition)
         log.info("partitions lost: %s", sorted(lost))
 
-    def _checkpoint(self, consumer) -> None:
-        """State of changed entities -> wait for acks of all outputs -> commit what they cover."""
-        producer, tracker = self._producer, self._tracker
-        state_topic = self.settings.topic(TOPIC_SCORER_STATE)
-        for partition, entities in self._dirty.items():
-            states = self.pipeline.states.get(partition)
-            if states is None:
-                continue
-            for entity in entities:
-                producer.produce(state_topic, key=entity.encode(), value=states[entity].to_bytes(),
-                                 partition=partition, on_delivery=tracker)
+    # --- checkpoints: state -> acks -> commit, off the hot loop ---------------------
+    def _start_checkpoint(self) -> None:
+        self._checkpointing, self._uncommitted = self._uncommitted, []
+        self._state_queue = [(partition, entity) for partition, entities in self._dirty.items()
+                             for entity in entities]
         self._dirty = {}
-        flush_or_raise(producer, tracker)
-        commit(consumer, self._uncommitted)
-        self._uncommitted = []
-        tracker.reset()
+
+    def _produce_states(self, limit: int | None) -> None:
+        """Produce up to `limit` (None: all) queued entity states; seal the checkpoint when none are left."""
+        queue = self._state_queue
+        if limit is None or limit >= len(queue):
+            todo, self._state_queue = queue, []
+        else:
+            todo, self._state_queue = queue[-limit:], queue[:-limit]
+        producer, acks = self._producer, self._acks
+        state_topic = self.settings.topic(TOPIC_SCORER_STATE)
+        all_states = self.pipeline.states
+        for partition, entity in todo:
+            # the state now (maybe ahead of the checkpoint's offsets: replayed offsets are not re-applied)
+            states = all_states.get(partition)
+            state = states.get(entity) if states is not None else None
+            if state is None:
+                continue
+            producer.produce(state_topic, key=entity.encode(), value=state.to_bytes(),
+                             partition=partition, on_delivery=acks)
+            acks.produced += 1
+        if not self._state_queue:
+            acks.seal(self._checkpointing)
+            self._sealed.append(acks)
+            self._acks = AckBatch()
+            self._checkpointing = None
+
+    def _commit_acknowledged(self, consumer) -> None:
+        """Commit the offsets of the oldest sealed checkpoints whose outputs are all acknowledged."""
+        covered: list = []
+        sealed = self._sealed
+        while sealed and sealed[0].acknowledged:
+            batch = sealed.popleft()
+            if batch.errors:
+                raise DeliveryFailed(f"{len(batch.errors)} messages failed delivery, first: {batch.errors[0]}")
+            covered.extend(batch.covered)
+        if covered:
+            commit(consumer, covered)
+
+    def _checkpoint_now(self, consumer, timeout_s: float = 330.0) -> None:
+        """Synchronously: state of every changed entity -> wait for acks of all outputs -> commit it all."""
+        if self._checkpointing is None:
+            self._start_checkpoint()
+        else:  # a checkpoint in progress also takes what was consumed since it started
+            self._checkpointing += self._uncommitted
+            self._uncommitted = []
+            self._state_queue += [(p, e) for p, entities in self._dirty.items() for e in entities]
+            self._dirty = {}
+        self._produce_states(None)
+        remaining = self._producer.flush(timeout_s)
+        if remaining:
+            raise DeliveryFailed(f"{remaining} messages still unacknowledged after {timeout_s:.0f} s")
+        self._commit_acknowledged(consumer)
+        if self._sealed:  # flushed, so every batch is acknowledged; anything left is a bug
+            raise DeliveryFailed(f"{len(self._sealed)} checkpoints still unacknowledged after a flush")
 
     def _next_batch(self, consumer, wait_s: float) -> list:
         """Up to scorer_batch_size messages: waits (<= 0.1 s) for the first one only as long as it
@@ -175,8 +236,8 @@ class ScorerService:
         settings = self.settings
         consumer = make_consumer(settings, settings.group(SERVICE))
         producer = self._producer = make_producer(settings)
-        tracker = self._tracker
-        tracker.reset()
+        self._acks = AckBatch()
+        self._sealed.clear()
         events_topic = settings.topic(TOPIC_EVENTS)
         predictions_topic = settings.topic(TOPIC_PREDICTIONS)
         consumer.subscribe([events_topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
@@ -200,12 +261,14 @@ class ScorerService:
                     started = time.perf_counter()
                     inputs = [InputMessage(m.value(), m.partition(), m.offset()) for m in messages]
                     result = self.pipeline.score(inputs)
+                    acks = self._acks
                     for key, value in zip(result.keys, result.encoded):
-                        producer.produce(predictions_topic, key=key, value=value, on_delivery=tracker)
+                        producer.produce(predictions_topic, key=key, value=value, on_delivery=acks)
                     for index, rejection, event_id in result.rejected:
                         dead_letter(producer, settings, messages[index], rejection, SERVICE, event_id=event_id,
-                                    on_delivery=tracker)
+                                    on_delivery=acks)
                         self.stats.count_rejection(rejection.reason)
+                    acks.produced += len(result.encoded) + len(result.rejected)
                     for partition, entities in result.touched.items():
                         self._dirty.setdefault(partition, set()).update(entities)
                     self._uncommitted.extend(messages)
@@ -215,10 +278,15 @@ class ScorerService:
                     self.stats.record_batch(
                         n_in=len(messages), n_out=len(result.encoded), seconds=time.perf_counter() - started,
                         latencies_ms=[now_ms - m.timestamp()[1] for m in messages if m.timestamp()[1] > 0])
-                if self._uncommitted and time.monotonic() >= next_checkpoint:
-                    self._checkpoint(consumer)
+                if self._checkpointing is None and self._uncommitted and time.monotonic() >= next_checkpoint:
+                    self._start_checkpoint()
                     next_checkpoint = time.monotonic() + interval_s
-            self._checkpoint(consumer)  # graceful stop: everything acknowledged and committed
+                if self._checkpointing is not None:
+                    self._produce_states(max(STATE_SLICE, len(messages)))
+                if self._sealed:
+                    producer.poll(0)
+                    self._commit_acknowledged(consumer)
+            self._checkpoint_now(consumer)  # graceful stop: everything acknowledged and committed
         finally:
             self.stats.running = False
             self._producer = None  # close() revokes: after a failure, nothing more may be committed
