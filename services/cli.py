@@ -499,6 +499,10 @@ def demo(ctx: typer.Context,
         options = drift_options(seed=seed, rate=rate, kind=drift_kind, history=history, live=events)
     else:
         options = DemoOptions(history_events=history or 30_000, live_events=events or 20_000, rate=rate, seed=seed)
+    import logging
+
+    # librdkafka's transient start-up notices ("coordinator load in progress") are not news in a demo.
+    logging.getLogger("streamscore.kafka").setLevel(logging.ERROR)
     run_demo(settings, options, console)
 
 

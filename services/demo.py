@@ -250,8 +250,10 @@ def _print_summary(console: Console, store: Store, figures: dict, options: DemoO
     _sql_table(console, store, "rejected events by reason",
                "SELECT reason, field, count() AS events FROM rejected_events FINAL GROUP BY reason, field "
                "ORDER BY events DESC")
-    _sql_table(console, store, "model precision/recall on labelled events (v>=1)",
-               "SELECT p.model_version, count() AS labelled, sum(l.label) AS positives, "
-               "round(avg(p.score), 4) AS mean_score FROM predictions AS p FINAL "
-               "INNER JOIN labels AS l FINAL ON p.event_id = l.event_id WHERE p.model_version > 0 "
-               "GROUP BY p.model_version")
+    _sql_table(console, store, "online quality from delayed labels (score >= 0.5 flags an event)",
+               "SELECT p.model_version, count() AS labelled, sum(l.label) AS frauds, "
+               "round(arrayAUC(groupArray(p.score), groupArray(toFloat64(l.label))), 4) AS auc, "
+               "round(sumIf(l.label, p.score >= 0.5) / greatest(countIf(p.score >= 0.5), 1), 4) AS precision, "
+               "round(sumIf(l.label, p.score >= 0.5) / greatest(sum(l.label), 1), 4) AS recall "
+               "FROM predictions AS p FINAL INNER JOIN labels AS l FINAL ON p.event_id = l.event_id "
+               "WHERE p.model_version > 0 GROUP BY p.model_version ORDER BY p.model_version")
