@@ -148,6 +148,13 @@ def test_concept_drift_triggers_one_retrain_and_the_scorer_serves_v2(loop_settin
     assert len(requests) == 1, requests
     assert requests[0] == request and request["model_version"] == 1
     assert drift_rows(store) >= 1
+    # ... and the detections and window statistics are exported as Prometheus metrics too.
+    detections = drift.stats.registry.get_sample_value(
+        "streamscore_drift_detections_total",
+        {"service": "drift", "detector": request["detector"], "feature": request["feature"] or "(model)"})
+    assert detections and detections >= 1
+    assert any(metric.name == "streamscore_drift_statistic" and metric.samples
+               for metric in drift.stats.registry.collect())
     cited = store.query("SELECT detector, request_id FROM drift_events WHERE retrain_requested = 1").rows
     assert cited == [(request["detector"], request["request_id"])]
     versions = store.query("SELECT version, action FROM model_versions ORDER BY recorded_at").rows

@@ -37,7 +37,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 
 from streamscore.codec import AvroCodec, DecodeError
 from streamscore.drift import DriftConfig, IncompatibleDriftState
-from streamscore.drift_tracking import DRIFT_EVENTS_COLUMNS, DriftOutputs, DriftTracker
+from streamscore.drift_tracking import DRIFT_EVENTS_COLUMNS, KIND_DRIFT, DriftOutputs, DriftTracker
 from streamscore.kafka_io import DeliveryTracker, flush_or_raise, make_consumer, make_producer
 from streamscore.registry import ModelRegistry
 from streamscore.service_stats import ServiceStats
@@ -202,12 +202,23 @@ class DriftService:
             found.update({event_id: (int(version), score) for event_id, version, score in result.rows})
         self.tracker.resolve_labels(found, self.outputs)
 
+    def _export_metrics(self, rows: list[list]) -> None:
+        """Mirror drift_events rows into Prometheus: latest value per statistic, count per detection."""
+        column = {name: i for i, name in enumerate(DRIFT_EVENTS_COLUMNS)}
+        for row in rows:
+            feature = row[column["feature"]] or "(model)"
+            if row[column["kind"]] == KIND_DRIFT:
+                self.stats.count_drift(row[column["detector"]], feature)
+            else:
+                self.stats.record_drift_statistic(feature, row[column["statistic"]], float(row[column["value"]]))
+
     def _checkpoint(self, consumer: Consumer, producer) -> None:
         """Rows -> retrain requests -> state -> offsets, each step only after the previous one is durable."""
         started = time.perf_counter()
         outputs = self.outputs
         if outputs.rows:
             self.store.insert("drift_events", outputs.rows, DRIFT_EVENTS_COLUMNS)
+            self._export_metrics(outputs.rows)
         tracker = DeliveryTracker()
         for request in outputs.requests:
             producer.produce(self.retrain_topic, key=request["model_name"].encode(),
