@@ -14,6 +14,7 @@ import numpy as np
 
 from streamscore import features
 from streamscore.codec import AvroCodec, DecodeError
+from streamscore.event_decoding import EventReader
 from streamscore.kafka_io import Rejection
 from streamscore.prediction_encoding import PredictionWriter
 from streamscore.registry import ModelRegistry, ModelVersion, check_feature_set
@@ -103,7 +104,7 @@ class ScoringPipeline:
         self.model = model
         self.states: dict[int, dict[str, features.EntityState]] = {}
         self.writer = PredictionWriter(codec)
-        self._decode_event = codec.decoder("event")
+        self._decode_event = EventReader(codec)  # == codec.decoder("event"), faster for the current schema
 
     # --- state ownership follows partition assignment ------------------------
     def load_partition_state(self, partition: int, states: dict[str, features.EntityState]) -> None:
