@@ -19,7 +19,7 @@ from streamscore.kafka_io import Rejection
 from streamscore.prediction_encoding import PredictionWriter
 from streamscore.registry import ModelRegistry, ModelVersion, check_feature_set
 from streamscore.settings import Settings
-from streamscore.validation import DUPLICATE_EVENT, InvalidEvent, validate_event
+from streamscore.validation import DUPLICATE_EVENT, InvalidEvent, batch_validator
 
 
 @dataclass(frozen=True)
@@ -123,24 +123,7 @@ class ScoringPipeline:
     def score(self, messages: list[InputMessage], now_ms: int | None = None) -> BatchResult:
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
         result = BatchResult()
-        events: list[dict] = []  # accepted events, input order
-        raws: list[bytes] = []
-        indexes: list[int] = []  # position in `events` -> index in `messages`
-        by_partition: dict[int, list[int]] = {}  # partition -> positions in `events`
-        for index, msg in enumerate(messages):
-            event, rejection = self._read_event(msg, now_ms)
-            if rejection is not None:
-                result.rejected.append((index, rejection, event.get("event_id") if event else None))
-                continue
-            positions = by_partition.get(msg.partition)
-            if positions is None:
-                positions = by_partition[msg.partition] = []
-            positions.append(len(events))
-            events.append(event)
-            raws.append(msg.value)
-            indexes.append(index)
-            result.sources.append((msg.partition, msg.offset))
-
+        events, raws, indexes, by_partition = self._read_events(messages, now_ms, result)
         sources = result.sources
         duplicates: list[tuple[int, int]] = []  # (position in `events`, offset of the first arrival)
         if len(by_partition) == 1:
@@ -170,18 +153,43 @@ class ScoringPipeline:
         result._records = (events, matrix, scores, scored_at, model)
         return result
 
-    def _read_event(self, msg: InputMessage, now_ms: int) -> tuple[dict | None, Rejection | None]:
-        if not msg.value:
-            return None, Rejection("undecodable", None, "empty message value")
-        try:
-            event = self._decode_event(msg.value)
-        except DecodeError as exc:
-            return None, Rejection(exc.reason, exc.field, str(exc))
-        try:
-            validate_event(event, self.settings, now_ms)
-        except InvalidEvent as exc:
-            return event, Rejection(exc.reason, exc.field, exc.detail)
-        return event, None
+    def _read_events(self, messages: list[InputMessage], now_ms: int, result: BatchResult):
+        """Decode and validate each message; rejections go to `result.rejected`, accepted events' sources to
+        `result.sources`. Returns (events, their raw bytes, their message indexes, partition -> positions).
+
+        One loop without a call per message besides decode and validate: this runs for every event."""
+        decode = self._decode_event
+        validate = batch_validator(self.settings, now_ms)
+        rejected = result.rejected
+        sources = result.sources
+        events: list[dict] = []  # accepted events, input order
+        raws: list[bytes] = []
+        indexes: list[int] = []  # position in `events` -> index in `messages`
+        by_partition: dict[int, list[int]] = {}  # partition -> positions in `events`
+        for index, msg in enumerate(messages):
+            value = msg.value
+            if not value:
+                rejected.append((index, Rejection("undecodable", None, "empty message value"), None))
+                continue
+            try:
+                event = decode(value)
+            except DecodeError as exc:
+                rejected.append((index, Rejection(exc.reason, exc.field, str(exc)), None))
+                continue
+            try:
+                validate(event)
+            except InvalidEvent as exc:
+                rejected.append((index, Rejection(exc.reason, exc.field, exc.detail), event.get("event_id")))
+                continue
+            positions = by_partition.get(msg.partition)
+            if positions is None:
+                positions = by_partition[msg.partition] = []
+            positions.append(len(events))
+            events.append(event)
+            raws.append(value)
+            indexes.append(index)
+            sources.append((msg.partition, msg.offset))
+        return events, raws, indexes, by_partition
 
 
 def _reject_duplicates(result: BatchResult, duplicates: list[tuple[int, int]], events: list[dict],

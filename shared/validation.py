@@ -5,12 +5,17 @@ cannot: empty ids, non-finite or out-of-range amounts, implausible event times,
 malformed codes. The scorer dead-letters a rejected event with the exception's
 `reason` / `field` / `detail` as headers, so each failure names the field and
 the offending value. Called once per event, so it is a straight line of cheap
-checks (about 1 us).
+checks (about 1 us). The scorer uses `batch_validator`, which first asks one cheap question
+(is this a plainly valid event?) and runs `validate_event` only when the answer is not a clear yes,
+so rejections keep exactly the reasons, fields and details `validate_event` gives.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import sys
+from collections.abc import Callable, Mapping
+from itertools import product
+from string import ascii_uppercase
 
 from streamscore.settings import Settings
 
@@ -27,6 +32,8 @@ DUPLICATE_EVENT = "duplicate_event"
 
 DAY_MS = 86_400_000
 OPTIONAL_STRING_FIELDS = ("merchant_category", "channel", "country", "device_id")
+# Every currency validate_event accepts (3 ASCII uppercase letters): one set lookup instead of five calls.
+PLAIN_CURRENCIES = frozenset("".join(letters) for letters in product(ascii_uppercase, repeat=3))
 
 
 class InvalidEvent(ValueError):
@@ -98,3 +105,39 @@ def validate_event(event: Mapping, settings: Settings, now_ms: int) -> None:
         value = event.get(name)
         if value is not None and not isinstance(value, str):
             raise InvalidEvent(INVALID_VALUE, name, f"{name} must be a string or null, got {_short(value)}")
+
+
+def batch_validator(settings: Settings, now_ms: int) -> Callable[[Mapping], None]:
+    """`validate_event(event, settings, now_ms)` as a function of the event, for a batch scored at `now_ms`.
+
+    The limits are computed once, with the same expressions as validate_event, and an event that
+    plainly passes every check (exact types, limits, currency in PLAIN_CURRENCIES) returns at once;
+    anything else goes through validate_event itself, which raises with its reason, field and detail.
+    """
+    newest = now_ms + settings.max_event_future_s * 1000  # validate_event rejects event_time > newest
+    oldest = now_ms - settings.max_event_age_days * DAY_MS  # ... and event_time < oldest
+    # 0 <= amount <= max_amount then also means finite (an infinite limit is clamped to the largest float)
+    max_amount = settings.max_amount if math.isfinite(settings.max_amount) else sys.float_info.max
+    currencies = PLAIN_CURRENCIES
+
+    def validate(event: Mapping) -> None:
+        event_id = event.get("event_id")
+        entity_id = event.get("entity_id")
+        event_time = event.get("event_time")
+        amount = event.get("amount")
+        merchant_category = event.get("merchant_category")
+        channel = event.get("channel")
+        country = event.get("country")
+        device_id = event.get("device_id")
+        if (type(event_id) is str and event_id.strip() and type(entity_id) is str and entity_id.strip()
+                and type(event_time) is int and oldest <= event_time <= newest
+                and type(amount) is float and 0.0 <= amount <= max_amount
+                and type(event.get("currency")) is str and event.get("currency") in currencies
+                and (merchant_category is None or type(merchant_category) is str)
+                and (channel is None or type(channel) is str)
+                and (country is None or type(country) is str)
+                and (device_id is None or type(device_id) is str)):
+            return
+        validate_event(event, settings, now_ms)
+
+    return validate

@@ -1,13 +1,15 @@
-"""validate_event: every reason code, messages that name field and value, and valid events pass."""
+"""validate_event: every reason code, messages that name field and value, and valid events pass;
+batch_validator (the scorer's) gives exactly the same outcome for every event."""
 from __future__ import annotations
 
 import math
 import pickle
+import random
 
 import pytest
 
 from streamscore.settings import Settings
-from streamscore.validation import InvalidEvent, validate_event
+from streamscore.validation import PLAIN_CURRENCIES, InvalidEvent, batch_validator, validate_event
 
 NOW = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 SETTINGS = Settings(max_amount=10_000.0, max_event_future_s=60.0, max_event_age_days=30.0)
@@ -98,3 +100,55 @@ def test_is_a_value_error_and_survives_pickling():
     assert isinstance(exc, ValueError)
     copy = pickle.loads(pickle.dumps(exc))
     assert (copy.reason, copy.field, copy.detail) == (exc.reason, exc.field, exc.detail)
+
+
+# --- batch_validator == validate_event ----------------------------------------------------------
+class Text(str):
+    """A str subclass: validate_event accepts it, the fast check must not decide on it alone."""
+
+
+ODD_VALUES = {
+    "event_id": ["", " ", "\t\n", None, 17, Text("e-2"), "é"],
+    "entity_id": ["", "  ", None, 17, Text("c"), "card-9"],
+    "event_time": [None, 1.5e12, True, NOW + 60_000, NOW + 60_001, NOW - 30 * 86_400_000,
+                   NOW - 30 * 86_400_000 - 1, 0, -(2**63), 2**63 - 1],
+    "amount": [None, "12", True, 7, 0, -0.0, 0.0, -0.01, 10_000.0, 10_000.01, math.nan, math.inf, -math.inf,
+               1e300, 5e-324],
+    "currency": [None, "eur", "EU", "EURO", "E1R", "ÉUR", 978, "XYZ", Text("EUR"), "ＥＵＲ", "EU\u0130"],
+    "merchant_category": [None, "", 5411, b"5411"],
+    "channel": [None, "", 1.0],
+    "country": [None, 49, "BR"],
+    "device_id": [None, "", ["d"]],
+}
+
+
+def outcome(check, candidate) -> tuple | None:
+    try:
+        check(candidate)
+    except InvalidEvent as exc:
+        return exc.reason, exc.field, exc.detail
+    return None
+
+
+@pytest.mark.parametrize("settings", [SETTINGS, Settings(max_amount=math.inf), Settings(max_event_future_s=0.5)])
+def test_batch_validator_gives_the_outcome_of_validate_event(settings):
+    check = batch_validator(settings, NOW)
+    rng = random.Random(5)
+    candidates = [event()] + [event(**{name: value}) for name, values in ODD_VALUES.items() for value in values]
+    for _ in range(3000):  # several odd fields at once: the first failing check must still win
+        candidates.append(event(**{name: rng.choice(values) for name, values in ODD_VALUES.items()
+                                   if rng.random() < 0.3}))
+    missing = dict(event())
+    del missing["currency"]
+    candidates.append(missing)
+    rejected = 0
+    for candidate in candidates:
+        expected = outcome(lambda e: validate_event(e, settings, NOW), candidate)
+        assert outcome(check, candidate) == expected, candidate
+        rejected += expected is not None
+    assert 0 < rejected < len(candidates)
+
+
+def test_plain_currencies_are_exactly_the_well_formed_codes():
+    assert len(PLAIN_CURRENCIES) == 26**3 and {"EUR", "USD", "XYZ"} <= PLAIN_CURRENCIES
+    assert not {"eur", "EU", "EURO", "ÉUR", "E1R"} & PLAIN_CURRENCIES
