@@ -12,14 +12,17 @@ compares them with the generic encoder) at a few us per record because:
   written with the current Event schema (the Avro encoding of a record is just its
   fields in order, so the bytes are identical); otherwise the decoded event is
   encoded with fastavro;
-- fields constant within a batch (scored_at, model, feature set) are encoded once.
+- fields constant within a batch (scored_at, model, feature set) are encoded once;
+- everything between model_version and the event (score, feature set, the map) has the
+  same width for every record of a batch, so it is one packed numpy row per record;
+- the varints of event_time, event_partition and event_offset are encoded for the
+  whole batch with numpy (`avro_longs`), not one Python loop per value.
 
 Field order follows schemas/prediction.avsc; a schema change must change this file
 (the equality test fails first).
 """
 from __future__ import annotations
 
-import struct
 from collections.abc import Sequence
 from io import BytesIO
 
@@ -29,7 +32,6 @@ from fastavro import schemaless_writer
 from streamscore import features
 from streamscore.codec import CONFLUENT_HEADER_LEN, SINGLE_OBJECT_HEADER_LEN, AvroCodec, DecodeError
 
-_DOUBLE = struct.Struct("<d")
 _NULL_SCORE = b"\x00"  # union branch 0: null
 _SCORE_BRANCH = b"\x02"  # union branch 1: double
 
@@ -58,13 +60,38 @@ def avro_string(value: str) -> bytes:
     return (_SMALL_LONGS[size] if size < 64 else avro_long(size)) + data
 
 
-def _features_map_dtype(names: Sequence[str]) -> tuple[np.dtype, bytes, bytes]:
-    """Packed record dtype for one encoded map: count, then (key, value) pairs, then the end marker."""
-    fields: list[tuple[str, str]] = []
+_VARINT_WIDTH = 10  # a 64-bit zig-zag value needs at most 10 groups of 7 bits
+_VARINT_SHIFTS = np.arange(0, 7 * _VARINT_WIDTH, 7, dtype=np.uint64)
+_VARINT_LIMITS = np.array([1 << shift for shift in range(7, 64, 7)], dtype=np.uint64)  # one byte more past each
+
+
+def avro_longs(values: Sequence[int]) -> list[bytes]:
+    """[avro_long(v) for v in values] for 64-bit values, computed for the whole sequence at once."""
+    try:
+        signed = np.asarray(values, dtype=np.int64)
+    except OverflowError:  # outside int64: not a valid Avro long anyway, keep the scalar encoding
+        return [avro_long(value) for value in values]
+    if signed.ndim != 1 or not len(signed):
+        return [avro_long(value) for value in values]
+    zigzag = ((signed << 1) ^ (signed >> 63)).view(np.uint64)
+    sizes = 1 + (zigzag[:, None] >= _VARINT_LIMITS).sum(axis=1)
+    groups = (zigzag[:, None] >> _VARINT_SHIFTS) & 0x7F
+    more = np.arange(_VARINT_WIDTH) < (sizes - 1)[:, None]  # continuation bit on all but the last byte
+    packed = (groups | (more.astype(np.uint64) << 7)).astype(np.uint8).tobytes()
+    return [packed[start:start + size]
+            for start, size in zip(range(0, len(packed), _VARINT_WIDTH), sizes.tolist())]
+
+
+def _fixed_block_dtype(names: Sequence[str], feature_set: bytes, scored: bool) -> np.dtype:
+    """Packed dtype of one record's fixed-width middle: the score union, feature_set, then the features map
+    (count, (key, value) pairs, end marker)."""
+    fields: list[tuple[str, str]] = [("branch", "u1")] + ([("score", "<f8")] if scored else [])
+    fields += [("feature_set", f"S{len(feature_set)}"), ("map_start", f"S{len(avro_long(len(names)))}")]
     for i, name in enumerate(names):
         fields.append((f"k{i}", f"S{len(avro_string(name))}"))
         fields.append((f"v{i}", "<f8"))
-    return np.dtype(fields), avro_long(len(names)), avro_long(0)
+    fields.append(("map_end", "u1"))
+    return np.dtype(fields)
 
 
 class PredictionWriter:
@@ -74,8 +101,10 @@ class PredictionWriter:
         self.codec = codec
         self.header = codec.encoder("prediction", topic).header
         self.feature_set = avro_string(features.FEATURE_SET_HASH)
-        self._map_dtype, self._map_start, self._map_end = _features_map_dtype(features.FEATURE_NAMES)
+        self._map_start = avro_long(len(features.FEATURE_NAMES))
         self._map_keys = [avro_string(name) for name in features.FEATURE_NAMES]
+        self._block_dtypes = {scored: _fixed_block_dtype(features.FEATURE_NAMES, self.feature_set, scored)
+                              for scored in (True, False)}
         event_schema = codec.catalog.current("event")
         self._event_parsed = event_schema.parsed
         self._event_fingerprint = event_schema.fingerprint
@@ -108,28 +137,39 @@ class PredictionWriter:
         n = len(events)
         if n == 0:
             return []
-        maps = np.empty(n, dtype=self._map_dtype)
-        for i, key in enumerate(self._map_keys):
-            maps[f"k{i}"] = key
-            maps[f"v{i}"] = matrix[:, i]
-        map_bytes = maps.tobytes()
-        width = self._map_dtype.itemsize
+        block_bytes, width = self._fixed_blocks(matrix, scores)
         middle = (avro_long(scored_at) + avro_string(model_name) + avro_long(model_version))
-        map_start, map_end, feature_set, header = self._map_start, self._map_end, self.feature_set, self.header
-        score_list = None if scores is None else scores.tolist()
-        pack_double = _DOUBLE.pack
+        header = self.header
+        times = avro_longs([event["event_time"] for event in events])
+        partition_bytes = avro_longs(partitions)
+        offset_bytes = avro_longs(offsets)
+        body_offset = self._event_body_offset
         out = []
         append = out.append
         for i in range(n):
             event = events[i]
             raw = raw_events[i]
-            start = self._event_body_offset(raw)
+            start = body_offset(raw)
             body = raw[start:] if start else self._event_body(event)
-            score = _NULL_SCORE if score_list is None else _SCORE_BRANCH + pack_double(score_list[i])
             append(b"".join((
-                header, avro_string(event["event_id"]), avro_string(event["entity_id"]),
-                avro_long(event["event_time"]), middle, score, feature_set,
-                map_start, map_bytes[i * width:(i + 1) * width], map_end,
-                body, avro_long(partitions[i]), avro_long(offsets[i]),
+                header, avro_string(event["event_id"]), avro_string(event["entity_id"]), times[i], middle,
+                block_bytes[i * width:(i + 1) * width], body, partition_bytes[i], offset_bytes[i],
             )))
         return out
+
+    def _fixed_blocks(self, matrix: np.ndarray, scores: np.ndarray | None) -> tuple[bytes, int]:
+        """The fixed-width middle of every record (score .. features map) as one bytes, and its width."""
+        dtype = self._block_dtypes[scores is not None]
+        blocks = np.empty(len(matrix), dtype=dtype)
+        if scores is None:
+            blocks["branch"] = _NULL_SCORE[0]
+        else:
+            blocks["branch"] = _SCORE_BRANCH[0]
+            blocks["score"] = scores
+        blocks["feature_set"] = self.feature_set
+        blocks["map_start"] = self._map_start
+        for i, key in enumerate(self._map_keys):
+            blocks[f"k{i}"] = key
+            blocks[f"v{i}"] = matrix[:, i]
+        blocks["map_end"] = 0
+        return blocks.tobytes(), dtype.itemsize

@@ -9,7 +9,7 @@ from hypothesis import given, settings as hsettings, strategies as st
 
 from streamscore import features
 from streamscore.codec import AvroCodec, SchemaCatalog
-from streamscore.prediction_encoding import PredictionWriter, avro_long
+from streamscore.prediction_encoding import PredictionWriter, avro_long, avro_longs
 from streamscore.scoring import InputMessage, ScoringPipeline, ServedModel
 from streamscore.settings import Settings
 from streamscore.simulator import Simulator
@@ -62,6 +62,18 @@ def test_avro_long_matches_fastavro(value):
     event = {"event_id": "e", "entity_id": "x", "event_time": value, "amount": 1.0, "currency": "EUR"}
     body = codec.encode("event", event)[10:]
     assert body[4:4 + len(avro_long(value))] == avro_long(value)
+
+
+def test_avro_longs_is_avro_long_of_each_value():
+    edges = [0, 1, -1, 63, 64, -64, -65, 2**62 - 1, 2**62, -(2**62), -(2**62) - 1, 2**63 - 1, -(2**63)]
+    edges += [sign * (2**shift + delta) for shift in range(0, 63, 7) for delta in (-1, 0, 1) for sign in (1, -1)]
+    edges = [v for v in edges if -(2**63) <= v < 2**63]
+    rng = np.random.default_rng(4)
+    randoms = rng.integers(-(2**63), 2**63 - 1, size=2000).tolist() + rng.integers(-300, 300, size=200).tolist()
+    for values in (edges, randoms, [7], list(range(10_000, 10_500))):
+        assert avro_longs(values) == [avro_long(v) for v in values]
+    assert avro_longs([]) == []
+    assert avro_longs([2**70, 1]) == [avro_long(2**70), avro_long(1)]  # not int64: the scalar encoding
 
 
 def test_pipeline_bytes_decode_to_its_prediction_dicts():
