@@ -65,9 +65,11 @@ def _read_optional_string(data: bytes, pos: int) -> tuple[str | None, int]:
     branch = data[pos]
     if branch == 0:
         return None, pos + 1
-    if branch != 2:
+    size = data[pos + 1]
+    if branch != 2 or size >= 0x80 or size & 1:  # _read_string, inlined: 4 of these per event
         raise _NotFastPath
-    return _read_string(data, pos + 1)
+    end = pos + 2 + (size >> 1)
+    return data[pos + 2:end].decode(), end
 
 
 def _read_event(data: bytes, pos: int) -> dict:
