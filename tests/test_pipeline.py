@@ -535,6 +535,7 @@ def test_logger_replay_of_uncommitted_batches_writes_no_duplicates(settings, sto
     for _ in range(2):
         for msg in messages:
             crashed.handle(msg)
+        crashed.seal()
         assert crashed.sink.flush() == sum(expected.values())
     consumer.close()  # without committing
     # identical batch (same offsets -> same dedup tokens): no duplicate even without FINAL

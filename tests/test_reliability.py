@@ -477,13 +477,20 @@ class FailingInserts:
         self.fail_from = fail_from
         self.calls: list[tuple[float, str, bool]] = []  # (monotonic time, table, failed)
 
-    def insert(self, table, rows, column_names, dedup_token=None):
+    def _count(self, table: str) -> None:
         number = len(self.calls) + 1
         failing = self.fail_from <= number < self.fail_from + self.failures
         self.calls.append((time.monotonic(), table, failing))
         if failing:
             raise ConnectionError(f"injected failure of insert #{number} into {table}")
+
+    def insert(self, table, rows, column_names, dedup_token=None):
+        self._count(table)
         return self.store.insert(table, rows, column_names, dedup_token=dedup_token)
+
+    def insert_native(self, table, block, rows, dedup_token=None):
+        self._count(table)
+        return self.store.insert_native(table, block, rows, dedup_token=dedup_token)
 
     @property
     def failing(self) -> bool:

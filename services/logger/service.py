@@ -15,10 +15,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 from confluent_kafka import KafkaError, Message
 
 from streamscore.codec import AvroCodec, DecodeError
 from streamscore.kafka_io import commit, headers_dict, make_consumer
+from streamscore.prediction_block import PredictionBlockWriter
 from streamscore.prediction_decoding import PredictionReader
 from streamscore.registry import ModelRegistry, RegistryError, model_versions_row
 from streamscore.service_stats import ServiceStats
@@ -40,9 +42,23 @@ class TableBuffer:
 
     def add(self, row: list, msg: Message) -> None:
         self.rows.append(row)
-        key = (msg.topic(), msg.partition())
-        lo, hi = self.ranges.get(key, (msg.offset(), msg.offset()))
-        self.ranges[key] = (min(lo, msg.offset()), max(hi, msg.offset()))
+        self.cover(msg)
+
+    def cover(self, msg: Message) -> None:
+        """Count `msg` in the offset ranges (the dedup token) of this table's next insert."""
+        self._widen((msg.topic(), msg.partition()), msg.offset(), msg.offset())
+
+    def cover_many(self, topic: str, messages: list[Message]) -> None:
+        """`cover` for many messages of one topic (array operations instead of a dict update each)."""
+        partitions = np.fromiter((m.partition() for m in messages), dtype=np.int64, count=len(messages))
+        offsets = np.fromiter((m.offset() for m in messages), dtype=np.int64, count=len(messages))
+        for partition in np.unique(partitions).tolist():
+            of_partition = offsets[partitions == partition]
+            self._widen((topic, partition), int(of_partition.min()), int(of_partition.max()))
+
+    def _widen(self, key: tuple[str, int], low: int, high: int) -> None:
+        lo, hi = self.ranges.get(key, (low, high))
+        self.ranges[key] = (min(lo, low), max(hi, high))
 
     def clear(self) -> None:
         self.rows = []
@@ -50,10 +66,17 @@ class TableBuffer:
 
 
 class PredictionSink:
-    """Buffers rows per table and writes them as one deduplicated insert each."""
+    """Buffers rows per table and writes them as one deduplicated insert each.
 
-    def __init__(self, store: Store):
+    Prediction messages of the current schema are buffered as bytes (`add_encoded`) and become
+    one Native block per flush (`seal`, PredictionBlockWriter); the few it leaves over go back
+    to the caller for the per-message path (rows, or a rejection)."""
+
+    def __init__(self, store: Store, block_writer: PredictionBlockWriter | None = None):
         self.store = store
+        self.block_writer = block_writer
+        self.encoded: list[Message] = []  # Prediction messages waiting for `seal`
+        self.blocks: list[tuple[bytes, int]] = []  # sealed Native blocks of `predictions`: (block, rows)
         self.tables: dict[str, TableBuffer] = {
             "predictions": TableBuffer(PREDICTION_COLUMNS),
             "labels": TableBuffer(LABEL_COLUMNS),
@@ -64,7 +87,24 @@ class PredictionSink:
         self.opened_at = time.monotonic()
 
     def pending_rows(self) -> int:
-        return sum(len(b.rows) for b in self.tables.values())
+        return (sum(len(b.rows) for b in self.tables.values()) + len(self.encoded)
+                + sum(rows for _, rows in self.blocks))
+
+    def add_encoded(self, topic: str, messages: list[Message]) -> None:
+        """Prediction messages of `topic` for the Native block (those whose bytes block_writer.accepts)."""
+        self.encoded += messages
+        self.tables["predictions"].cover_many(topic, messages)
+
+    def seal(self) -> list[Message]:
+        """Encode the buffered Prediction messages into a Native block; returns those it left over,
+        in order, for the per-message path. Their offsets are already in the table's ranges."""
+        if not self.encoded:
+            return []
+        messages, self.encoded = self.encoded, []
+        block, rows, leftovers = self.block_writer.encode([m.value() for m in messages])
+        if rows:
+            self.blocks.append((block, rows))
+        return [messages[i] for i in leftovers]
 
     def add(self, table: str, row: list, msg: Message, columns: list[str] | None = None) -> None:
         buffer = self.tables[table]
@@ -73,7 +113,14 @@ class PredictionSink:
         buffer.add(row, msg)
 
     def flush(self) -> int:
+        """Insert everything sealed and buffered (call `seal` first); returns the rows written."""
         written = 0
+        ranges = self.tables["predictions"].ranges
+        for i, (block, rows) in enumerate(self.blocks):
+            # the rows of one batch, split the same way again on a replay: same tokens
+            written += self.store.insert_native("predictions", block, rows,
+                                                dedup_token=batch_token(f"predictions/native{i}", ranges))
+        self.blocks = []
         for table, buffer in self.tables.items():
             if buffer.rows:
                 self.store.insert(table, buffer.rows, buffer.columns,
@@ -94,7 +141,8 @@ class LoggerService:
         self.read_prediction = PredictionReader(self.codec)
         self.registry = ModelRegistry(settings.registry_dir)
         self.stats = stats or ServiceStats(SERVICE)
-        self.sink = PredictionSink(self.store)
+        self.predictions_topic = settings.topic(TOPIC_PREDICTIONS)
+        self.sink = PredictionSink(self.store, PredictionBlockWriter(self.codec, self.predictions_topic))
         self.pending: list[Message] = []
         self.topics = {
             settings.topic(TOPIC_PREDICTIONS): self._on_prediction,
@@ -105,6 +153,12 @@ class LoggerService:
 
     # --- decoding one message into rows -----------------------------------------
     def _on_prediction(self, msg: Message) -> None:
+        if self.sink.block_writer.accepts(msg.value()):
+            self.sink.add_encoded(msg.topic(), [msg])  # decoded a batch at a time by `seal`
+        else:
+            self._prediction_row(msg)
+
+    def _prediction_row(self, msg: Message) -> None:
         self.sink.add("predictions", self.read_prediction.row(msg.value()), msg)
 
     def _on_label(self, msg: Message) -> None:
@@ -133,13 +187,37 @@ class LoggerService:
         self.sink.add("rejected_events", row, msg)
         self.stats.count_rejection(reason)
 
-    def handle(self, msg: Message) -> None:
-        """Buffer the rows of one consumed message (or its rejection); written by the next flush."""
+    def _read(self, msg: Message, read) -> None:
         try:
-            self.topics[msg.topic()](msg)
+            read(msg)
         except (DecodeError, RegistryError, KeyError, TypeError, ValueError) as exc:
             self._rejected_here(msg, exc)
+
+    def handle(self, msg: Message) -> None:
+        """Buffer the rows of one consumed message (or its rejection); written by the next flush."""
+        self._read(msg, lambda m: self.topics[m.topic()](m))
         self.pending.append(msg)
+
+    def handle_batch(self, messages: list[Message]) -> None:
+        """`handle` for each message, with the Prediction messages the Native block takes only buffered
+        (one check of their framing each; their rows come from `seal`)."""
+        topic, header = self.predictions_topic, self.sink.block_writer.header
+        encoded = []
+        for msg in messages:
+            value = msg.value()
+            if value is not None and value.startswith(header) and msg.topic() == topic:
+                encoded.append(msg)
+            else:
+                self.handle(msg)
+        if encoded:
+            self.sink.add_encoded(topic, encoded)
+            self.pending += encoded
+
+    def seal(self) -> None:
+        """Turn the buffered Prediction messages into a Native block; what it cannot take is read
+        one message at a time (rows, or a rejection naming the reason and field)."""
+        for msg in self.sink.seal():
+            self._read(msg, self._prediction_row)
 
     # --- the loop ------------------------------------------------------------------
     def _flush_and_commit(self, consumer, stop: threading.Event | None = None) -> None:
@@ -153,6 +231,7 @@ class LoggerService:
         if not self.pending:
             return
         started = time.perf_counter()
+        self.seal()
         backoff = 0.2
         while True:
             try:
@@ -182,12 +261,11 @@ class LoggerService:
         self.stats.running = True
         try:
             while not stop.is_set():
-                for msg in consumer.consume(5_000, 0.1):
-                    if msg.error():
-                        if msg.error().code() != KafkaError._PARTITION_EOF:
-                            log.warning("consumer error: %s", msg.error())
-                        continue
-                    self.handle(msg)
+                batch = consumer.consume(5_000, 0.1)
+                for msg in batch:
+                    if msg.error() and msg.error().code() != KafkaError._PARTITION_EOF:
+                        log.warning("consumer error: %s", msg.error())
+                self.handle_batch([msg for msg in batch if not msg.error()])
                 age = time.monotonic() - self.sink.opened_at
                 if self.sink.pending_rows() >= settings.logger_batch_rows or (
                         self.pending and age >= settings.logger_flush_interval_s):
