@@ -63,15 +63,18 @@ def avro_string(value: str) -> bytes:
 _VARINT_WIDTH = 10  # a 64-bit zig-zag value needs at most 10 groups of 7 bits
 _VARINT_SHIFTS = np.arange(0, 7 * _VARINT_WIDTH, 7, dtype=np.uint64)
 _VARINT_LIMITS = np.array([1 << shift for shift in range(7, 64, 7)], dtype=np.uint64)  # one byte more past each
+_VECTOR_MIN = 32  # below this many values numpy's fixed cost (~35 us) exceeds the per-value loop's
 
 
 def avro_longs(values: Sequence[int]) -> list[bytes]:
     """[avro_long(v) for v in values] for 64-bit values, computed for the whole sequence at once."""
+    if len(values) < _VECTOR_MIN:
+        return [avro_long(value) for value in values]
     try:
         signed = np.asarray(values, dtype=np.int64)
     except OverflowError:  # outside int64: not a valid Avro long anyway, keep the scalar encoding
         return [avro_long(value) for value in values]
-    if signed.ndim != 1 or not len(signed):
+    if signed.ndim != 1:
         return [avro_long(value) for value in values]
     zigzag = ((signed << 1) ^ (signed >> 63)).view(np.uint64)
     sizes = 1 + (zigzag[:, None] >= _VARINT_LIMITS).sum(axis=1)
