@@ -114,6 +114,16 @@ def _ascii_string(buf, p, end, strings, row, slot):
 
 
 @njit(cache=True, nogil=True)
+def _double(buf, p, end, doubles, row, slot):
+    """The 8 bytes of an Avro double at p copied to doubles[row, slot]; the position after it, or -1."""
+    if p + 8 > end:
+        return -1
+    for k in range(8):
+        doubles[row, slot, k] = buf[p + k]
+    return p + 8
+
+
+@njit(cache=True, nogil=True)
 def _read(buf, starts, ends, header, layout, map_expected, map_checked, value_at,
           strings, longs, doubles, nulls, values, ok):
     """Read every message (buf[starts[i]:ends[i]]) field by field into the output arrays; ok[i] says whether
@@ -154,22 +164,10 @@ def _read(buf, starts, ends, header, layout, map_expected, map_checked, value_at
                     n_string += 1
                 else:
                     if branch == 1:
-                        if p + 8 > end:
-                            p = -1
-                            break
-                        for k in range(8):
-                            doubles[row, n_double, k] = buf[p + k]
-                        p += 8
-                    else:
-                        doubles[row, n_double] = 0
-                    n_double += 1
+                        p = _double(buf, p, end, doubles, row, n_double)
+                    n_double += 1  # a null leaves the slot's zeros
             elif kind == DOUBLE:
-                if p + 8 > end:
-                    p = -1
-                    break
-                for k in range(8):
-                    doubles[row, n_double, k] = buf[p + k]
-                p += 8
+                p = _double(buf, p, end, doubles, row, n_double)
                 n_double += 1
             else:  # FEATURE_MAP: exactly the keys every scorer writes, in order; the values are copied
                 if p + len(map_expected) > end:

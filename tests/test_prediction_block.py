@@ -9,19 +9,16 @@ from __future__ import annotations
 import random
 import uuid
 
-import numpy as np
 import pytest
 
 from streamscore.codec import AvroCodec, DecodeError
 from streamscore.prediction_block import PredictionBlockWriter
 from streamscore.prediction_decoding import PredictionReader
-from streamscore.prediction_encoding import PredictionWriter
 from streamscore.settings import Settings
-from streamscore.simulator import Simulator
 from streamscore.sink_rows import PREDICTION_COLUMNS
 from streamscore.store import open_store
 from streamscore.validation import InvalidEvent
-from test_prediction_decoding import N_FEATURES, same, simulated_predictions
+from test_prediction_decoding import same, simulated_predictions
 
 pytestmark = pytest.mark.integration
 
@@ -44,28 +41,8 @@ def store(clickhouse_dsn, session_data_dir):
 
 
 def ascii_predictions(codec: AvroCodec, n: int, seed: int) -> list[bytes]:
-    """Predictions as scorers write them, all readable by the batch path: nulls in optional fields and in
-    the score, NaN/inf/subnormal features, empty strings, large offsets, times before 1970."""
-    rng = np.random.default_rng(seed)
-    events = [event for event, _ in Simulator(seed, n_entities=300).events(n)]
-    for i, event in enumerate(events):
-        if i % 7 == 0:
-            event["merchant_category"] = event["channel"] = event["country"] = event["device_id"] = None
-        if i % 9 == 0:
-            event["device_id"] = ""
-        if i % 13 == 0:
-            event["event_time"] = -1_000 * i
-    encode_event = codec.encoder("event")
-    raw = [encode_event(e) for e in events]
-    matrix = rng.normal(size=(n, N_FEATURES)) * 1e6
-    matrix[rng.random(matrix.shape) < 0.25] = np.nan
-    matrix[0] = [np.inf, -np.inf, 0.0, -0.0] + [5e-324] * (N_FEATURES - 4)
-    writer = PredictionWriter(codec)
-    half = n // 2
-    return (writer.encode_batch(events[:half], raw[:half], matrix[:half], rng.random(half), 1_700_000_000_000,
-                                "fraud", 123_456, list(range(half)), [2**40 + i for i in range(half)])
-            + writer.encode_batch(events[half:], raw[half:], matrix[half:], None, 1_700_000_000_001, "fraud", 0,
-                                  [3] * (n - half), list(range(n - half))))
+    """The decoding tests' predictions, all readable by the batch path (ASCII strings)."""
+    return simulated_predictions(codec, n, seed, ascii_only=True)
 
 
 def rows_through_clickhouse(store, messages: list[bytes], codec: AvroCodec) -> tuple[list, list, list[int]]:

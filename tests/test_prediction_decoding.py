@@ -30,15 +30,18 @@ def same(a, b) -> bool:
     return type(a) is type(b) and a == b
 
 
-def simulated_predictions(codec: AvroCodec, n: int, seed: int) -> list[bytes]:
+def simulated_predictions(codec: AvroCodec, n: int, seed: int, ascii_only: bool = False) -> list[bytes]:
     """Predictions as the scorer writes them: nulls in optional fields and the score, NaN and extreme
-    features, unicode and long (multi-byte length) strings, large offsets and negative times."""
+    features, empty strings, large offsets and negative times; unless `ascii_only`, also unicode and
+    long (multi-byte length) strings."""
     rng = np.random.default_rng(seed)
     events = [event for event, _ in Simulator(seed, n_entities=300).events(n)]
     for i, event in enumerate(events):
         if i % 7 == 0:
             event["merchant_category"] = event["channel"] = event["country"] = event["device_id"] = None
-        if i % 11 == 0:
+        if i % 9 == 0:
+            event["device_id"] = ""
+        if i % 11 == 0 and not ascii_only:
             event["event_id"] = f"évé-{i}-日本-💳"
             event["device_id"] = "d" * (100 + i % 300)  # string length needs a multi-byte varint
         if i % 13 == 0:
@@ -51,7 +54,8 @@ def simulated_predictions(codec: AvroCodec, n: int, seed: int) -> list[bytes]:
     writer = PredictionWriter(codec)
     half = n // 2
     scored = writer.encode_batch(events[:half], raw[:half], matrix[:half], rng.random(half), 1_700_000_000_000,
-                                 "fraud-ü", 123_456, list(range(half)), [2**40 + i for i in range(half)])
+                                 "fraud" if ascii_only else "fraud-ü", 123_456, list(range(half)),
+                                 [2**40 + i for i in range(half)])
     unscored = writer.encode_batch(events[half:], raw[half:], matrix[half:], None, 1_700_000_000_001,
                                    "fraud", 0, [0] * (n - half), list(range(n - half)))
     return scored + unscored
