@@ -60,6 +60,9 @@ class BenchOptions:
     rates: tuple[float, ...] = (1_000.0, 5_000.0)
     repeats: int = 3
     seconds_per_rate: float = 10.0
+    # untimed traffic at the top rate first: a freshly started broker JVM spends ~50 s JIT-compiling
+    # (C2 compiler thread busy; broker CPU ~100% -> ~65% at 5k/s once compiled)
+    warmup_s: float = 60.0
     backlog_events: int = 100_000
     memory_entities: tuple[int, ...] = (100_000, 1_000_000)
     events_per_entity: int = 4
@@ -68,7 +71,7 @@ class BenchOptions:
 
     @classmethod
     def quick_options(cls, **overrides) -> BenchOptions:
-        values = dict(quick=True, repeats=2, seconds_per_rate=4.0, backlog_events=30_000,
+        values = dict(quick=True, repeats=2, seconds_per_rate=4.0, warmup_s=20.0, backlog_events=30_000,
                       memory_entities=(100_000, 300_000), logger_rows=60_000)
         values.update(overrides)
         return cls(**values)
@@ -276,6 +279,38 @@ class EndToEndFigure:
     create_p99_ms: float
     lag_trend: str
     missing: int
+    cpu: dict[str, float] = field(default_factory=dict)  # process -> CPU cores used during the run
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """user + system CPU seconds of a process (all its threads) so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU cores used by some processes between start() and stop() (processes that are gone are left out)."""
+
+    def __init__(self, pids: dict[str, int]):
+        self.pids = pids
+        self._started: dict[str, float] = {}
+        self._wall = 0.0
+
+    def _read(self) -> dict[str, float]:
+        seconds = {}
+        for name, pid in self.pids.items():
+            try:
+                seconds[name] = process_cpu_seconds(pid)
+            except (OSError, IndexError, ValueError):
+                pass
+        return seconds
+
+    def start(self) -> None:
+        self._started, self._wall = self._read(), time.monotonic()
+
+    def stop(self) -> dict[str, float]:
+        ended, wall = self._read(), max(time.monotonic() - self._wall, 1e-9)
+        return {name: (ended[name] - self._started[name]) / wall for name in ended if name in self._started}
 
 
 def _produce_paced(producer, topic: str, messages: list[tuple[bytes, bytes, str]], rate: float | None,
@@ -305,7 +340,7 @@ def _produce_paced(producer, topic: str, messages: list[tuple[bytes, bytes, str]
 
 
 def end_to_end_run(settings: Settings, producer, watcher: PredictionWatcher, messages, rate: float | None,
-                   label: str) -> EndToEndFigure:
+                   label: str, meter: CpuMeter | None = None) -> EndToEndFigure:
     topic = settings.topic(TOPIC_EVENTS)
     sent_at: dict[str, float] = {}
     ids = [event_id for _, _, event_id in messages]
@@ -315,8 +350,11 @@ def end_to_end_run(settings: Settings, producer, watcher: PredictionWatcher, mes
         done = sum(1 for e in ids[:produced] if e in watcher.received)
         lags.append(produced - done)
 
+    if meter:
+        meter.start()
     seconds = _produce_paced(producer, topic, messages, rate, sent_at, on_tick=sample_lag if rate else None)
     missing = watcher.wait_for(ids, timeout_s=max(60.0, 3 * seconds))
+    cpu = meter.stop() if meter else {}
     got = [(watcher.received[e], sent_at[e]) for e in ids if e in watcher.received]
     latency = [(recv - sent) * 1e3 for (recv, _), sent in got]
     create = [created - sent * 1e3 for (_, created), sent in got]
@@ -333,7 +371,7 @@ def end_to_end_run(settings: Settings, producer, watcher: PredictionWatcher, mes
         times = sorted(recv for (recv, _), _ in got)
         achieved = (len(times) - 1) / max(times[-1] - times[0], 1e-9) if len(times) > 1 else float("nan")
         trend = f"produced in {seconds:.1f} s"
-    return EndToEndFigure(label, rate, len(messages), achieved, p50, p99, p999, c50, c99, trend, missing)
+    return EndToEndFigure(label, rate, len(messages), achieved, p50, p99, p999, c50, c99, trend, missing, cpu)
 
 
 def _encoded_stream(codec: AvroCodec, events: list[dict], tag: str) -> list[tuple[bytes, bytes, str]]:
@@ -363,12 +401,12 @@ def _scorer_process(settings: Settings, services: str = "scorer") -> subprocess.
 
 
 def end_to_end(settings: Settings, codec: AvroCodec, options: BenchOptions, services: str = "scorer",
-               progress=print) -> list[EndToEndFigure]:
+               progress=print, broker_pid: int | None = None) -> list[EndToEndFigure]:
     from streamscore.kafka_io import make_producer
 
     per_rate = [int(rate * options.seconds_per_rate) for rate in options.rates]
     # warm-up, untimed: the scorer's assignment and state restore, and a freshly started broker JVM's JIT
-    warmup_events = 500 + int(max(options.rates) * (2 if options.quick else 5))
+    warmup_events = 500 + int(max(options.rates) * options.warmup_s)
     total = warmup_events + sum(per_rate) + options.backlog_events
     from streamscore.services.simulate import simulator_ending_now
 
@@ -378,6 +416,10 @@ def end_to_end(settings: Settings, codec: AvroCodec, options: BenchOptions, serv
     producer = make_producer(settings, **{"linger.ms": 1})
     watcher = PredictionWatcher(settings)
     process = _scorer_process(settings, services)
+    pids = {"scorer": process.pid, "bench": os.getpid()}
+    if broker_pid:
+        pids["broker"] = broker_pid
+    meter = CpuMeter(pids)
     figures = []
     try:
         sent: dict[str, float] = {}
@@ -392,11 +434,11 @@ def end_to_end(settings: Settings, codec: AvroCodec, options: BenchOptions, serv
         for rate, n in zip(options.rates, per_rate):
             progress(f"  e2e [{services}]: offered {rate:,.0f}/s for {options.seconds_per_rate:g} s")
             figures.append(end_to_end_run(settings, producer, watcher, stream[position:position + n], rate,
-                                          f"{services}: offered {rate:,.0f}/s"))
+                                          f"{services}: offered {rate:,.0f}/s", meter))
             position += n
         progress(f"  e2e [{services}]: backlog of {options.backlog_events:,} as fast as possible")
         figures.append(end_to_end_run(settings, producer, watcher, stream[position:], None,
-                                      f"{services}: backlog, max drain"))
+                                      f"{services}: backlog, max drain", meter))
     finally:
         process.terminate()
         try:
@@ -622,7 +664,12 @@ def run_bench(base: Settings, options: BenchOptions, progress=print) -> BenchRep
                                           "server (CLICKHOUSE_URL)")
 
     if "e2e" in options.sections:
-        report.end_to_end += end_to_end(settings, codec, options, "scorer", progress)
+        broker_pid = None
+        if base.uses_local_broker:  # the local broker runs in the base data dir, not the bench's
+            from streamscore.kafka_broker import LocalKafkaBroker
+
+            broker_pid = LocalKafkaBroker(base).status().pid
+        report.end_to_end += end_to_end(settings, codec, options, "scorer", progress, broker_pid)
 
     if "memory" in options.sections:
         for n in options.memory_entities:
@@ -667,20 +714,23 @@ def print_report(report: BenchReport, options: BenchOptions, console) -> None:
         table = Table(title="2. end to end through the broker: event produced -> prediction received "
                             "(scorer in its own process)", title_justify="left")
         for column in ("run", "events", "achieved/s", "p50 ms", "p99 ms", "p99.9 ms", "CreateTime p50/p99 ms",
-                       "lag first->second half", "missing", "target"):
+                       "lag first->second half", "missing", "CPU broker/scorer/bench", "target"):
             table.add_column(column, justify="right")
         for f in report.end_to_end:
             target = "-"
             if f.offered_per_s == 5_000:
                 target = "ok" if f.p99_ms <= 50 else "p99 > 50"
+            cpu = " / ".join(f"{f.cpu[name]:.0%}" if name in f.cpu else "-" for name in ("broker", "scorer", "bench"))
             table.add_row(f.label, f"{f.events:,}", f"{f.achieved_per_s:,.0f}", f"{f.p50_ms:.1f}", f"{f.p99_ms:.1f}",
                           f"{f.p999_ms:.1f}", f"{f.create_p50_ms:.1f} / {f.create_p99_ms:.1f}", f.lag_trend,
-                          str(f.missing), target)
+                          str(f.missing), cpu, target)
         console.print(table)
         console.print("latency = bench consumer receive time - bench producer send time (same host clock); "
                       "CreateTime = the prediction message's timestamp (scorer handed it to its producer) - send "
                       "time; lag = events sent but not yet predicted, sampled each second (mean of the first vs "
-                      "the second half: growing lag = rate not sustained)", highlight=False)
+                      "the second half: growing lag = rate not sustained); CPU = cores used by the broker, the "
+                      f"scorer process and this bench process during the run, after {options.warmup_s:g} s of "
+                      "untimed warm-up traffic", highlight=False)
     if report.logger:
         table = Table(title="3. logger: Prediction messages -> rows in ClickHouse `predictions` (decode + insert)",
                       title_justify="left")
