@@ -51,7 +51,7 @@ def load_production_model(registry: ModelRegistry, model_name: str) -> ServedMod
         return ServedModel(name=model_name, version=0)
     check_feature_set(version, features.FEATURE_SET_HASH)
     booster = registry.load_booster(model_name, version.version)
-    # ~0.3 s (first model of a process ~1 s: numba loads the compiled loop); None when unsupported or not exact
+    # ~0.1 s (first model of a process ~0.5 s: numba loads the compiled loop); None when unsupported or not exact
     kernel = TreeKernel.for_booster(booster)
     return ServedModel(name=model_name, version=version.version, booster=booster, threshold=version.threshold,
                        kernel=kernel)

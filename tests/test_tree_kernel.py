@@ -76,11 +76,21 @@ def test_missing_value_and_categorical_variants(simulated, params):
 
 def test_models_it_does_not_reproduce_get_no_kernel(simulated):
     matrix, labels = simulated
-    for params in ({"objective": "regression"}, {"objective": "multiclass", "num_class": 3}):
-        target = labels if params["objective"] == "regression" else (matrix[:, 0] > 50).astype(int) + labels
+    for params in ({"objective": "regression"}, {"objective": "multiclass", "num_class": 3},
+                   {"objective": "binary", "boosting": "rf", "bagging_freq": 1, "bagging_fraction": 0.5}):
+        target = (matrix[:, 0] > 50).astype(int) + labels if params["objective"] == "multiclass" else labels
         booster = lightgbm.train({**params, "verbose": -1, "num_threads": 1},
                                  lightgbm.Dataset(matrix, target), num_boost_round=5)
         assert TreeKernel.for_booster(booster) is None
+
+
+def test_single_leaf_trees(simulated):
+    matrix, labels = simulated
+    booster = lightgbm.train({"objective": "binary", "min_data_in_leaf": 10**6, "verbose": -1, "num_threads": 1},
+                             lightgbm.Dataset(matrix, labels), num_boost_round=3)
+    kernel = TreeKernel.for_booster(booster)
+    assert kernel is not None
+    assert_same(kernel, booster, matrix[:100])
 
 
 def test_a_kernel_that_differs_from_the_booster_on_the_probe_is_refused(simulated, monkeypatch):
