@@ -69,6 +69,7 @@ import sys
 from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Mapping, Sequence
+from functools import lru_cache
 from hashlib import blake2b
 from itertools import accumulate
 from operator import mul
@@ -193,6 +194,12 @@ _OLD_STATE_FORMAT_WITHOUT_KEYS = 1
 _BIG_ENDIAN = sys.byteorder == "big"
 _unpack_key = struct.Struct("<q").unpack
 UNKNOWN_EVENT_KEY = 0  # a retained event whose event_id is not known (state migrated from format 1)
+
+
+@lru_cache(maxsize=4096)
+def _palette_json(palette: tuple[str | None, ...]) -> bytes:
+    """The JSON of a state's merchant-category palette (few distinct palettes recur across entities)."""
+    return json.dumps(list(palette), separators=(",", ":")).encode()
 
 
 def event_key(event_id: str) -> int:
@@ -344,23 +351,21 @@ class EntityState:
     # --- serialisation (compacted changelog value) -------------------------------
     def to_bytes(self) -> bytes:
         """Compact little-endian binary form: header, int64 columns (times, units, offsets, keys), uint16 mcc
-        indexes, JSON mcc palette."""
-        palette: dict[str | None, int] = {}
-        mcc_index = array("H", [palette.setdefault(m, len(palette)) for m in self.mccs])
-        palette_json = json.dumps(list(palette), separators=(",", ":")).encode()
-        times, units, offsets = array("q", self.times), array("q", self.units), array("q", self.offsets)
-        keys = array("q", self.keys)
-        if _BIG_ENDIAN:
-            for column in (times, units, offsets, keys, mcc_index):
-                column.byteswap()
+        indexes, JSON mcc palette. Written for every changed entity at every scorer checkpoint, so it is
+        one struct.pack of all columns (half the time of building an array per column)."""
+        palette = dict.fromkeys(self.mccs)  # distinct merchant categories, in order of first appearance
+        index = {mcc: i for i, mcc in enumerate(palette)}
+        palette_json = _palette_json(tuple(palette))
+        n = len(self.times)
         header = _HEADER.pack(
-            _STATE_FORMAT, len(self.times), len(palette_json),
+            _STATE_FORMAT, n, len(palette_json),
             _NO_VALUE if self.last_offset is None else self.last_offset,
             _NO_VALUE if self.evicted_time is None else self.evicted_time,
             _NO_VALUE if self.evicted_offset is None else self.evicted_offset,
         )
-        return b"".join((header, times.tobytes(), units.tobytes(), offsets.tobytes(), keys.tobytes(),
-                         mcc_index.tobytes(), palette_json))
+        columns = struct.pack(f"<{4 * n}q{n}H", *self.times, *self.units, *self.offsets, *self.keys,
+                              *map(index.__getitem__, self.mccs))
+        return b"".join((header, columns, palette_json))
 
     @classmethod
     def from_bytes(cls, data: bytes) -> EntityState:

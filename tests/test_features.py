@@ -227,6 +227,23 @@ def test_state_round_trips_exactly_and_rejects_garbage():
         EntityState.from_bytes(b"\x09" + data[1:])
 
 
+def test_state_bytes_are_the_changelog_format_2_exactly():
+    """scorer-state holds these bytes: the layout must not change without a new format number (golden
+    bytes written by the array-per-column encoder of format 2: header, times, units, offsets, keys,
+    uint16 mcc indexes, JSON palette; out-of-order insert, a null mcc, a negative and a huge key)."""
+    state = EntityState()
+    state.apply(1_700_000_000_000, 12.5, None, 3, 11)
+    state.apply(1_700_000_360_000, 7.25, "5411", 4, -5)
+    state.apply(1_699_999_000_000, 0.0, "5411", 9, 2**62)
+    state.apply(1_700_000_720_000, 99.99, "6011", 12, 7)
+    assert state.to_bytes().hex() == (
+        "0204000000140000000c0000000000000000000000000000800000000000000080c025d6cf8b0100000068e5cf8b01000040e6ea"
+        "cf8b0100008064f0cf8b010000000000000000000020bcbe000000000050a06e0000000000f0b9f50500000000090000000000"
+        "0000030000000000000004000000000000000c0000000000000000000000000000400b00000000000000fbffffffffffffff07"
+        "0000000000000000000100000002005b2235343131222c6e756c6c2c2236303131225d")
+    assert EntityState.from_bytes(state.to_bytes()) == state
+
+
 def test_resent_event_id_is_not_applied_again_and_gets_its_first_vector():
     a, b, c = ev(T0, 10.0), ev(T0 + MIN, 20.0), ev(T0 + 3 * MIN, 40.0)
     states: dict[str, EntityState] = {}
