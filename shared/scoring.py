@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -57,8 +58,9 @@ def load_production_model(registry: ModelRegistry, model_name: str) -> ServedMod
                        kernel=kernel)
 
 
-@dataclass(frozen=True)
-class InputMessage:
+class InputMessage(NamedTuple):
+    """One consumed message as the pipeline reads it (a tuple: built per message on the hot path)."""
+
     value: bytes | None
     partition: int
     offset: int
