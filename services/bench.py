@@ -71,7 +71,7 @@ class BenchOptions:
 
     @classmethod
     def quick_options(cls, **overrides) -> BenchOptions:
-        values = dict(quick=True, repeats=2, seconds_per_rate=4.0, warmup_s=20.0, backlog_events=30_000,
+        values = dict(quick=True, repeats=2, seconds_per_rate=4.0, warmup_s=45.0, backlog_events=30_000,
                       memory_entities=(100_000, 300_000), logger_rows=60_000)
         values.update(overrides)
         return cls(**values)
@@ -413,7 +413,7 @@ def end_to_end(settings: Settings, codec: AvroCodec, options: BenchOptions, serv
     events = [e for e, _ in simulator_ending_now(options.seed + 1, 20_000, total).events(total)]
     tag = f"{services.replace(' ', '+')}-{int(time.time())}"
     stream = _encoded_stream(codec, events, tag)
-    producer = make_producer(settings, **{"linger.ms": 1})
+    producer = make_producer(settings)  # the event source batches like any producer (linger.ms 5)
     watcher = PredictionWatcher(settings)
     process = _scorer_process(settings, services)
     pids = {"scorer": process.pid, "bench": os.getpid()}
