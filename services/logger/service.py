@@ -187,7 +187,7 @@ class LoggerService:
         self.sink.add("rejected_events", row, msg)
         self.stats.count_rejection(reason)
 
-    def _read(self, msg: Message, read) -> None:
+    def _read_or_reject(self, msg: Message, read) -> None:
         try:
             read(msg)
         except (DecodeError, RegistryError, KeyError, TypeError, ValueError) as exc:
@@ -195,7 +195,7 @@ class LoggerService:
 
     def handle(self, msg: Message) -> None:
         """Buffer the rows of one consumed message (or its rejection); written by the next flush."""
-        self._read(msg, lambda m: self.topics[m.topic()](m))
+        self._read_or_reject(msg, lambda m: self.topics[m.topic()](m))
         self.pending.append(msg)
 
     def handle_batch(self, messages: list[Message]) -> None:
@@ -217,7 +217,7 @@ class LoggerService:
         """Turn the buffered Prediction messages into a Native block; what it cannot take is read
         one message at a time (rows, or a rejection naming the reason and field)."""
         for msg in self.sink.seal():
-            self._read(msg, self._prediction_row)
+            self._read_or_reject(msg, self._prediction_row)
 
     # --- the loop ------------------------------------------------------------------
     def _flush_and_commit(self, consumer, stop: threading.Event | None = None) -> None:

@@ -79,8 +79,8 @@ def freeze_survivors() -> None:
     """Take every object alive now out of the cyclic garbage collector's scans (gc.freeze).
 
     Entity states are many, long-lived and free of reference cycles; a full collection scanning
-    them stopped the scoring loop for 120 ms at 20k entities and 500 ms at 100k (the p99 of the
-    end-to-end latency). Frozen objects are still freed by reference counting when dropped; only
+    them stopped the scoring loop for 120 ms at 20k entities and 500 ms at 100k, more than the whole
+    end-to-end latency budget. Frozen objects are still freed by reference counting when dropped; only
     cyclic garbage alive at the moment of a freeze would stay, and the scorer's loop makes none.
     Called when partition state was restored and at every checkpoint, so the collector only ever
     scans what the last interval allocated (max loop stall 4-10 ms at 20k-300k entities)."""
