@@ -252,7 +252,8 @@ def _print_summary(console: Console, store: Store, figures: dict, options: DemoO
                "ORDER BY events DESC")
     _sql_table(console, store, "online quality from delayed labels (score >= 0.5 flags an event)",
                "SELECT p.model_version, count() AS labelled, sum(l.label) AS frauds, "
-               "round(arrayAUC(groupArray(p.score), groupArray(toFloat64(l.label))), 4) AS auc, "
+               "round(arrayAUC(groupArray((assumeNotNull(p.score), l.label)).1, groupArray((assumeNotNull(p.score), l.label)).2), 4) "
+               "AS auc, "
                "round(sumIf(l.label, p.score >= 0.5) / greatest(countIf(p.score >= 0.5), 1), 4) AS precision, "
                "round(sumIf(l.label, p.score >= 0.5) / greatest(sum(l.label), 1), 4) AS recall "
                "FROM predictions AS p FINAL INNER JOIN labels AS l FINAL ON p.event_id = l.event_id "

@@ -149,7 +149,8 @@ def _print_drift_summary(console: Console, store: Store, figures: dict, drifted_
     console.print(table)
     _sql_table(console, store, "post-drift labelled events, by the model version that scored them",
                "SELECT p.model_version, count() AS labelled, sum(l.label) AS frauds, "
-               "round(arrayAUC(groupArray(p.score), groupArray(toFloat64(l.label))), 4) AS auc, "
+               "round(arrayAUC(groupArray((assumeNotNull(p.score), l.label)).1, groupArray((assumeNotNull(p.score), l.label)).2), 4) "
+               "AS auc, "
                "round(avg(-(l.label * log(greatest(p.score, 1e-15)) + (1 - l.label) * log(greatest(1 - p.score, 1e-15)))), 4) "
                "AS log_loss FROM predictions AS p FINAL INNER JOIN labels AS l FINAL ON p.event_id = l.event_id "
                f"WHERE p.model_version > 0 AND p.event_time >= fromUnixTimestamp64Milli({drifted_since}, 'UTC') "

@@ -16,6 +16,7 @@ import uuid
 from dataclasses import dataclass
 from html.parser import HTMLParser
 
+import numpy as np
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
@@ -175,6 +176,12 @@ def test_report_plots_the_runs_data(run):
                  "WHERE p.score IS NOT NULL")[0][0]
     assert metrics["per_version"][run.model_version]["labelled"] == labelled > 0
     assert sum(sum(s["labelled"]) for s in metrics["series"].values()) == labelled
+    pairs = np.array(q("SELECT p.score, l.label FROM predictions AS p FINAL INNER JOIN labels AS l FINAL "
+                       "ON p.event_id = l.event_id WHERE p.model_version = %d" % run.model_version), dtype=float)
+    ranks = pairs[:, 0].argsort().argsort() + 1.0  # scores of a 200-tree model: ties do not matter here
+    positives = pairs[:, 1] == 1
+    auc = (ranks[positives].sum() - positives.sum() * (positives.sum() + 1) / 2) / (positives.sum() * (~positives).sum())
+    assert metrics["per_version"][run.model_version]["auc"] == pytest.approx(auc, abs=1e-3)
     loss = metrics["per_version"][run.model_version]["log_loss"]
     assert loss is not None and 0 < loss < 1
 
