@@ -226,6 +226,8 @@ class PredictionBlockWriter:
         self.header = codec.encoder("prediction", topic).header
         self._header = np.frombuffer(self.header, dtype=np.uint8)
         names = features.FEATURE_NAMES
+        if len(names) > 255:
+            raise ValueError(f"{len(names)} features do not fit the map keys' UInt8 LowCardinality indexes")
         self._n_features = len(names)
         # The features map as scorers write it: count, (key, 8-byte double) per feature, end-of-map
         # marker; `_map_checked` marks the bytes that must match (all but the values).
