@@ -61,7 +61,7 @@ class BenchOptions:
     repeats: int = 3
     seconds_per_rate: float = 10.0
     # untimed traffic at the top rate first: a freshly started broker JVM spends ~50 s JIT-compiling
-    # (C2 compiler thread busy; broker CPU ~100% -> ~65% at 5k/s once compiled)
+    # (its C2 compiler thread busy; at 5k msgs/s the broker used ~100% of a core, 45-80% once compiled)
     warmup_s: float = 60.0
     backlog_events: int = 100_000
     memory_entities: tuple[int, ...] = (100_000, 1_000_000)
@@ -744,7 +744,7 @@ def print_report(report: BenchReport, options: BenchOptions, console) -> None:
                           "ok" if f.rows_per_s >= 200_000 else "miss")
         console.print(table)
         console.print("batch = the logger's path: LoggerService.handle_batch, then one Native block per "
-                      "flush (PredictionBlockWriter, numpy) and one insert; per message = PredictionReader.row "
+                      "flush (PredictionBlockWriter, a numba loop) and one insert; per message = PredictionReader.row "
                       "per message and clickhouse-connect's Native encoding of the rows (the baseline; still "
                       "used for the messages the batch path leaves over). rows/CPU-s counts this process's "
                       "CPU, which includes the embedded ClickHouse engine.", highlight=False)
