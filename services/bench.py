@@ -451,27 +451,6 @@ def end_to_end(settings: Settings, codec: AvroCodec, options: BenchOptions, serv
 
 # --- 4. logger ---------------------------------------------------------------------------------
 
-class _SourceMessage:
-    """The four things the logger reads of a Kafka message."""
-
-    __slots__ = ("_topic", "_partition", "_offset", "_value")
-
-    def __init__(self, topic: str, partition: int, offset: int, value: bytes | None = None):
-        self._topic, self._partition, self._offset, self._value = topic, partition, offset, value
-
-    def topic(self) -> str:
-        return self._topic
-
-    def partition(self) -> int:
-        return self._partition
-
-    def offset(self) -> int:
-        return self._offset
-
-    def value(self) -> bytes | None:
-        return self._value
-
-
 @dataclass
 class LoggerFigure:
     store: str
@@ -490,6 +469,8 @@ def logger_bench(settings: Settings, codec: AvroCodec, encoded: list[bytes], n_r
       block per flush, PredictionBlockWriter) and insert;
     - 'per message' (the baseline): PredictionReader.row per message -> clickhouse-connect's Native
       encoding of the rows (the logger before the batch path; now only for leftovers)."""
+    from confluent_kafka import Message
+
     from streamscore.prediction_decoding import PredictionReader
     from streamscore.services.logger.service import LoggerService, PredictionSink
     from streamscore.store import open_store
@@ -509,8 +490,9 @@ def logger_bench(settings: Settings, codec: AvroCodec, encoded: list[bytes], n_r
         seconds = cpu_seconds = 0.0
         while written < n_rows:
             take = min(batch_rows, n_rows - written)
-            messages = [_SourceMessage(topic, 0, offset + written + i, encoded[(written + i) % len(encoded)])
-                        for i in range(take)]
+            # real confluent-kafka Message objects, as consume() returns them (their accessors are C calls)
+            messages = [Message(topic=topic, partition=0, offset=offset + written + i,
+                                value=encoded[(written + i) % len(encoded)]) for i in range(take)]
             started, cpu_started = time.perf_counter(), time.process_time()
             if path == "batch":
                 service.handle_batch(messages)
