@@ -125,6 +125,7 @@ def batch_validator(settings: Settings, now_ms: int) -> Callable[[Mapping], None
         entity_id = event.get("entity_id")
         event_time = event.get("event_time")
         amount = event.get("amount")
+        currency = event.get("currency")
         merchant_category = event.get("merchant_category")
         channel = event.get("channel")
         country = event.get("country")
@@ -132,7 +133,7 @@ def batch_validator(settings: Settings, now_ms: int) -> Callable[[Mapping], None
         if (type(event_id) is str and event_id.strip() and type(entity_id) is str and entity_id.strip()
                 and type(event_time) is int and oldest <= event_time <= newest
                 and type(amount) is float and 0.0 <= amount <= max_amount
-                and type(event.get("currency")) is str and event.get("currency") in currencies
+                and type(currency) is str and currency in currencies
                 and (merchant_category is None or type(merchant_category) is str)
                 and (channel is None or type(channel) is str)
                 and (country is None or type(country) is str)
