@@ -23,6 +23,7 @@ from rich.table import Table
 
 from streamscore.codec import AvroCodec
 from streamscore.kafka_broker import LocalKafkaBroker
+from streamscore.kafka_io import admin_result
 from streamscore.model_updates import publish_model_updates
 from streamscore.registry import ModelRegistry
 from streamscore.report import write_report
@@ -74,7 +75,7 @@ def reset_namespace(settings: Settings, store: Store) -> None:
     doomed = [t for t in topic_names(settings) if t in existing]
     if doomed:
         for future in admin.delete_topics(doomed, operation_timeout=30).values():
-            future.result()
+            admin_result(future)
         deadline = time.monotonic() + 30
         while set(doomed) & set(admin.list_topics(timeout=10).topics) and time.monotonic() < deadline:
             time.sleep(0.2)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
+from streamscore.kafka_io import admin_result
 from streamscore.settings import Settings
 
 
@@ -49,7 +50,7 @@ def _offsets(admin: AdminClient, partitions: list[TopicPartition], spec: OffsetS
         return {}
     futures = admin.list_offsets({TopicPartition(tp.topic, tp.partition): spec for tp in partitions},
                                  request_timeout=timeout_s)
-    return {(tp.topic, tp.partition): future.result().offset for tp, future in futures.items()}
+    return {(tp.topic, tp.partition): admin_result(future).offset for tp, future in futures.items()}
 
 
 def consumer_groups_status(settings: Settings, services: Iterable[str], timeout_s: float = 10.0,
@@ -59,7 +60,7 @@ def consumer_groups_status(settings: Settings, services: Iterable[str], timeout_
                                   "logger": logging.getLogger("streamscore.kafka")})
     services = list(services)
     groups = {service: settings.group(service) for service in services}
-    descriptions = {group: future.result() for group, future in
+    descriptions = {group: admin_result(future) for group, future in
                     admin.describe_consumer_groups(list(groups.values()), request_timeout=timeout_s).items()}
     statuses = []
     for service, group in groups.items():
@@ -67,7 +68,7 @@ def consumer_groups_status(settings: Settings, services: Iterable[str], timeout_
         members = [f"{m.client_id}@{m.host}" for m in description.members]
         assigned = {(tp.topic, tp.partition) for m in description.members for tp in m.assignment.topic_partitions}
         request = [ConsumerGroupTopicPartitions(group)]
-        committed_tps = admin.list_consumer_group_offsets(request, request_timeout=timeout_s)[group].result()
+        committed_tps = admin_result(admin.list_consumer_group_offsets(request, request_timeout=timeout_s)[group])
         committed = {(tp.topic, tp.partition): (tp.offset if tp.offset >= 0 else None)
                      for tp in committed_tps.topic_partitions}
         keys = sorted(set(committed) | assigned)

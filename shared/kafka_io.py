@@ -58,6 +58,23 @@ def consumer_config(settings: Settings, group: str, **overrides) -> dict:
     return config
 
 
+def admin_result(future):
+    """The result of an AdminClient request's future; its error raised as a fresh exception.
+
+    `future.result()` raises the exception object the future keeps. On its way up, that exception's
+    traceback collects the caller's frames, and they hold the future and the AdminClient: a reference
+    cycle. Only the cyclic garbage collector frees it, destroying the client and its futures in no
+    particular order at whatever moment a collection runs; librdkafka then aborts the process
+    (rd_kafka_enq_once_del_source_return: Assertion `eonce->refcnt > 0' failed) or hangs in C with
+    the GIL held, which no test timeout interrupts. A copy of the exception is not kept by the
+    future, so no cycle forms and the client is destroyed when its last reference goes.
+    """
+    error = future.exception()
+    if error is not None:
+        raise type(error)(*error.args) from None
+    return future.result()
+
+
 def make_producer(settings: Settings, **overrides) -> Producer:
     return Producer(producer_config(settings, **overrides))
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from streamscore.kafka_io import admin_result
 from streamscore.settings import (
     TOPIC_DEAD_LETTER,
     TOPIC_DRIFT_STATE,
@@ -87,7 +88,7 @@ def ensure_topics(settings: Settings, admin: AdminClient | None = None) -> list[
     if missing:
         for name, future in admin.create_topics(missing, operation_timeout=ADMIN_TIMEOUT_S).items():
             try:
-                future.result()
+                admin_result(future)
                 created.append(name)
             except KafkaException as error:
                 if error.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:  # a concurrent creator won

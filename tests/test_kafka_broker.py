@@ -1,16 +1,19 @@
 """The local Kafka broker and topic creation, against a real broker."""
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import time
+from pathlib import Path
 
 import pytest
-from confluent_kafka import Consumer, Producer
-from confluent_kafka.admin import AdminClient, ConfigResource
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
+from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
 from conftest import CACHE_DIR
 from streamscore.kafka_broker import KafkaBrokerError, LocalKafkaBroker
+from streamscore.kafka_io import admin_result
 from streamscore.settings import TOPIC_EVENTS, TOPIC_RETRAIN, TOPIC_SCORER_STATE, Settings
 from streamscore.topics import TopicMismatchError, ensure_topics, topic_names
 
@@ -117,7 +120,7 @@ def test_ensure_topics_is_idempotent_with_partitions_and_configs(make_settings):
 
     resources = [ConfigResource("topic", settings.topic(TOPIC_SCORER_STATE)),
                  ConfigResource("topic", settings.topic(TOPIC_EVENTS))]
-    configs = {resource.name: future.result() for resource, future in admin.describe_configs(resources).items()}
+    configs = {resource.name: admin_result(future) for resource, future in admin.describe_configs(resources).items()}
     assert configs[settings.topic(TOPIC_SCORER_STATE)]["cleanup.policy"].value == "compact"
     assert configs[settings.topic(TOPIC_EVENTS)]["cleanup.policy"].value == "delete"
     assert configs[settings.topic(TOPIC_EVENTS)]["retention.ms"].value == str(7 * 24 * 3600 * 1000)
@@ -129,3 +132,40 @@ def test_ensure_topics_refuses_existing_topics_with_other_partition_counts(make_
     ensure_topics(settings)
     with pytest.raises(TopicMismatchError, match="STREAMSCORE_PARTITIONS"):
         ensure_topics(make_settings(partitions=3, topic_prefix=settings.topic_prefix))
+
+
+def _client_threads() -> int:
+    """librdkafka threads of this process (every client has an rdk:main thread)."""
+    names = []
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            names.append((task / "comm").read_text().strip())
+        except OSError:  # the thread ended meanwhile
+            pass
+    return sum(name == "rdk:main" for name in names)
+
+
+def test_a_failed_admin_request_does_not_keep_its_client_alive(kafka_bootstrap):
+    """admin_result raises a copy: no reference cycle through the future keeps the AdminClient for the
+    cyclic collector, which would destroy client and futures in any order (librdkafka aborts or hangs)."""
+    def failing_request() -> int:
+        admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+        bad = NewTopic(f"invalid-{time.time_ns()}", num_partitions=1, replication_factor=1,
+                       config={"cleanup.policy": "no-such-policy"})
+        future = admin.create_topics([bad], operation_timeout=30)[bad.topic]
+        try:
+            admin_result(future)
+        except KafkaException as error:
+            return error.args[0].code()
+        return KafkaError.NO_ERROR
+
+    before = _client_threads()
+    gc.disable()  # only reference counting may free the client
+    try:
+        assert failing_request() == KafkaError.INVALID_CONFIG
+        deadline = time.monotonic() + 10
+        while _client_threads() > before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _client_threads() == before, "the AdminClient outlived its last plain reference"
+    finally:
+        gc.enable()

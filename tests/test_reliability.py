@@ -29,6 +29,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from streamscore import features
 from streamscore.codec import AvroCodec
+from streamscore.kafka_io import admin_result
 from streamscore.services.simulate import SimulationReport, produce_simulation, simulator_ending_now
 from streamscore.settings import TOPIC_DEAD_LETTER, TOPIC_EVENTS, TOPIC_LABELS, TOPIC_PREDICTIONS, Settings
 from streamscore.topics import ensure_topics
@@ -81,7 +82,7 @@ def wait_services_ready(settings: Settings, services=("scorer", "logger"), timeo
     def ready() -> bool:
         groups = [settings.group(service) for service in services]
         try:
-            descriptions = [f.result() for f in admin.describe_consumer_groups(groups, request_timeout=10).values()]
+            descriptions = [admin_result(f) for f in admin.describe_consumer_groups(groups, request_timeout=10).values()]
         except Exception:  # noqa: BLE001 - group not known yet
             return False
         return all(d.state == ConsumerGroupState.STABLE and d.members for d in descriptions)

@@ -76,14 +76,18 @@ def read_changelog(settings: Settings, partition: int, timeout_s: float = 60.0) 
 
 
 def freeze_survivors() -> None:
-    """Take every object alive now out of the cyclic garbage collector's scans (gc.freeze).
+    """Collect the garbage, then take every object still alive out of the collector's scans (gc.freeze).
 
     Entity states are many, long-lived and free of reference cycles; a full collection scanning
     them stopped the scoring loop for 120 ms at 20k entities and 500 ms at 100k, more than the whole
-    end-to-end latency budget. Frozen objects are still freed by reference counting when dropped; only
-    cyclic garbage alive at the moment of a freeze would stay, and the scorer's loop makes none.
-    Called when partition state was restored and at every checkpoint, so the collector only ever
-    scans what the last interval allocated (max loop stall 4-10 ms at 20k-300k entities)."""
+    end-to-end latency budget. Frozen objects are still freed by reference counting when dropped.
+    The collection first matters: garbage frozen in a cycle would never be freed (a leak that grows
+    with every checkpoint, and a Kafka client kept in one would live on with its threads). It scans
+    only what was allocated since the last freeze (11 ms for 2,000 new entity states, whatever
+    the number frozen; 0.4 ms for 20,000 plain dicts).
+    Called when partition state was restored and at every checkpoint (max loop stall 4-10 ms at
+    20k-300k entities before the collection was added)."""
+    gc.collect()
     gc.freeze()
 
 
