@@ -15,8 +15,8 @@ Sections (each printed as a table; every figure also as a ratio to a baseline):
    message's CreateTime (when the scorer handed it to its producer) instead of receive time.
    Max sustained throughput = drain rate of a backlog produced as fast as possible.
 4. logger: rows/s of real scored Prediction messages into `predictions` (embedded chDB; and the
-   server when CLICKHOUSE_URL is set): the logger's batch path (one Native block per flush) vs the
-   per-message path (decode to rows, clickhouse-connect encodes them) as its baseline.
+   server when CLICKHOUSE_URL is set): the logger's batch path (one Native block per flush, inserted by
+   the writer thread while the next batch is read) vs the per-message path (decode to rows, clickhouse-connect encodes them) as its baseline.
 5. memory: RSS growth of a fresh subprocess building N EntityStates through compute_batch.
 
 Namespace: topics `bench.*`, database `streamscore_bench`, data dir <data_dir>/bench (its own
@@ -465,8 +465,9 @@ def logger_bench(settings: Settings, codec: AvroCodec, encoded: list[bytes], n_r
     """Rows/s of Prediction messages into `predictions`, in logger_batch_rows inserts, each path doing the
     logger's whole per-message work (everything but Kafka consume and commit):
 
-    - 'batch': what the logger runs, LoggerService.handle_batch per consumed batch, then seal (one Native
-      block per flush, PredictionBlockWriter) and insert;
+    - 'batch': what the logger runs, LoggerService.handle_batch per consumed batch, then start_write: one
+      Native block per flush (PredictionBlockWriter), inserted by the writer thread while the next batch
+      is read (timed until the last insert finished);
     - 'per message' (the baseline): PredictionReader.row per message -> clickhouse-connect's Native
       encoding of the rows (the logger before the batch path; now only for leftovers)."""
     from confluent_kafka import Message
@@ -496,9 +497,9 @@ def logger_bench(settings: Settings, codec: AvroCodec, encoded: list[bytes], n_r
             started, cpu_started = time.perf_counter(), time.process_time()
             if path == "batch":
                 service.handle_batch(messages)
-                service.seal()
-                service.sink.flush()
-                service.pending.clear()  # nothing to commit here
+                service.start_write()  # inserts while the next batch is read (nothing to commit here)
+                if written + take >= n_rows:
+                    service.finish_write()
             else:
                 for msg in messages:
                     sink.add("predictions", read_row(msg.value()), msg)
@@ -506,6 +507,7 @@ def logger_bench(settings: Settings, codec: AvroCodec, encoded: list[bytes], n_r
             seconds += time.perf_counter() - started
             cpu_seconds += time.process_time() - cpu_started
             written += take
+        service.close()
         figures.append(LoggerFigure(label, path, written, written / seconds, written / cpu_seconds))
     store.close()
     return figures
@@ -726,7 +728,8 @@ def print_report(report: BenchReport, options: BenchOptions, console) -> None:
                           "ok" if f.rows_per_s >= 200_000 else "miss")
         console.print(table)
         console.print("batch = the logger's path: LoggerService.handle_batch, then one Native block per "
-                      "flush (PredictionBlockWriter, a numba loop) and one insert; per message = PredictionReader.row "
+                      "flush (PredictionBlockWriter, a numba loop), inserted by the writer thread while the next batch is "
+                      "read; per message = PredictionReader.row "
                       "per message and clickhouse-connect's Native encoding of the rows (the baseline; still "
                       "used for the messages the batch path leaves over). rows/CPU-s counts this process's "
                       "CPU, which includes the embedded ClickHouse engine.", highlight=False)

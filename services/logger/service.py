@@ -1,9 +1,10 @@
 """Logger: predictions, labels, dead letters and model updates -> ClickHouse.
 
 Loop: consume -> decode into rows, buffered per table -> when the buffer holds
-`logger_batch_rows` rows or is `logger_flush_interval_s` old, insert every table
-(each insert tagged with a token made of the exact offset ranges it covers) ->
-commit offsets only after all inserts succeeded. A failed insert is retried
+`logger_batch_rows` rows or is `logger_flush_interval_s` old, hand every table's
+insert (each tagged with a token made of the exact offset ranges it covers) to a
+writer thread, which inserts while the loop reads the next batch -> commit a
+batch's offsets only after all its inserts succeeded. A failed insert is retried
 with backoff and nothing is committed meanwhile, so nothing is lost; a replay
 after a crash repeats identical batches, which ClickHouse deduplicates, and
 the tables are ReplacingMergeTree keyed by event id for the rest (query FINAL).
@@ -13,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -112,23 +114,40 @@ class PredictionSink:
             buffer.columns = columns
         buffer.add(row, msg)
 
-    def flush(self) -> int:
-        """Insert everything sealed and buffered (call `seal` first); returns the rows written."""
-        written = 0
-        ranges = self.tables["predictions"].ranges
-        for i, (block, rows) in enumerate(self.blocks):
-            # the rows of one batch, split the same way again on a replay: same tokens
-            written += self.store.insert_native("predictions", block, rows,
-                                                dedup_token=batch_token(f"predictions/native{i}", ranges))
+    def take(self) -> "SinkBatch":
+        """Everything sealed and buffered (call `seal` first), handed over for writing; the sink is empty after."""
+        batch = SinkBatch(self.blocks, [(table, buffer.rows, buffer.columns, dict(buffer.ranges))
+                                        for table, buffer in self.tables.items() if buffer.rows],
+                          dict(self.tables["predictions"].ranges))
         self.blocks = []
-        for table, buffer in self.tables.items():
-            if buffer.rows:
-                self.store.insert(table, buffer.rows, buffer.columns,
-                                  dedup_token=batch_token(table, buffer.ranges))
-                written += len(buffer.rows)
         for buffer in self.tables.values():
             buffer.clear()
         self.opened_at = time.monotonic()
+        return batch
+
+    def flush(self) -> int:
+        """Insert everything sealed and buffered (call `seal` first); returns the rows written."""
+        return self.take().write(self.store)
+
+
+@dataclass
+class SinkBatch:
+    """One flush's inserts: Native blocks of `predictions`, then row batches per table, each with the
+    dedup token of the offset ranges it covers (a replay of the same messages gets the same tokens)."""
+
+    blocks: list[tuple[bytes, int]]
+    tables: list[tuple[str, list[list], list[str], dict]]  # (table, rows, columns, offset ranges)
+    prediction_ranges: dict
+
+    def write(self, store: Store) -> int:
+        """Insert it all (again, after a failure: same tokens, deduplicated); returns the rows written."""
+        written = 0
+        for i, (block, rows) in enumerate(self.blocks):
+            written += store.insert_native("predictions", block, rows,
+                                           dedup_token=batch_token(f"predictions/native{i}", self.prediction_ranges))
+        for table, rows, columns, ranges in self.tables:
+            store.insert(table, rows, columns, dedup_token=batch_token(table, ranges))
+            written += len(rows)
         return written
 
 
@@ -143,7 +162,10 @@ class LoggerService:
         self.stats = stats or ServiceStats(SERVICE)
         self.predictions_topic = settings.topic(TOPIC_PREDICTIONS)
         self.sink = PredictionSink(self.store, PredictionBlockWriter(self.codec, self.predictions_topic))
-        self.pending: list[Message] = []
+        self.pending: list[Message] = []  # consumed, rows buffered, not handed to the writer yet
+        self._writer: ThreadPoolExecutor | None = None  # one thread: writes stay in order
+        self._writing = None  # (future of the rows written, its messages, started) of the write in flight
+        self._gave_up = False
         self.topics = {
             settings.topic(TOPIC_PREDICTIONS): self._on_prediction,
             settings.topic(TOPIC_LABELS): self._on_label,
@@ -219,45 +241,84 @@ class LoggerService:
         for msg in self.sink.seal():
             self._read_or_reject(msg, self._prediction_row)
 
-    # --- the loop ------------------------------------------------------------------
-    def _flush_and_commit(self, consumer, stop: threading.Event | None = None) -> None:
-        """Write the buffered rows, then commit the messages they came from.
+    # --- the loop: seal -> write in the background -> commit what was written ------------
+    def start_write(self, stop: threading.Event | None = None) -> list[Message] | None:
+        """Seal the buffered messages and hand their rows to the writer thread; returns the messages
+        of the previous write once it finished, to commit (None: it gave up, commit nothing).
 
-        A failed insert is retried with backoff and nothing is committed meanwhile.
-        Once `stop` is set the logger gives up instead of retrying (a SIGTERM must
-        not hang on a dead store): the uncommitted messages are consumed again at
-        the next start, and the dedup tokens / FINAL absorb what was written twice.
-        """
-        if not self.pending:
-            return
-        started = time.perf_counter()
-        self.seal()
+        The insert runs while this thread consumes and reads the next batch (chDB and the HTTP
+        client release the GIL). One write at a time, in order: a batch's offsets are committed
+        only after its own inserts and all earlier ones succeeded."""
+        batch = None
+        if self.pending:
+            self.seal()
+            batch = (self.sink.take(), self.pending, time.perf_counter())
+            self.pending = []
+        finished = self.finish_write()
+        if batch is not None:
+            if self._writer is None:
+                self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="logger-insert")
+            self._writing = (self._writer.submit(self._write_with_retry, batch[0], stop), *batch[1:])
+        return finished
+
+    def finish_write(self) -> list[Message] | None:
+        """Wait for the write in flight; returns its messages to commit ([] if none, None if it gave up)."""
+        if self._writing is None:
+            return []
+        future, messages, started = self._writing
+        self._writing = None
+        written = future.result()
+        if written is None or self._gave_up:
+            # Offsets commit cumulatively per partition: after a batch that was not written, no later
+            # batch may commit either (stop is set: everything uncommitted is consumed again).
+            self._gave_up = True
+            return None
+        self.stats.record_batch(n_in=len(messages), n_out=written, seconds=time.perf_counter() - started)
+        return messages
+
+    def _write_with_retry(self, batch: SinkBatch, stop: threading.Event | None) -> int | None:
+        """Insert `batch`, retrying with backoff while the store fails; None once `stop` is set then
+        (a SIGTERM must not hang on a dead store: the messages are consumed again at the next start,
+        and the dedup tokens / FINAL absorb what was written twice)."""
         backoff = 0.2
         while True:
             try:
-                written = self.sink.flush()
-                break
+                return batch.write(self.store)
             except Exception as exc:  # store down: keep the batch, retry, commit nothing
                 self.stats.errors += 1
                 if stop is not None and stop.is_set():
-                    log.error("insert failed while stopping (%s): %d messages stay uncommitted and are "
-                              "consumed again at the next start", exc, len(self.pending))
-                    return
+                    log.error("insert failed while stopping (%s): its messages stay uncommitted and are "
+                              "consumed again at the next start", exc)
+                    return None
                 log.warning("insert failed (%s); retrying in %.1f s", exc, backoff)
                 if stop is not None:
                     stop.wait(backoff)
                 else:
                     time.sleep(backoff)
                 backoff = min(backoff * 2, 10.0)
-        commit(consumer, self.pending)
-        self.stats.record_batch(n_in=len(self.pending), n_out=written, seconds=time.perf_counter() - started)
-        self.pending = []
+
+    @staticmethod
+    def _commit(consumer, finished: list[Message] | None) -> None:
+        if finished:
+            commit(consumer, finished)
+
+    def _drain_and_commit(self, consumer, stop: threading.Event) -> None:
+        """Write everything buffered and wait for it; commit it all (before a revoke and at the end)."""
+        self._commit(consumer, self.start_write(stop))
+        self._commit(consumer, self.finish_write())
+
+    def close(self) -> None:
+        """Wait for the write in flight (its messages stay uncommitted) and end the writer thread."""
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+            self._writer = None
+        self._writing = None
 
     def run(self, stop: threading.Event) -> None:
         settings = self.settings
         consumer = make_consumer(settings, settings.group(SERVICE))
         # consumer.close() revokes too: with `stop` passed, a dead store cannot hang the shutdown there.
-        consumer.subscribe(list(self.topics), on_revoke=lambda c, parts: self._flush_and_commit(c, stop))
+        consumer.subscribe(list(self.topics), on_revoke=lambda c, parts: self._drain_and_commit(c, stop))
         self.stats.running = True
         try:
             while not stop.is_set():
@@ -266,11 +327,14 @@ class LoggerService:
                     if msg.error() and msg.error().code() != KafkaError._PARTITION_EOF:
                         log.warning("consumer error: %s", msg.error())
                 self.handle_batch([msg for msg in batch if not msg.error()])
+                if self._writing is not None and self._writing[0].done():
+                    self._commit(consumer, self.finish_write())  # written: commit now, not at the next flush
                 age = time.monotonic() - self.sink.opened_at
                 if self.sink.pending_rows() >= settings.logger_batch_rows or (
                         self.pending and age >= settings.logger_flush_interval_s):
-                    self._flush_and_commit(consumer, stop)
-            self._flush_and_commit(consumer, stop)
+                    self._commit(consumer, self.start_write(stop))
+            self._drain_and_commit(consumer, stop)
         finally:
             self.stats.running = False
             consumer.close()
+            self.close()
