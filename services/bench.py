@@ -35,6 +35,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -591,23 +592,15 @@ def _median_figure(figures: list[InProcessFigure]) -> InProcessFigure:
     return ordered[len(ordered) // 2]
 
 
-def run_bench(base: Settings, options: BenchOptions, progress=print) -> BenchReport:
+def run_bench(base: Settings, options: BenchOptions, progress=print,
+              start_kafka: Callable[[], None] | None = None) -> BenchReport:
+    """All chosen sections, in-process ones first. `start_kafka` (starting a local broker, say) is called
+    only once Kafka is needed: a freshly started broker JVM compiles for a while at up to a core, which
+    must not overlap the in-process figures."""
     settings = bench_settings(base)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     report = BenchReport(machine=machine_description())
     codec = AvroCodec(registry_url=settings.schema_registry_url)
-    if "logger" in options.sections or "e2e" in options.sections:
-        from streamscore.services.demo import reset_namespace
-        from streamscore.store import open_store
-        from streamscore.topics import ensure_topics
-
-        progress("resetting the bench namespace (topics bench.*, database streamscore_bench) ...")
-        store = open_store(settings)
-        reset_namespace(settings, store)
-        store.migrate()
-        store.close()
-        if "e2e" in options.sections:
-            ensure_topics(settings)
     history = 30_000 if options.quick else 60_000
     progress(f"training the bench model (200 trees) on {history:,} simulated events ...")
     model, train_seconds = train_bench_model(settings, options.seed, history)
@@ -634,6 +627,21 @@ def run_bench(base: Settings, options: BenchOptions, progress=print) -> BenchRep
         runs = [naive_baseline(settings, model, events[:half], json_timed, now_ms, max_seconds)
                 for _ in range(options.repeats)]
         report.naive = _median_figure(runs)
+
+    if "logger" in options.sections or "e2e" in options.sections:
+        from streamscore.services.demo import reset_namespace
+        from streamscore.store import open_store
+        from streamscore.topics import ensure_topics
+
+        if start_kafka is not None:
+            start_kafka()
+        progress("resetting the bench namespace (topics bench.*, database streamscore_bench) ...")
+        store = open_store(settings)
+        reset_namespace(settings, store, keep_models=True)  # the model trained above stays
+        store.migrate()
+        store.close()
+        if "e2e" in options.sections:
+            ensure_topics(settings)
 
     if "logger" in options.sections:
         pipeline = _warm_pipeline(settings, codec, model, warm, now_ms)

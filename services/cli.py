@@ -570,18 +570,22 @@ def bench(ctx: typer.Context,
     if memory_entities:
         overrides["memory_entities"] = tuple(int(n) for n in memory_entities.split(",") if n.strip())
     options = BenchOptions.quick_options(**overrides) if quick else BenchOptions(**overrides)
-    broker = None
-    if settings.uses_local_broker and {"e2e", "logger"} & set(chosen):
+    started: list[LocalKafkaBroker] = []
+
+    def start_kafka() -> None:  # called by the bench once Kafka is needed (after the in-process sections)
+        if not settings.uses_local_broker:
+            return
         broker = LocalKafkaBroker(settings)
         broker.install()
-        if broker.status().running:
-            broker = None  # someone else's broker: leave it running
-        else:
+        if not broker.status().running:  # else someone else's broker: leave it running
             broker.start()
+            started.append(broker)
+
     try:
-        report = run_bench(settings, options, progress=lambda text: console.print(f"[dim]{text}[/dim]"))
+        report = run_bench(settings, options, progress=lambda text: console.print(f"[dim]{text}[/dim]"),
+                           start_kafka=start_kafka)
     finally:
-        if broker is not None:
+        for broker in started:
             broker.stop()
     print_report(report, options, Console(width=max(console.width, 160)))
 

@@ -68,8 +68,8 @@ def drift_options(seed: int = 7, rate: float = 2_000.0, kind: str = "concept",
                        drift_kind=kind)
 
 
-def reset_namespace(settings: Settings, store: Store) -> None:
-    """Delete the demo's topics, tables and models so every run starts from nothing."""
+def reset_namespace(settings: Settings, store: Store, keep_models: bool = False) -> None:
+    """Delete the demo's topics, tables and (unless `keep_models`) models so every run starts from nothing."""
     admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers})
     existing = set(admin.list_topics(timeout=10).topics)
     doomed = [t for t in topic_names(settings) if t in existing]
@@ -81,7 +81,8 @@ def reset_namespace(settings: Settings, store: Store) -> None:
             time.sleep(0.2)
     store.command(f"DROP DATABASE IF EXISTS {settings.clickhouse_database}")
     store.command(f"CREATE DATABASE {settings.clickhouse_database}")
-    shutil.rmtree(settings.registry_dir, ignore_errors=True)
+    if not keep_models:
+        shutil.rmtree(settings.registry_dir, ignore_errors=True)
 
 
 REPLACING_TABLES = {"predictions", "labels", "rejected_events"}
