@@ -25,6 +25,7 @@ per-message path, which either reads them or rejects them with the reason and fi
 """
 from __future__ import annotations
 
+import io
 import struct
 from collections.abc import Sequence
 
@@ -251,6 +252,8 @@ class PredictionBlockWriter:
         self._keys_dictionary = struct.pack("<QQ", (1 << 9) | (1 << 10), len(names)) + b"".join(
             _native_name(n) for n in names)
         self._key_indexes = np.arange(len(names), dtype=np.uint8)
+        self._joined = io.BytesIO()
+        self._work: tuple[np.ndarray, ...] = (np.zeros(0),)
         # Load the compiled kernels now (numba caches them on disk; the first run compiles, ~10 s)
         # instead of in the first batch, with the argument types every batch has.
         event = {"event_id": "e", "entity_id": "c", "event_time": 0, "amount": 0.0, "currency": "EUR"}
@@ -272,16 +275,37 @@ class PredictionBlockWriter:
             return None, 0, []
         sizes = np.fromiter(map(len, messages), dtype=np.int64, count=n)
         ends = np.cumsum(sizes)
-        buf = np.frombuffer(b"".join(messages), dtype=np.uint8)
-        strings = np.zeros((n, len(STRINGS), 2), dtype=np.int64)  # (data position, length)
-        longs = np.zeros((n, len(LONGS)), dtype=np.int64)
-        doubles = np.zeros((n, len(DOUBLES), 8), dtype=np.uint8)  # raw little-endian bytes
-        nulls = np.zeros((n, len(NULLABLE)), dtype=np.bool_)
-        values = np.zeros((n, 8 * self._n_features), dtype=np.uint8)
-        ok = np.zeros(n, dtype=np.bool_)
-        _read(buf, ends - sizes, ends, self._header, LAYOUT, self._map_expected, self._map_checked, self._value_at,
-              strings, longs, doubles, nulls, values, ok)
+        # The messages side by side, in a buffer kept from batch to batch (BytesIO reuses its storage):
+        # a fresh 10+ MB buffer per flush cost a page fault per 4 KiB, ~a third of this method's time.
+        self._joined.seek(0)
+        self._joined.writelines(messages)
+        with self._joined.getbuffer() as joined:
+            buf = np.frombuffer(joined, dtype=np.uint8, count=int(ends[-1]))
+            strings, longs, doubles, nulls, values, ok = self._work_arrays(n)
+            _read(buf, ends - sizes, ends, self._header, LAYOUT, self._map_expected, self._map_checked,
+                  self._value_at, strings, longs, doubles, nulls, values, ok)
+            try:
+                return self._block(buf, n, strings, longs, doubles, nulls, values, ok)
+            finally:
+                del buf  # the buffer's export must end before the next batch writes into it
 
+    def _work_arrays(self, n: int) -> tuple[np.ndarray, ...]:
+        """Zeroed (a null double is its slot's zeros) arrays for n messages, views of arrays kept across batches."""
+        if len(self._work[0]) < n:
+            n_max = max(n, 2 * len(self._work[0]))
+            self._work = (np.zeros((n_max, len(STRINGS), 2), dtype=np.int64),  # (data position, length)
+                          np.zeros((n_max, len(LONGS)), dtype=np.int64),
+                          np.zeros((n_max, len(DOUBLES), 8), dtype=np.uint8),  # raw little-endian bytes
+                          np.zeros((n_max, len(NULLABLE)), dtype=np.bool_),
+                          np.zeros((n_max, 8 * self._n_features), dtype=np.uint8),
+                          np.zeros(n_max, dtype=np.bool_))
+        views = tuple(array[:n] for array in self._work)
+        for view in views:
+            view.fill(0)
+        return views
+
+    def _block(self, buf, n, strings, longs, doubles, nulls, values, ok) -> tuple[bytes | None, int, list[int]]:
+        """The Native block of the rows `_read` took (ok), and the indexes of the others."""
         long_of = dict(zip(LONGS, longs.T))
         for name in ("event_time", "scored_at"):  # what DateTime64(3) holds, as sink_rows.checked_ms checks
             ok &= (long_of[name] >= DATETIME64_MIN_MS) & (long_of[name] <= DATETIME64_MAX_MS)

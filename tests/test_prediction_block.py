@@ -141,3 +141,16 @@ def test_the_per_message_generator_agrees_where_the_block_takes_it(store, codec)
     via_block, via_rows, leftovers = rows_through_clickhouse(store, messages, codec)
     assert all(same(list(a), list(b)) for a, b in zip(via_block, via_rows))
     assert leftovers and len(via_block) + len(leftovers) == len(messages)
+
+
+def test_a_writer_reused_across_batches_writes_what_a_fresh_one_writes(codec):
+    """Its buffers are kept from batch to batch: nothing of an earlier (larger) batch may leak into a later one."""
+    reused = PredictionBlockWriter(codec)
+    large, small = ascii_predictions(codec, 2_000, seed=11), ascii_predictions(codec, 300, seed=12)
+    assert reused.encode(large) == PredictionBlockWriter(codec).encode(large)
+    block, rows, leftovers = reused.encode(small)
+    assert (block, rows, leftovers) == PredictionBlockWriter(codec).encode(small)
+    assert rows == 300 and leftovers == []
+    # and a batch longer than any before (the buffers grow)
+    larger = ascii_predictions(codec, 5_000, seed=13)
+    assert reused.encode(larger) == PredictionBlockWriter(codec).encode(larger)
