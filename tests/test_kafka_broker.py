@@ -166,6 +166,7 @@ def test_a_failed_admin_request_does_not_keep_its_client_alive(kafka_bootstrap):
         deadline = time.monotonic() + 10
         while _client_threads() > before and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert _client_threads() == before, "the AdminClient outlived its last plain reference"
+        # <=: a client of an earlier test may end meanwhile; ours would keep the count above `before`
+        assert _client_threads() <= before, "the AdminClient outlived its last plain reference"
     finally:
         gc.enable()
