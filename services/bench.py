@@ -16,7 +16,8 @@ Sections (each printed as a table; every figure also as a ratio to a baseline):
    Max sustained throughput = drain rate of a backlog produced as fast as possible.
 4. logger: rows/s of real scored Prediction messages into `predictions` (embedded chDB; and the
    server when CLICKHOUSE_URL is set): the logger's batch path (one Native block per flush, inserted by
-   the writer thread while the next batch is read) vs the per-message path (decode to rows, clickhouse-connect encodes them) as its baseline.
+   the writer thread while the next batch is read) vs the per-message path (decode to rows,
+   clickhouse-connect encodes them) as its baseline.
 5. memory: RSS growth of a fresh subprocess building N EntityStates through compute_batch.
 
 Namespace: topics `bench.*`, database `streamscore_bench`, data dir <data_dir>/bench (its own
@@ -736,8 +737,8 @@ def print_report(report: BenchReport, options: BenchOptions, console) -> None:
                           "ok" if f.rows_per_s >= 200_000 else "miss")
         console.print(table)
         console.print("batch = the logger's path: LoggerService.handle_batch, then one Native block per "
-                      "flush (PredictionBlockWriter, a numba loop), inserted by the writer thread while the next batch is "
-                      "read; per message = PredictionReader.row "
+                      "flush (PredictionBlockWriter, a numba loop), inserted by the writer thread while the next "
+                      "batch is read; per message = PredictionReader.row "
                       "per message and clickhouse-connect's Native encoding of the rows (the baseline; still "
                       "used for the messages the batch path leaves over). rows/CPU-s counts this process's "
                       "CPU, which includes the embedded ClickHouse engine.", highlight=False)
