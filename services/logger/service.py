@@ -251,14 +251,14 @@ class LoggerService:
         only after its own inserts and all earlier ones succeeded."""
         batch = None
         if self.pending:
+            started = time.perf_counter()
             self.seal()
-            batch = (self.sink.take(), self.pending, time.perf_counter())
-            self.pending = []
+            batch, messages, self.pending = self.sink.take(), self.pending, []
         finished = self.finish_write()
         if batch is not None:
             if self._writer is None:
                 self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="logger-insert")
-            self._writing = (self._writer.submit(self._write_with_retry, batch[0], stop), *batch[1:])
+            self._writing = (self._writer.submit(self._write_with_retry, batch, stop), messages, started)
         return finished
 
     def finish_write(self) -> list[Message] | None:
