@@ -69,7 +69,6 @@ import sys
 from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Mapping, Sequence
-from functools import lru_cache
 from hashlib import blake2b
 from itertools import accumulate
 from operator import mul
@@ -189,17 +188,16 @@ FEATURE_SET_HASH = feature_set_hash(feature_set_description())
 
 _NO_VALUE = -(2**63)  # int64 sentinel for "none" in the serialised form
 _HEADER = struct.Struct("<BIIqqq")  # format, n events, palette bytes, last offset, evicted time, evicted offset
-_STATE_FORMAT = 2  # 2 added the event keys column; format 1 (without it) is still read, see from_bytes
+_ROW = struct.Struct("<qqqqH")  # format 3, one per retained event: time, units, offset, key, palette index
+_ROW_SIZE = _ROW.size
+# 3 stores a row per event (appending an event appends a row, so a state's encoding is kept and extended,
+# see EntityState.to_bytes); formats 1 and 2 (a column per field) are still read, see from_bytes
+_STATE_FORMAT = 3
+_COLUMNS_FORMAT = 2  # 2 added the event keys column
 _OLD_STATE_FORMAT_WITHOUT_KEYS = 1
 _BIG_ENDIAN = sys.byteorder == "big"
 _unpack_key = struct.Struct("<q").unpack
 UNKNOWN_EVENT_KEY = 0  # a retained event whose event_id is not known (state migrated from format 1)
-
-
-@lru_cache(maxsize=4096)
-def _palette_json(palette: tuple[str | None, ...]) -> bytes:
-    """The JSON of a state's merchant-category palette (few distinct palettes recur across entities)."""
-    return json.dumps(list(palette), separators=(",", ":")).encode()
 
 
 def event_key(event_id: str) -> int:
@@ -230,10 +228,16 @@ class EntityState:
     window is a difference of two entries, O(1) and exact. They are a cache
     rebuilt from `units` on load; only differences are ever read, so a restored
     state computes bit-identical features.
+
+    The changelog encoding is kept between checkpoints (`to_bytes`): `_rows` holds the encoded rows,
+    `_rows[_rows_skip:][:_rows_valid]` (in rows) being those of the first `_rows_valid` retained
+    events; `_palette` lists the merchant categories the rows index (append-only between resets).
+    `apply` only moves these marks, so writing a state costs the events applied since its last write.
     """
 
     __slots__ = ("times", "units", "mccs", "offsets", "keys", "last_offset", "evicted_time", "evicted_offset",
-                 "sum_prefix", "square_prefix", "key_offsets")
+                 "sum_prefix", "square_prefix", "key_offsets", "_rows", "_rows_skip", "_rows_valid", "_palette",
+                 "_palette_json")
     _CANONICAL = ("times", "units", "mccs", "offsets", "keys", "last_offset", "evicted_time", "evicted_offset")
 
     def __init__(self) -> None:
@@ -248,6 +252,11 @@ class EntityState:
         self.sum_prefix: list[int] = [0]
         self.square_prefix: list[int] = [0]
         self.key_offsets: dict[int, int] = {}
+        self._rows = b""
+        self._rows_skip = 0
+        self._rows_valid = 0
+        self._palette: list[str | None] | None = None  # None: not written yet
+        self._palette_json = b""
 
     def _rebuild_caches(self) -> None:
         self.sum_prefix = list(accumulate(self.units, initial=0))
@@ -320,6 +329,8 @@ class EntityState:
             for i in range(at + 2, len(sum_prefix)):
                 sum_prefix[i] += units
                 square_prefix[i] += square
+            if at < self._rows_valid:  # the encoded rows from `at` on moved
+                self._rows_valid = at
         if key:  # not UNKNOWN_EVENT_KEY (0)
             self.key_offsets[key] = stored_offset
         horizon = times[-1] - RETENTION_MS  # keep time >= watermark - retention
@@ -332,6 +343,11 @@ class EntityState:
                 key_offsets.pop(keys[i], None)
             del times[:drop], self.units[:drop], self.mccs[:drop], self.offsets[:drop], self.keys[:drop]
             del sum_prefix[:drop], square_prefix[:drop]
+            if drop < self._rows_valid:
+                self._rows_skip += drop
+                self._rows_valid -= drop
+            else:
+                self._rows, self._rows_skip, self._rows_valid = b"", 0, 0
 
     def arrived_before(self, offset: int) -> EntityState:
         """A copy holding only the retained events with a smaller source offset (to score a replay)."""
@@ -350,67 +366,133 @@ class EntityState:
 
     # --- serialisation (compacted changelog value) -------------------------------
     def to_bytes(self) -> bytes:
-        """Compact little-endian binary form: header, int64 columns (times, units, offsets, keys), uint16 mcc
-        indexes, JSON mcc palette. Written for every changed entity at every scorer checkpoint, so it is
-        one struct.pack of all columns (half the time of building an array per column)."""
-        palette = dict.fromkeys(self.mccs)  # distinct merchant categories, in order of first appearance
-        index = {mcc: i for i, mcc in enumerate(palette)}
-        palette_json = _palette_json(tuple(palette))
-        n = len(self.times)
+        """Compact little-endian binary form (format 3): header, one row per retained event (time, units,
+        offset, key as int64, palette index as uint16), JSON palette of merchant categories.
+
+        Written for every changed entity at every scorer checkpoint: the rows written last time are
+        kept, so only events applied since are encoded (the rest is one copy in C). The palette may
+        list categories no row uses any more (evicted); it is rebuilt once it outgrows the events."""
+        times, n = self.times, len(self.times)
+        palette = self._palette
+        if palette is None or len(palette) > 2 * n + 8:
+            palette = self._palette = []
+            self._rows, self._rows_skip, self._rows_valid = b"", 0, 0
+            self._palette_json = b""
+        valid = self._rows_valid
+        start = self._rows_skip * _ROW_SIZE
+        rows = self._rows[start:start + valid * _ROW_SIZE]
+        if valid < n:
+            pack, known = _ROW.pack, len(palette)
+            new = [rows]
+            for time, units, offset, key, mcc in zip(times[valid:], self.units[valid:], self.offsets[valid:],
+                                                     self.keys[valid:], self.mccs[valid:]):
+                if mcc not in palette:
+                    palette.append(mcc)
+                new.append(pack(time, units, offset, key, palette.index(mcc)))
+            rows = b"".join(new)
+            if len(palette) != known:
+                self._palette_json = b""
+        self._rows, self._rows_skip, self._rows_valid = rows, 0, n
+        palette_json = self._palette_json or _palette_bytes(palette)
+        self._palette_json = palette_json
         header = _HEADER.pack(
             _STATE_FORMAT, n, len(palette_json),
             _NO_VALUE if self.last_offset is None else self.last_offset,
             _NO_VALUE if self.evicted_time is None else self.evicted_time,
             _NO_VALUE if self.evicted_offset is None else self.evicted_offset,
         )
-        columns = struct.pack(f"<{4 * n}q{n}H", *self.times, *self.units, *self.offsets, *self.keys,
-                              *map(index.__getitem__, self.mccs))
-        return b"".join((header, columns, palette_json))
+        return b"".join((header, rows, palette_json))
 
     @classmethod
     def from_bytes(cls, data: bytes) -> EntityState:
         """The state `to_bytes` wrote; ValueError naming the problem for anything else.
 
-        Format 1 (written before event keys existed) is migrated: its retained events get
-        UNKNOWN_EVENT_KEY, so only re-sends of events applied after the upgrade are recognised."""
+        Formats 2 and 1 (a column per field, written before format 3) are read too; format 1 (before event
+        keys existed) is migrated: its retained events get UNKNOWN_EVENT_KEY, so only re-sends of events
+        applied after the upgrade are recognised."""
         if len(data) < _HEADER.size:
             raise ValueError(f"entity state is {len(data)} bytes, shorter than its {_HEADER.size}-byte header")
         fmt, n, palette_len, last_offset, evicted_time, evicted_offset = _HEADER.unpack_from(data)
-        if fmt not in (_STATE_FORMAT, _OLD_STATE_FORMAT_WITHOUT_KEYS):
+        if fmt == _STATE_FORMAT:
+            state = _read_rows(data, n, palette_len)
+        elif fmt in (_COLUMNS_FORMAT, _OLD_STATE_FORMAT_WITHOUT_KEYS):
+            state = _read_columns(data, fmt, n, palette_len)
+        else:
             raise ValueError(f"entity state format {fmt} is not a supported format "
-                             f"({_OLD_STATE_FORMAT_WITHOUT_KEYS} or {_STATE_FORMAT})")
-        has_keys = fmt == _STATE_FORMAT
-        widths = (("q", 8), ("q", 8), ("q", 8)) + ((("q", 8),) if has_keys else ()) + (("H", 2),)
-        expected = _HEADER.size + n * sum(width for _, width in widths) + palette_len
-        if len(data) != expected:
-            raise ValueError(f"entity state (format {fmt}) with {n} events should be {expected} bytes, "
-                             f"got {len(data)}")
-        pos = _HEADER.size
-        columns = []
-        for typecode, width in widths:
-            column = array(typecode)
-            column.frombytes(data[pos:pos + n * width])
-            if _BIG_ENDIAN:
-                column.byteswap()
-            columns.append(column)
-            pos += n * width
-        palette = json.loads(data[pos:pos + palette_len])
-        times, units, offsets = columns[:3]
-        mcc_index = columns[-1]
-        state = cls()
-        state.times = times.tolist()
-        state.units = units.tolist()
-        state.offsets = offsets.tolist()
-        state.keys = columns[3].tolist() if has_keys else [UNKNOWN_EVENT_KEY] * n
-        try:
-            state.mccs = [palette[i] for i in mcc_index]
-        except IndexError:
-            raise ValueError("entity state references a merchant category outside its palette") from None
+                             f"({_OLD_STATE_FORMAT_WITHOUT_KEYS} to {_STATE_FORMAT})")
         state.last_offset = None if last_offset == _NO_VALUE else last_offset
         state.evicted_time = None if evicted_time == _NO_VALUE else evicted_time
         state.evicted_offset = None if evicted_offset == _NO_VALUE else evicted_offset
         state._rebuild_caches()
         return state
+
+
+def _palette_bytes(palette: list[str | None]) -> bytes:
+    return json.dumps(palette, separators=(",", ":")).encode()
+
+
+def _read_palette(data: bytes) -> list[str | None]:
+    try:
+        palette = json.loads(data)
+    except ValueError:
+        raise ValueError("entity state's merchant-category palette is not JSON") from None
+    if type(palette) is not list or not all(mcc is None or type(mcc) is str for mcc in palette):
+        raise ValueError("entity state's merchant-category palette is not a list of strings and nulls")
+    return palette
+
+
+def _read_rows(data: bytes, n: int, palette_len: int) -> EntityState:
+    """A format-3 state's events (scalars are the caller's); its encoding is kept for the next to_bytes."""
+    rows_end = _HEADER.size + n * _ROW_SIZE
+    if len(data) != rows_end + palette_len:
+        raise ValueError(f"entity state (format {_STATE_FORMAT}) with {n} events should be "
+                         f"{rows_end + palette_len} bytes, got {len(data)}")
+    palette = _read_palette(data[rows_end:])
+    rows = data[_HEADER.size:rows_end]
+    state = EntityState()
+    if n:
+        times, units, offsets, keys, indexes = zip(*_ROW.iter_unpack(rows))
+        try:
+            state.mccs = [palette[i] for i in indexes]
+        except IndexError:
+            raise ValueError("entity state references a merchant category outside its palette") from None
+        state.times, state.units, state.offsets, state.keys = list(times), list(units), list(offsets), list(keys)
+    if len(set(palette)) == len(palette):  # as to_bytes writes it: keep the encoding
+        state._rows, state._rows_valid = rows, n
+        state._palette, state._palette_json = palette, data[rows_end:]
+    return state
+
+
+def _read_columns(data: bytes, fmt: int, n: int, palette_len: int) -> EntityState:
+    """A format-1 or format-2 state's events: int64 columns (times, units, offsets[, keys]), uint16 mcc
+    indexes, JSON palette."""
+    has_keys = fmt == _COLUMNS_FORMAT
+    widths = (("q", 8), ("q", 8), ("q", 8)) + ((("q", 8),) if has_keys else ()) + (("H", 2),)
+    expected = _HEADER.size + n * sum(width for _, width in widths) + palette_len
+    if len(data) != expected:
+        raise ValueError(f"entity state (format {fmt}) with {n} events should be {expected} bytes, "
+                         f"got {len(data)}")
+    pos = _HEADER.size
+    columns = []
+    for typecode, width in widths:
+        column = array(typecode)
+        column.frombytes(data[pos:pos + n * width])
+        if _BIG_ENDIAN:
+            column.byteswap()
+        columns.append(column)
+        pos += n * width
+    palette = _read_palette(data[pos:pos + palette_len])
+    times, units, offsets = columns[:3]
+    state = EntityState()
+    state.times = times.tolist()
+    state.units = units.tolist()
+    state.offsets = offsets.tolist()
+    state.keys = columns[3].tolist() if has_keys else [UNKNOWN_EVENT_KEY] * n
+    try:
+        state.mccs = [palette[i] for i in columns[-1]]
+    except IndexError:
+        raise ValueError("entity state references a merchant category outside its palette") from None
+    return state
 
 
 # --- the features ----------------------------------------------------------------------

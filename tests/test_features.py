@@ -7,8 +7,10 @@ that retention, prefix sums and out-of-order inserts change nothing.
 """
 from __future__ import annotations
 
+import json
 import math
 import random
+import struct
 from fractions import Fraction
 
 import numpy as np
@@ -225,23 +227,103 @@ def test_state_round_trips_exactly_and_rejects_garbage():
         EntityState.from_bytes(data[:-3])
     with pytest.raises(ValueError, match="format 9"):
         EntityState.from_bytes(b"\x09" + data[1:])
+    header = F._HEADER.pack(3, 0, 2, 0, 0, 0)
+    with pytest.raises(ValueError, match="palette is not a list of strings"):
+        EntityState.from_bytes(header + b"{}")
+    with pytest.raises(ValueError, match="palette is not JSON"):
+        EntityState.from_bytes(header + b"[x")
+    row = F._ROW.pack(T0, 1, 0, 1, 5)  # palette index 5 of an empty palette
+    with pytest.raises(ValueError, match="outside its palette"):
+        EntityState.from_bytes(F._HEADER.pack(3, 1, 2, 0, 0, 0) + row + b"[]")
 
 
-def test_state_bytes_are_the_changelog_format_2_exactly():
-    """scorer-state holds these bytes: the layout must not change without a new format number (golden
-    bytes written by the array-per-column encoder of format 2: header, times, units, offsets, keys,
-    uint16 mcc indexes, JSON palette; out-of-order insert, a null mcc, a negative and a huge key)."""
+def _golden_state() -> EntityState:
+    """Out-of-order insert, a null mcc, a negative and a huge key."""
     state = EntityState()
     state.apply(1_700_000_000_000, 12.5, None, 3, 11)
     state.apply(1_700_000_360_000, 7.25, "5411", 4, -5)
     state.apply(1_699_999_000_000, 0.0, "5411", 9, 2**62)
     state.apply(1_700_000_720_000, 99.99, "6011", 12, 7)
-    assert state.to_bytes().hex() == (
+    return state
+
+
+def test_state_bytes_are_the_changelog_format_3_exactly():
+    """scorer-state holds these bytes: the layout must not change without a new format number (golden
+    bytes built by hand with struct: header, then per event in time order <qqqqH> time, units, offset,
+    key, palette index, then the JSON palette)."""
+    state = _golden_state()
+    golden = bytes.fromhex(
+        "0304000000140000000c0000000000000000000000000000800000000000000080c025d6cf8b0100000000000000000000090000"
+        "0000000000000000000000004000000068e5cf8b01000020bcbe000000000003000000000000000b000000000000000100"
+        "40e6eacf8b01000050a06e00000000000400000000000000fbffffffffffffff00008064f0cf8b010000f0b9f50500000000"
+        "0c00000000000000070000000000000002005b2235343131222c6e756c6c2c2236303131225d")
+    assert state.to_bytes() == golden
+    assert EntityState.from_bytes(golden) == state and EntityState.from_bytes(golden).to_bytes() == golden
+
+
+def _columns_bytes(state: EntityState, fmt: int = 2) -> bytes:
+    """A state as formats 2 and 1 (before format 3) laid it out: int64 columns times, units, offsets
+    (format 2: then keys), uint16 mcc indexes, JSON palette in order of first appearance."""
+    palette = list(dict.fromkeys(state.mccs))
+    n = len(state)
+    columns = [*state.times, *state.units, *state.offsets, *(state.keys if fmt == 2 else [])]
+    palette_json = json.dumps(palette, separators=(",", ":")).encode()
+    none = -(2**63)
+    header = F._HEADER.pack(fmt, n, len(palette_json), none if state.last_offset is None else state.last_offset,
+                            none if state.evicted_time is None else state.evicted_time,
+                            none if state.evicted_offset is None else state.evicted_offset)
+    return header + struct.pack(f"<{len(columns)}q{n}H", *columns, *map(palette.index, state.mccs)) + palette_json
+
+
+def test_format_2_states_written_before_format_3_are_still_read():
+    golden_2 = bytes.fromhex(  # written by the format-2 encoder (an array per column)
         "0204000000140000000c0000000000000000000000000000800000000000000080c025d6cf8b0100000068e5cf8b01000040e6ea"
         "cf8b0100008064f0cf8b010000000000000000000020bcbe000000000050a06e0000000000f0b9f50500000000090000000000"
         "0000030000000000000004000000000000000c0000000000000000000000000000400b00000000000000fbffffffffffffff07"
         "0000000000000000000100000002005b2235343131222c6e756c6c2c2236303131225d")
-    assert EntityState.from_bytes(state.to_bytes()) == state
+    state = _golden_state()
+    assert _columns_bytes(state) == golden_2
+    restored = EntityState.from_bytes(golden_2)
+    assert restored == state and restored.key_offsets == state.key_offsets
+    assert restored.to_bytes() == state.to_bytes()  # written back as format 3
+    with pytest.raises(ValueError, match="format 2.*should be"):
+        EntityState.from_bytes(golden_2[:-1])
+
+
+def test_state_bytes_kept_between_writes_equal_a_fresh_encoding():
+    """to_bytes extends the encoding it wrote last time; after any mix of appends, out-of-order inserts,
+    evictions, late events and replays it must decode to exactly the state (what a restore sees)."""
+    rng = np.random.default_rng(5)
+    mccs = ["5411", None, "6011", "7995", "", "ünï"]
+    state, extended = EntityState(), 0
+    now = T0
+    for step in range(3000):
+        kind = rng.random()
+        if kind < 0.03:
+            now += int(rng.integers(1, 20)) * DAY_MS  # a gap: evicts everything older than 14 d
+        now += int(rng.integers(1, 4 * 3_600_000))
+        time = now - int(rng.integers(0, 3 * 3_600_000)) if kind > 0.8 else now  # some out of order
+        if 0.97 < kind < 0.98:
+            time = now - 9 * DAY_MS  # late: not applied
+        state.apply(time, float(rng.integers(0, 10**6)) / 100, mccs[int(rng.integers(0, len(mccs)))],
+                    step, int(rng.integers(-2**63, 2**63)))
+        if rng.random() < 0.3:
+            extended += 0 < state._rows_valid < len(state)
+            data = state.to_bytes()
+            restored = EntityState.from_bytes(data)
+            assert restored == state, f"step {step}"
+            assert restored.to_bytes() == data
+            assert len(state._palette) <= 3 * len(state) + 8
+    assert extended > 300  # most writes extended the previous encoding
+
+
+def test_state_written_as_it_grows_is_byte_identical_to_one_written_once():
+    state = EntityState()
+    for i in range(40):
+        state.apply(T0 + i * MIN, float(i), ["5411", None, "6011"][i % 3] if i > 4 else "7995", i, i + 1)
+        if i % 7 == 0:
+            state.to_bytes()
+    assert state.to_bytes() == EntityState.from_bytes(_columns_bytes(state)).to_bytes()
 
 
 def test_resent_event_id_is_not_applied_again_and_gets_its_first_vector():
@@ -301,22 +383,20 @@ def test_state_round_trip_keeps_event_keys_and_format_1_is_migrated():
     restored = EntityState.from_bytes(state.to_bytes())
     assert restored == state and restored.keys == state.keys and restored.key_offsets == state.key_offsets
     assert F.is_duplicate({"card-1": restored}, events[2], 99) == 12
-    # format 1 (written before event keys): the same layout without the keys column
-    data = state.to_bytes()
-    header, n = F._HEADER.size, len(state)
-    keys_at = header + 3 * 8 * n
-    format_1 = b"\x01" + data[1:keys_at] + data[keys_at + 8 * n:]
+    # format 1 (written before event keys): format 2's layout without the keys column
+    data = _columns_bytes(state)
+    format_1 = _columns_bytes(state, fmt=1)
     migrated = EntityState.from_bytes(format_1)
     assert (migrated.times, migrated.units, migrated.mccs, migrated.offsets, migrated.last_offset) == (
         state.times, state.units, state.mccs, state.offsets, state.last_offset)
-    assert migrated.keys == [F.UNKNOWN_EVENT_KEY] * n and migrated.key_offsets == {}
+    assert migrated.keys == [F.UNKNOWN_EVENT_KEY] * len(state) and migrated.key_offsets == {}
     # its features are unchanged; only re-sends of events applied before the upgrade go unrecognised
     nxt = ev(T0 + 10 * MIN, 7.0)
     np.testing.assert_array_equal(compute_batch({"card-1": migrated}, [nxt], [15]),
                                   compute_batch({"card-1": EntityState.from_bytes(data)}, [nxt], [15]))
     assert F.is_duplicate({"card-1": migrated}, events[2], 99) is None
     assert F.is_duplicate({"card-1": migrated}, nxt, 99) == 15
-    assert EntityState.from_bytes(migrated.to_bytes()) == migrated  # written back as format 2
+    assert EntityState.from_bytes(migrated.to_bytes()) == migrated  # written back as format 3
     with pytest.raises(ValueError, match="format 1.*should be"):
         EntityState.from_bytes(format_1[:-1])
 
