@@ -28,6 +28,7 @@ from io import BytesIO
 
 import numpy as np
 from fastavro import schemaless_writer
+from numba import njit
 
 from streamscore import features
 from streamscore.codec import CONFLUENT_HEADER_LEN, SINGLE_OBJECT_HEADER_LEN, AvroCodec, DecodeError
@@ -60,14 +61,28 @@ def avro_string(value: str) -> bytes:
     return (_SMALL_LONGS[size] if size < 64 else avro_long(size)) + data
 
 
-_VARINT_WIDTH = 10  # a 64-bit zig-zag value needs at most 10 groups of 7 bits
-_VARINT_SHIFTS = np.arange(0, 7 * _VARINT_WIDTH, 7, dtype=np.uint64)
-_VARINT_LIMITS = np.array([1 << shift for shift in range(7, 64, 7)], dtype=np.uint64)  # one byte more past each
-_VECTOR_MIN = 32  # below this many values numpy's fixed cost (~35 us) exceeds the per-value loop's
+@njit(cache=True, nogil=True)
+def _zigzag_varints(values, out, ends):
+    """avro_long of each int64 of `values`, one after the other into `out`; ends[i] = end of the i-th."""
+    pos = 0
+    for i in range(len(values)):
+        value = values[i]
+        zigzag = np.uint64((value << 1) ^ (value >> 63))  # the bits of the int64, as unsigned
+        while zigzag >= 0x80:
+            out[pos] = (zigzag & 0x7F) | 0x80
+            pos += 1
+            zigzag >>= 7
+        out[pos] = zigzag
+        pos += 1
+        ends[i] = pos
+
+
+_VECTOR_MIN = 5  # below this many values the compiled loop's fixed cost (~6 us) exceeds the per-value loop's
 
 
 def avro_longs(values: Sequence[int]) -> list[bytes]:
-    """[avro_long(v) for v in values] for 64-bit values, computed for the whole sequence at once."""
+    """[avro_long(v) for v in values] for 64-bit values, encoded in one compiled loop (~1.5 us a value
+    for avro_long's Python loop on a 41-bit event time)."""
     if len(values) < _VECTOR_MIN:
         return [avro_long(value) for value in values]
     try:
@@ -76,13 +91,12 @@ def avro_longs(values: Sequence[int]) -> list[bytes]:
         return [avro_long(value) for value in values]
     if signed.ndim != 1:
         return [avro_long(value) for value in values]
-    zigzag = ((signed << 1) ^ (signed >> 63)).view(np.uint64)
-    sizes = 1 + (zigzag[:, None] >= _VARINT_LIMITS).sum(axis=1)
-    groups = (zigzag[:, None] >> _VARINT_SHIFTS) & 0x7F
-    more = np.arange(_VARINT_WIDTH) < (sizes - 1)[:, None]  # continuation bit on all but the last byte
-    packed = (groups | (more.astype(np.uint64) << 7)).astype(np.uint8).tobytes()
-    return [packed[start:start + size]
-            for start, size in zip(range(0, len(packed), _VARINT_WIDTH), sizes.tolist())]
+    out = np.empty(10 * len(signed), dtype=np.uint8)  # a 64-bit zig-zag value needs at most 10 bytes
+    ends = np.empty(len(signed), dtype=np.int64)
+    _zigzag_varints(signed, out, ends)
+    ends_list = ends.tolist()
+    packed = out[:ends_list[-1]].tobytes()
+    return [packed[start:end] for start, end in zip([0] + ends_list[:-1], ends_list)]
 
 
 def _fixed_block_dtype(names: Sequence[str], feature_set: bytes, scored: bool) -> np.dtype:
@@ -106,8 +120,7 @@ class PredictionWriter:
         self.feature_set = avro_string(features.FEATURE_SET_HASH)
         self._map_start = avro_long(len(features.FEATURE_NAMES))
         self._map_keys = [avro_string(name) for name in features.FEATURE_NAMES]
-        self._block_dtypes = {scored: _fixed_block_dtype(features.FEATURE_NAMES, self.feature_set, scored)
-                              for scored in (True, False)}
+        self._block_layouts = {scored: self._block_layout(scored) for scored in (True, False)}
         event_schema = codec.catalog.current("event")
         self._event_parsed = event_schema.parsed
         self._event_fingerprint = event_schema.fingerprint
@@ -160,19 +173,29 @@ class PredictionWriter:
             )))
         return out
 
-    def _fixed_blocks(self, matrix: np.ndarray, scores: np.ndarray | None) -> tuple[bytes, int]:
-        """The fixed-width middle of every record (score .. features map) as one bytes, and its width."""
-        dtype = self._block_dtypes[scores is not None]
-        blocks = np.empty(len(matrix), dtype=dtype)
-        if scores is None:
-            blocks["branch"] = _NULL_SCORE[0]
-        else:
-            blocks["branch"] = _SCORE_BRANCH[0]
-            blocks["score"] = scores
-        blocks["feature_set"] = self.feature_set
-        blocks["map_start"] = self._map_start
+    def _block_layout(self, scored: bool) -> tuple[np.ndarray, np.ndarray]:
+        """The fixed-width middle of a record with zeros for its doubles (as bytes), and the positions of
+        those doubles' bytes: the score first if `scored`, then the features in order."""
+        dtype = _fixed_block_dtype(features.FEATURE_NAMES, self.feature_set, scored)
+        template = np.zeros(1, dtype=dtype)
+        template["branch"] = (_SCORE_BRANCH if scored else _NULL_SCORE)[0]
+        template["feature_set"] = self.feature_set
+        template["map_start"] = self._map_start
         for i, key in enumerate(self._map_keys):
-            blocks[f"k{i}"] = key
-            blocks[f"v{i}"] = matrix[:, i]
-        blocks["map_end"] = 0
-        return blocks.tobytes(), dtype.itemsize
+            template[f"k{i}"] = key
+        doubles = (["score"] if scored else []) + [f"v{i}" for i in range(len(self._map_keys))]
+        positions = np.concatenate([dtype.fields[name][1] + np.arange(8) for name in doubles])
+        return np.frombuffer(template.tobytes(), dtype=np.uint8), positions
+
+    def _fixed_blocks(self, matrix: np.ndarray, scores: np.ndarray | None) -> tuple[bytes, int]:
+        """The fixed-width middle of every record (score .. features map) as one bytes, and its width.
+
+        One copy of the template per record and one scatter of all doubles' bytes: a field-by-field fill
+        of a structured array cost ~65 us per batch whatever its size (35 numpy calls)."""
+        template, positions = self._block_layouts[scores is not None]
+        n = len(matrix)
+        values = matrix if scores is None else np.column_stack((scores, matrix))
+        blocks = np.empty((n, len(template)), dtype=np.uint8)
+        blocks[:] = template
+        blocks[:, positions] = np.ascontiguousarray(values, dtype="<f8").view(np.uint8).reshape(n, len(positions))
+        return blocks.tobytes(), len(template)
