@@ -381,17 +381,19 @@ class EntityState:
         valid = self._rows_valid
         start = self._rows_skip * _ROW_SIZE
         rows = self._rows[start:start + valid * _ROW_SIZE]
-        if valid < n:
-            pack, known = _ROW.pack, len(palette)
+        if valid < n:  # usually one or two rows: indexing beats slicing five lists
+            pack, units, offsets, keys, mccs = _ROW.pack, self.units, self.offsets, self.keys, self.mccs
             new = [rows]
-            for time, units, offset, key, mcc in zip(times[valid:], self.units[valid:], self.offsets[valid:],
-                                                     self.keys[valid:], self.mccs[valid:]):
-                if mcc not in palette:
+            for i in range(valid, n):
+                mcc = mccs[i]
+                try:
+                    index = palette.index(mcc)
+                except ValueError:
+                    index = len(palette)
                     palette.append(mcc)
-                new.append(pack(time, units, offset, key, palette.index(mcc)))
+                    self._palette_json = b""
+                new.append(pack(times[i], units[i], offsets[i], keys[i], index))
             rows = b"".join(new)
-            if len(palette) != known:
-                self._palette_json = b""
         self._rows, self._rows_skip, self._rows_valid = rows, 0, n
         palette_json = self._palette_json or _palette_bytes(palette)
         self._palette_json = palette_json
