@@ -8,12 +8,12 @@ import time
 from pathlib import Path
 
 import pytest
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
 from conftest import CACHE_DIR
 from streamscore.kafka_broker import KafkaBrokerError, LocalKafkaBroker
-from streamscore.kafka_io import admin_result
+from streamscore.kafka_io import admin_result, commit, log_commit_errors
 from streamscore.settings import TOPIC_EVENTS, TOPIC_RETRAIN, TOPIC_SCORER_STATE, Settings
 from streamscore.topics import TopicMismatchError, ensure_topics, topic_names
 
@@ -103,6 +103,46 @@ def test_produce_and_consume_round_trip(settings):
     assert received == sent  # nothing lost or duplicated, per-key order kept
     assert all(len(parts) == 1 for parts in partitions_of_key.values())  # a key lives on one partition
     assert len(set().union(*partitions_of_key.values())) == settings.partitions
+
+
+@pytest.mark.integration
+def test_asynchronous_commit_is_sent_without_waiting_and_its_failure_is_logged(settings, caplog):
+    topic = settings.topic(TOPIC_EVENTS)
+    producer = Producer({"bootstrap.servers": settings.bootstrap_servers})
+    for i in range(5):
+        producer.produce(topic, value=f"v{i}".encode(), partition=0)
+    assert producer.flush(30) == 0
+    outcomes: list[tuple] = []
+
+    def on_commit(error, partitions):
+        outcomes.append((error, [(tp.topic, tp.partition, tp.offset, tp.error) for tp in partitions or ()]))
+        log_commit_errors(error, partitions)
+
+    consumer = Consumer({"bootstrap.servers": settings.bootstrap_servers, "group.id": settings.group("async-commit"),
+                         "auto.offset.reset": "earliest", "enable.auto.commit": False, "on_commit": on_commit})
+    try:
+        consumer.assign([TopicPartition(topic, 0, 0)])
+        messages, deadline = [], time.monotonic() + 30
+        while len(messages) < 5 and time.monotonic() < deadline:
+            messages += [m for m in consumer.consume(10, 1.0) if m.error() is None]
+        assert len(messages) == 5
+        assert commit(consumer, messages, asynchronous=True) is True
+        assert outcomes == []  # sent, not waited for: the reply comes with a later poll
+        deadline = time.monotonic() + 30
+        while not outcomes and time.monotonic() < deadline:
+            consumer.consume(1, 0.2)
+        assert outcomes == [(None, [(topic, 0, messages[-1].offset() + 1, None)])]
+        assert consumer.committed([TopicPartition(topic, 0)], timeout=10)[0].offset == messages[-1].offset() + 1
+        # a commit the coordinator refuses reaches the callback, which says so
+        caplog.clear()
+        consumer.commit(offsets=[TopicPartition(topic, 0, -5)], asynchronous=True)
+        deadline = time.monotonic() + 30
+        while len(outcomes) < 2 and time.monotonic() < deadline:
+            consumer.consume(1, 0.2)
+    finally:
+        consumer.close()
+    assert len(outcomes) == 2 and (outcomes[1][0] is not None or outcomes[1][1][0][3] is not None), outcomes
+    assert "offset commit failed" in caplog.text
 
 
 @pytest.mark.integration

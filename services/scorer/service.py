@@ -7,7 +7,8 @@ state changed, produces those states a slice per loop turn (serialising them all
 at once would stall scoring for tens of ms), then seals an `AckBatch` with those
 messages. Their offsets are committed once every message produced up to the seal
 (predictions, dead letters, states) is acknowledged: commit after acks, so
-at-least-once, without flushing the producer on the hot loop. Before partitions
+at-least-once, without flushing the producer or waiting for the commit's reply
+on the hot loop. Before partitions
 are revoked and on a graceful stop the same is done synchronously (flush, then
 commit). A crash replays about one interval plus the acks still in flight.
 
@@ -30,7 +31,8 @@ from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from streamscore import features
 from streamscore.codec import AvroCodec
-from streamscore.kafka_io import AckBatch, DeliveryFailed, commit, dead_letter, make_consumer, make_producer
+from streamscore.kafka_io import (AckBatch, DeliveryFailed, commit, dead_letter, log_commit_errors, make_consumer,
+                                  make_producer)
 from streamscore.registry import ModelRegistry
 from streamscore.scoring import InputMessage, ScoringPipeline, load_production_model
 from streamscore.service_stats import ServiceStats
@@ -198,8 +200,9 @@ class ScorerService:
             self._acks = AckBatch()
             self._checkpointing = None
 
-    def _commit_acknowledged(self, consumer) -> None:
-        """Commit the offsets of the oldest sealed checkpoints whose outputs are all acknowledged."""
+    def _commit_acknowledged(self, consumer, asynchronous: bool = True) -> None:
+        """Commit the offsets of the oldest sealed checkpoints whose outputs are all acknowledged (from the
+        loop without waiting for the coordinator; synchronously when handing over or stopping)."""
         covered: list = []
         sealed = self._sealed
         while sealed and sealed[0].acknowledged:
@@ -208,7 +211,7 @@ class ScorerService:
                 raise DeliveryFailed(f"{len(batch.errors)} messages failed delivery, first: {batch.errors[0]}")
             covered.extend(batch.covered)
         if covered:
-            commit(consumer, covered)
+            commit(consumer, covered, asynchronous=asynchronous)
 
     def _checkpoint_now(self, consumer, timeout_s: float = 330.0) -> None:
         """Synchronously: state of every changed entity -> wait for acks of all outputs -> commit it all."""
@@ -223,7 +226,7 @@ class ScorerService:
         remaining = self._producer.flush(timeout_s)
         if remaining:
             raise DeliveryFailed(f"{remaining} messages still unacknowledged after {timeout_s:.0f} s")
-        self._commit_acknowledged(consumer)
+        self._commit_acknowledged(consumer, asynchronous=False)
         if self._sealed:  # flushed, so every batch is acknowledged; anything left is a bug
             raise DeliveryFailed(f"{len(self._sealed)} checkpoints still unacknowledged after a flush")
 
@@ -253,7 +256,7 @@ class ScorerService:
 
     def run(self, stop: threading.Event) -> None:
         settings = self.settings
-        consumer = make_consumer(settings, settings.group(SERVICE))
+        consumer = make_consumer(settings, settings.group(SERVICE), on_commit=log_commit_errors)
         producer = self._producer = make_producer(settings)
         self._acks = AckBatch()
         self._sealed.clear()
