@@ -5,7 +5,9 @@ and the BytesIO it reads from. `EventReader` reads the layout of the CURRENT Eve
 writer schema (schemas/event.avsc: 3 strings, a long, a double, a string, 4 optional
 strings) straight from the bytes and returns THE SAME DICT as
 `AvroCodec.decoder("event")` (same keys in the same order, same values and types;
-tests/test_event_decoding.py compares them).
+tests/test_event_decoding.py compares them). A batch is read at once: one compiled
+loop (`_scan_events`) finds every field of every message in the batch's joined bytes,
+then Python only slices and decodes the strings (~7 -> ~3 us an event).
 
 Anything else goes to the generic decoder, which stays the single source of
 `DecodeError`s: messages of another writer schema (history, registry, wrong record),
@@ -18,11 +20,13 @@ updated; a test fails first.
 """
 from __future__ import annotations
 
-import struct
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+from numba import njit
 
 from streamscore.codec import CONFLUENT_HEADER_LEN, SINGLE_OBJECT_HEADER_LEN, AvroCodec, DecodeError
-
-_unpack_double = struct.Struct("<d").unpack_from
 
 # The writer schema this reader is written for: (field name, Avro type) in schema order.
 EVENT_LAYOUT = (
@@ -30,66 +34,75 @@ EVENT_LAYOUT = (
     ("currency", "string"), ("merchant_category", ["null", "string"]), ("channel", ["null", "string"]),
     ("country", ["null", "string"]), ("device_id", ["null", "string"]),
 )
-_MAX_FAST_VARINT_BYTES = 9  # 63 bits: Python ints and fastavro's uint64 arithmetic agree up to here
 _MAX_CACHED_HEADERS = 1000  # garbage headers must not grow the cache without bound
+_N_STRINGS = 7  # event_id, entity_id, currency, then the 4 optional strings: a (start, end) span each
 
 
-class _NotFastPath(Exception):
-    """The fast path cannot read this message; the generic decoder decides."""
-
-
-def _read_long(data: bytes, pos: int) -> tuple[int, int]:
-    """Zig-zag varint at `pos` -> (value, position after it); _NotFastPath past 9 bytes."""
-    value = 0
-    shift = 0
-    for pos in range(pos, pos + _MAX_FAST_VARINT_BYTES):
-        byte = data[pos]
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return (value >> 1) ^ -(value & 1), pos + 1
-        shift += 7
-    raise _NotFastPath
-
-
-def _read_string(data: bytes, pos: int) -> tuple[str, int]:
-    """Avro string at `pos`; only the common one-byte length (0..63 bytes) is read here."""
-    size = data[pos]
-    if size >= 0x80 or size & 1:  # multi-byte or negative length: rare, leave it to fastavro
-        raise _NotFastPath
-    end = pos + 1 + (size >> 1)
-    return data[pos + 1:end].decode(), end
-
-
-def _read_optional_string(data: bytes, pos: int) -> tuple[str | None, int]:
-    """["null", "string"] union at `pos`: branch 0 is null, branch 1 (zig-zag 2) a string."""
-    branch = data[pos]
-    if branch == 0:
-        return None, pos + 1
-    size = data[pos + 1]
-    if branch != 2 or size >= 0x80 or size & 1:  # _read_string, inlined: 4 of these per event
-        raise _NotFastPath
-    end = pos + 2 + (size >> 1)
-    return data[pos + 2:end].decode(), end
-
-
-def _read_event(data: bytes, pos: int) -> dict:
-    """The Event body at `pos`, in EVENT_LAYOUT; raises (see EventReader.__call__) if not readable to the end."""
-    event_id, pos = _read_string(data, pos)
-    entity_id, pos = _read_string(data, pos)
-    event_time, pos = _read_long(data, pos)
-    (amount,) = _unpack_double(data, pos)
-    currency, pos = _read_string(data, pos + 8)
-    merchant_category, pos = _read_optional_string(data, pos)
-    channel, pos = _read_optional_string(data, pos)
-    country, pos = _read_optional_string(data, pos)
-    device_id, pos = _read_optional_string(data, pos)
-    if pos != len(data):  # truncated (a slice ran past the end) or trailing bytes
-        raise _NotFastPath
-    return {
-        "event_id": event_id, "entity_id": entity_id, "event_time": event_time, "amount": amount,
-        "currency": currency, "merchant_category": merchant_category, "channel": channel,
-        "country": country, "device_id": device_id,
-    }
+@njit(cache=True, nogil=True)
+def _scan_events(buf, starts, ends, spans, times, amounts, ok):
+    """Message i's body is buf[starts[i]:ends[i]] (starts[i] < 0: not for the fast path). Where its
+    fields are read to its exact end: ok[i] = 1, the strings' (start, end) in spans[i] (-1, -1 for a
+    null), event_time in times[i], amount in amounts[i] (its 8 bytes as they are). Else ok[i] = 0: a string
+    length that is multi-byte or negative, a varint over 9 bytes (63 bits, where Python and int64
+    agree), a union branch other than null/string, truncation or trailing bytes."""
+    for i in range(len(starts)):
+        ok[i] = 0
+        pos = starts[i]
+        end = ends[i]
+        if pos < 0:
+            continue
+        good = True
+        for column in (0, 2):  # event_id, entity_id
+            if pos >= end or buf[pos] >= 0x80 or buf[pos] & 1:
+                good = False
+                break
+            spans[i, column] = pos + 1
+            pos += 1 + (buf[pos] >> 1)
+            spans[i, column + 1] = pos
+        if not good:
+            continue
+        value = 0
+        shift = 0
+        terminated = False
+        for _ in range(9):
+            if pos >= end:
+                break
+            byte = np.int64(buf[pos])
+            pos += 1
+            value |= (byte & 0x7F) << shift
+            if byte < 0x80:
+                terminated = True
+                break
+            shift += 7
+        if not terminated:
+            continue
+        times[i] = (value >> 1) ^ -(value & 1)
+        amount = pos
+        pos += 8
+        if pos >= end or buf[pos] >= 0x80 or buf[pos] & 1:  # currency
+            continue
+        spans[i, 4] = pos + 1
+        pos += 1 + (buf[pos] >> 1)
+        spans[i, 5] = pos
+        for column in (6, 8, 10, 12):  # the optional strings
+            if pos >= end:
+                good = False
+                break
+            branch = buf[pos]
+            if branch == 0:
+                spans[i, column] = -1
+                spans[i, column + 1] = -1
+                pos += 1
+            elif branch == 2 and pos + 1 < end and buf[pos + 1] < 0x80 and not buf[pos + 1] & 1:
+                spans[i, column] = pos + 2
+                pos += 2 + (buf[pos + 1] >> 1)
+                spans[i, column + 1] = pos
+            else:
+                good = False
+                break
+        if good and pos == end:
+            amounts[i] = buf[amount:amount + 8].view(np.float64)[0]
+            ok[i] = 1
 
 
 def _layout_of(schema: dict) -> tuple:
@@ -104,7 +117,8 @@ class EventReader:
         self.generic = codec.decoder("event")
         current = codec.catalog.current("event")
         self._fingerprint = current.fingerprint
-        self.fast_path_enabled = _layout_of(current.expanded) == EVENT_LAYOUT
+        # the compiled loop reads Avro's little-endian double in the machine's order
+        self.fast_path_enabled = _layout_of(current.expanded) == EVENT_LAYOUT and sys.byteorder == "little"
         self._fast_headers: dict[bytes, bool] = {}  # framing header -> written with the current schema
 
     def _learn(self, header: bytes) -> bool:
@@ -122,12 +136,76 @@ class EventReader:
         return fast
 
     def __call__(self, data: bytes) -> dict:
-        if type(data) is bytes:  # bytearray/memoryview: rare, generic
+        decoded = self.read_batch([data])[0]
+        if isinstance(decoded, DecodeError):
+            raise decoded
+        return self.generic(data) if decoded is None else decoded  # empty: the generic decoder's error
+
+    def _body_start(self, data) -> int:
+        """Where the body of `data` starts if the fast path may read it (current-schema framing), else -1."""
+        if type(data) is not bytes or not data:  # bytearray/memoryview: rare, generic
+            return -1
+        header = data[:SINGLE_OBJECT_HEADER_LEN if data[0] == 0xC3 else CONFLUENT_HEADER_LEN]
+        fast = self._fast_headers.get(header)
+        if fast or (fast is None and self._learn(header)):
+            return len(header)
+        return -1
+
+    def read_batch(self, values: Sequence[bytes]) -> list:
+        """Per value, in order: its event dict, the DecodeError the generic decoder raised for it (without a
+        traceback, so a kept list holds no frames), or None for an empty value. Errors that are not the
+        message's fault (e.g. SchemaRegistryUnavailable) propagate."""
+        n = len(values)
+        decoded: list = [None] * n
+        body_starts, body_ends = [-1] * n, [0] * n
+        position = 0
+        if self.fast_path_enabled:
+            body_start = self._body_start
+            header, header_len = None, -1  # the last fast header: a batch's messages usually share it
+            for i, value in enumerate(values):
+                if value is None:  # a tombstone
+                    body_ends[i] = position
+                    continue
+                if header is not None and type(value) is bytes and value.startswith(header):
+                    body_starts[i] = position + header_len
+                else:
+                    start = body_start(value)
+                    if start >= 0:
+                        body_starts[i] = position + start
+                        header, header_len = value[:start], start
+                position += len(value)
+                body_ends[i] = position
+            joined = b"".join([b"" if value is None else value for value in values])
+        else:
+            joined = b""
+        starts = np.array(body_starts, dtype=np.int64)
+        ends = np.array(body_ends, dtype=np.int64)
+        spans = np.empty((n, 2 * _N_STRINGS), dtype=np.int64)
+        times = np.empty(n, dtype=np.int64)
+        amounts = np.empty(n, dtype="<f8")
+        ok = np.zeros(n, dtype=np.uint8)
+        if self.fast_path_enabled:
+            _scan_events(np.frombuffer(joined, dtype=np.uint8), starts, ends, spans, times, amounts, ok)
+        for i, (fast, span, event_time, amount) in enumerate(zip(ok.tolist(), spans.tolist(), times.tolist(),
+                                                                  amounts.tolist())):
+            if fast:
+                try:
+                    decoded[i] = {
+                        "event_id": joined[span[0]:span[1]].decode(), "entity_id": joined[span[2]:span[3]].decode(),
+                        "event_time": event_time, "amount": amount, "currency": joined[span[4]:span[5]].decode(),
+                        "merchant_category": None if span[6] < 0 else joined[span[6]:span[7]].decode(),
+                        "channel": None if span[8] < 0 else joined[span[8]:span[9]].decode(),
+                        "country": None if span[10] < 0 else joined[span[10]:span[11]].decode(),
+                        "device_id": None if span[12] < 0 else joined[span[12]:span[13]].decode(),
+                    }
+                    continue
+                except UnicodeDecodeError:
+                    pass
+            value = values[i]
+            if value is None or len(value) == 0:
+                continue
             try:
-                header = data[:SINGLE_OBJECT_HEADER_LEN if data[0] == 0xC3 else CONFLUENT_HEADER_LEN]
-                fast = self._fast_headers.get(header)
-                if fast or (fast is None and self._learn(header)):
-                    return _read_event(data, len(header))
-            except (_NotFastPath, IndexError, struct.error, UnicodeDecodeError):
-                pass
-        return self.generic(data)  # decodes, or raises the DecodeError naming the reason and field
+                decoded[i] = self.generic(value)  # decodes, or raises the DecodeError naming the reason and field
+            except DecodeError as exc:
+                decoded[i] = exc.with_traceback(None)
+        return decoded

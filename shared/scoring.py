@@ -14,7 +14,7 @@ from typing import NamedTuple
 import numpy as np
 
 from streamscore import features
-from streamscore.codec import AvroCodec, DecodeError
+from streamscore.codec import AvroCodec
 from streamscore.event_decoding import EventReader
 from streamscore.kafka_io import Rejection
 from streamscore.prediction_encoding import PredictionWriter
@@ -116,7 +116,7 @@ class ScoringPipeline:
         self.model = model
         self.states: dict[int, dict[str, features.EntityState]] = {}
         self.writer = PredictionWriter(codec)
-        self._decode_event = EventReader(codec)  # == codec.decoder("event"), faster for the current schema
+        self._event_reader = EventReader(codec)  # == codec.decoder("event"), faster for the current schema
 
     # --- state ownership follows partition assignment ------------------------
     def load_partition_state(self, partition: int, states: dict[str, features.EntityState]) -> None:
@@ -166,11 +166,10 @@ class ScoringPipeline:
         return result
 
     def _read_events(self, messages: list[InputMessage], now_ms: int, result: BatchResult):
-        """Decode and validate each message; rejections go to `result.rejected`, accepted events' sources to
-        `result.sources`. Returns (events, their raw bytes, their message indexes, partition -> positions).
-
-        One loop without a call per message besides decode and validate: this runs for every event."""
-        decode = self._decode_event
+        """Decode (the whole batch at once) and validate each message; rejections go to `result.rejected`,
+        accepted events' sources to `result.sources`. Returns (events, their raw bytes, their message indexes,
+        partition -> positions). One loop without a call per message besides validate: it runs for every event."""
+        decoded = self._event_reader.read_batch([msg.value for msg in messages])
         validate = batch_validator(self.settings, now_ms)
         rejected = result.rejected
         sources = result.sources
@@ -178,16 +177,14 @@ class ScoringPipeline:
         raws: list[bytes] = []
         indexes: list[int] = []  # position in `events` -> index in `messages`
         by_partition: dict[int, list[int]] = {}  # partition -> positions in `events`
-        for index, msg in enumerate(messages):
+        for index, (msg, event) in enumerate(zip(messages, decoded)):
+            if type(event) is not dict:
+                if event is None:
+                    rejected.append((index, Rejection("undecodable", None, "empty message value"), None))
+                else:  # the DecodeError naming the reason and field
+                    rejected.append((index, Rejection(event.reason, event.field, str(event)), None))
+                continue
             value = msg.value
-            if not value:
-                rejected.append((index, Rejection("undecodable", None, "empty message value"), None))
-                continue
-            try:
-                event = decode(value)
-            except DecodeError as exc:
-                rejected.append((index, Rejection(exc.reason, exc.field, str(exc)), None))
-                continue
             try:
                 validate(event)
             except InvalidEvent as exc:

@@ -101,6 +101,8 @@ def test_the_fast_path_is_taken_for_ordinary_events(codec):
     events = [event for event, _ in Simulator(9, n_entities=50).events(300)]
     for event in events:
         assert same(reader(encode(event)), codec.decode(encode(event), "event"))
+    batch = reader.read_batch([encode(event) for event in events])
+    assert all(same(a, codec.decode(encode(b), "event")) for a, b in zip(batch, events))
     assert counting.calls == 0
 
 
@@ -158,6 +160,20 @@ def test_garbage_truncation_and_foreign_schemas_raise_the_generic_decode_error(c
         cases.append(data[:pos] + b"\xff\xfe" + data[pos + 2:])  # invalid UTF-8 / long varint
     kinds = [assert_same_outcome(reader, data) for data in cases]
     assert kinds.count("error") > len(cases) // 2  # the cases really are mostly bad
+    # one batch holding them all (and good messages between them) reads each like the generic decoder
+    batch = [value for pair in zip(cases, messages * (len(cases) // len(messages) + 1)) for value in pair]
+    batch += [None, b""]  # a tombstone and an empty value: None, for the caller to reject
+    decoded = reader.read_batch(batch)
+    assert decoded[-2:] == [None, None]
+    for data, result in zip(batch[:-2], decoded):
+        kind, expected = outcome(reader.generic, data)
+        if not data:
+            assert result is None
+        elif kind == "ok":
+            assert same(result, expected), data
+        else:
+            assert isinstance(result, DecodeError) and (result.reason, result.field, str(result)) == expected, data
+            assert result.__traceback__ is None
 
 
 def test_non_bytes_values_are_decoded_like_the_generic_decoder(codec, messages):
