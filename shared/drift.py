@@ -521,7 +521,7 @@ class DriftMonitor:
                                        self.config.ph_threshold, 0, at_ms))
 
     def update_label(self, score: float | None, label: int, event_time_ms: int | None = None) -> list[DriftSignal]:
-        """Feed one label joined to its prediction's score; returns performance signals."""
+        """Feed one label joined to its prediction's score (and event time); returns performance signals."""
         if label not in (0, 1):
             raise ValueError(f"label must be 0 or 1, got {label!r}")
         if score is None or score != score or "performance" not in self.config.detectors:
@@ -529,7 +529,10 @@ class DriftMonitor:
         perf = self._performance
         perf.add(float(score), int(label))
         self.labels_seen += 1
-        at_ms = self._last_event_ms if event_time_ms is None else event_time_ms
+        # the labelled prediction's event time, never before the latest prediction seen (the monitor's clock):
+        # a label resolved late (its prediction looked up in ClickHouse) can complete evidence before the
+        # monitor's own stream reached that prediction
+        at_ms = self._last_event_ms if event_time_ms is None else max(event_time_ms, self._last_event_ms)
         signals = self._update_loss_adwin(min(perf.losses[-1], _LOSS_CAP_FOR_ADWIN), at_ms)
         if not perf.full:
             return signals

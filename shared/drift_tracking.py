@@ -120,7 +120,7 @@ class DriftTracker:
 
     def on_prediction(self, prediction: dict, out: DriftOutputs) -> None:
         version = int(prediction["model_version"])
-        self._scores[prediction["event_id"]] = (version, prediction["score"])
+        self._scores[prediction["event_id"]] = (version, prediction["score"], int(prediction["event_time"]))
         if len(self._scores) > self.label_join_size:
             self._scores.popitem(last=False)
         monitor = self.monitor
@@ -144,14 +144,14 @@ class DriftTracker:
             return
         self._feed_label(joined, int(label["label"]), out)
 
-    def _feed_label(self, joined: tuple[int, float | None], label: int, out: DriftOutputs) -> None:
-        version, score = joined
+    def _feed_label(self, joined: tuple[int, float | None, int], label: int, out: DriftOutputs) -> None:
+        version, score, event_time_ms = joined
         monitor = self.monitor
         if monitor is None or version != monitor.model_version:
             self.labels_other_version += 1
             return
         # Event time of the latest prediction is the monitor's one clock (cool-down, detected_at).
-        signals = monitor.update_label(score, label)
+        signals = monitor.update_label(score, label, event_time_ms)
         # The monitor's warm-up gates prediction detectors only; right after a swap the first
         # labels of the new version are few and their loss is noise, so gate them here too.
         if signals and monitor.predictions_seen >= self.config.min_events:
@@ -161,7 +161,7 @@ class DriftTracker:
         """Event ids of waiting labels whose prediction is not in memory (look them up in ClickHouse)."""
         return [event_id for event_id, _, _ in self._waiting if event_id not in self._scores]
 
-    def resolve_labels(self, found: dict[str, tuple[int, float | None]], out: DriftOutputs) -> None:
+    def resolve_labels(self, found: dict[str, tuple[int, float | None, int]], out: DriftOutputs) -> None:
         """Feed waiting labels whose prediction is now known (in memory, or `found` in ClickHouse);
         drop those that waited longer than label_wait_s."""
         now = time.monotonic()

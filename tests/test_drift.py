@@ -146,6 +146,7 @@ def test_performance_degradation_from_labels(baseline):
              for s in monitor.update_label(sc, y, i)]
     assert found, "degradation not detected"
     assert all(i >= 6000 for i, _ in found)
+    assert all(s.at_ms == i for i, s in found)  # the labelled prediction's event time (no prediction seen yet)
     # ADWIN on the per-label loss reacts first...
     first_index, first = found[0]
     assert first_index == 6207 and (first.detector, first.feature) == ("adwin", None)

@@ -162,13 +162,16 @@ def test_concept_drift_triggers_one_retrain_and_the_scorer_serves_v2(loop_settin
     v2 = registry.get(settings.model_name, 2)
     assert request["request_id"] in v2.reason and v2.parent_version == 1
     # how late: events scored by v1 from the first drifted event until the alarm (detected_at is the event
-    # time of the newest prediction when the evidence completed, so the ~1 s label delay is included)
+    # time of the prediction whose label completed the evidence, or of the newest prediction the monitor had
+    # seen if later, so the ~1 s label delay is included)
     delay_events = int(store.query(
         "SELECT count() FROM predictions FINAL WHERE model_version = 1 AND event_time >= "
         "(SELECT any(event_time) FROM predictions FINAL WHERE event_id = {first:String}) "
         "AND event_time <= fromUnixTimestamp64Milli({at:Int64}, 'UTC')",
         {"first": live.event_ids[DRIFT_AT], "at": request["detected_at"]}).rows[0][0])
-    assert 0 < delay_events < LIVE - DRIFT_AT
+    first_drifted = store.query("SELECT any(toUnixTimestamp64Milli(event_time)), count() FROM predictions FINAL "
+                                "WHERE event_id = {first:String}", {"first": live.event_ids[DRIFT_AT]}).rows[0]
+    assert 0 < delay_events < LIVE - DRIFT_AT, (delay_events, first_drifted, request)
     print(f"\ndrift detected by {request['detector']} ({request['reason']}) {delay_events} events and "
           f"{detected_wall - injected_wall:.1f} s (wall) after the injection; training took {outcome.seconds:.1f} s "
           f"on {outcome.training_rows} rows; v2 promoted: {outcome.reason}")

@@ -81,7 +81,7 @@ def test_labels_join_scores_in_memory_else_wait_for_a_lookup():
     assert t.monitor.labels_seen == 1
     t.on_label({"event_id": "old", "label": 0}, out)  # its prediction was before the cache (or a restart)
     assert t.take_unmatched() == ["old"] and t.labels_waiting == 1
-    t.resolve_labels({"old": (1, 0.2)}, out)
+    t.resolve_labels({"old": (1, 0.2, 1_700_000_000_000)}, out)  # (version, score, event time) from ClickHouse
     assert t.monitor.labels_seen == 2 and t.labels_waiting == 0
     t.on_label({"event_id": "ghost", "label": 0}, out)
     t.label_wait_s = 0

@@ -197,9 +197,10 @@ class DriftService:
         found = {}
         for start in range(0, len(missing), LABEL_LOOKUP_CHUNK):
             result = self.store.query(
-                "SELECT event_id, model_version, score FROM predictions FINAL WHERE event_id IN {ids:Array(String)}",
-                {"ids": missing[start:start + LABEL_LOOKUP_CHUNK]})
-            found.update({event_id: (int(version), score) for event_id, version, score in result.rows})
+                "SELECT event_id, model_version, score, toUnixTimestamp64Milli(event_time) FROM predictions FINAL "
+                "WHERE event_id IN {ids:Array(String)}", {"ids": missing[start:start + LABEL_LOOKUP_CHUNK]})
+            found.update({event_id: (int(version), score, int(event_time_ms))
+                          for event_id, version, score, event_time_ms in result.rows})
         self.tracker.resolve_labels(found, self.outputs)
 
     def _export_metrics(self, rows: list[list]) -> None:
