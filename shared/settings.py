@@ -60,7 +60,10 @@ class Settings(BaseSettings):
 
     # --- scorer -------------------------------------------------------------
     scorer_batch_size: int = Field(default=500, ge=1, description="Max events the scorer takes per batch.")
-    scorer_batch_wait_ms: int = Field(default=5, ge=0, description="Max wait to fill a scorer batch.")
+    scorer_batch_wait_ms: int = Field(
+        default=0, ge=0,
+        description="Max wait to fill a scorer batch once its first event is in (0: take what has arrived; "
+        "batches still grow with the rate).")
     scorer_checkpoint_interval_ms: int = Field(
         default=500, ge=0,
         description="The scorer waits for acks, writes changed entity state and commits offsets at most this often "

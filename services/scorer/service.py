@@ -232,7 +232,10 @@ class ScorerService:
 
     def _next_batch(self, consumer, wait_s: float) -> list:
         """Up to scorer_batch_size messages: waits (<= 0.1 s) for the first one only as long as it
-        takes to arrive, then at most `wait_s` for more, so a quiet stream is not held back."""
+        takes to arrive, then at most `wait_s` for more, so a quiet stream is not held back. With the
+        default wait of 0 a batch is what arrived while the last one was scored: it grows with the rate
+        (at 5k events/s offered, p50 / p99 end to end 15-29 / 99-109 ms against 33-37 / 150-265 ms
+        with a 5 ms wait, two quick bench runs each)."""
         first = consumer.consume(1, 0.1)
         if not first:
             return first
