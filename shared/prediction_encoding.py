@@ -5,18 +5,18 @@ record, most of it walking the 17-entry features map and re-encoding the nested
 Event. This writer produces THE SAME BYTES (tests/test_prediction_encoding.py
 compares them with the generic encoder) at a few us per record because:
 
-- the features map has fixed keys in a fixed order, so a whole batch's maps are
-  one numpy structured array (key bytes + little-endian double, packed) turned
-  into bytes once;
+- the features map has fixed keys in a fixed order, so a record's map is a constant
+  template (key bytes, zeros for the doubles) with its little-endian doubles
+  scattered in: one numpy copy and one scatter for the whole batch;
 - the nested `event` is the source message's own Avro body when that message was
   written with the current Event schema (the Avro encoding of a record is just its
   fields in order, so the bytes are identical); otherwise the decoded event is
   encoded with fastavro;
 - fields constant within a batch (scored_at, model, feature set) are encoded once;
 - everything between model_version and the event (score, feature set, the map) has the
-  same width for every record of a batch, so it is one packed numpy row per record;
+  same width for every record of a batch, so it is one packed row of that template;
 - the varints of event_time, event_partition and event_offset are encoded for the
-  whole batch with numpy (`avro_longs`), not one Python loop per value.
+  whole batch in one compiled loop (`avro_longs`), not one Python loop per value.
 
 Field order follows schemas/prediction.avsc; a schema change must change this file
 (the equality test fails first).
@@ -81,8 +81,8 @@ _VECTOR_MIN = 5  # below this many values the compiled loop's fixed cost (~6 us)
 
 
 def avro_longs(values: Sequence[int]) -> list[bytes]:
-    """[avro_long(v) for v in values] for 64-bit values, encoded in one compiled loop (~1.5 us a value
-    for avro_long's Python loop on a 41-bit event time)."""
+    """[avro_long(v) for v in values] for 64-bit values, encoded in one compiled loop (avro_long's Python
+    loop costs ~1.5 us for a 41-bit event time)."""
     if len(values) < _VECTOR_MIN:
         return [avro_long(value) for value in values]
     try:

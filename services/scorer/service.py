@@ -8,9 +8,9 @@ at once would stall scoring for tens of ms), then seals an `AckBatch` with those
 messages. Their offsets are committed once every message produced up to the seal
 (predictions, dead letters, states) is acknowledged: commit after acks, so
 at-least-once, without flushing the producer or waiting for the commit's reply
-on the hot loop. Before partitions
-are revoked and on a graceful stop the same is done synchronously (flush, then
-commit). A crash replays about one interval plus the acks still in flight.
+on the hot loop. Before partitions are revoked and on a graceful stop the same is
+done synchronously (flush, then commit). A crash replays about one interval plus
+the acks and the commit still in flight.
 
 Entity state lives in memory, grouped by partition, and is backed by the
 compacted `scorer-state` topic (co-partitioned with `events`): when a partition
