@@ -173,7 +173,7 @@ COORDINATOR_AWAY_ERRORS = frozenset({
 
 
 def commit(consumer: Consumer, messages: list[Message], attempts: int = 5, asynchronous: bool = False) -> bool:
-    """Synchronously commit what `messages` covered; True when committed.
+    """Commit what `messages` covered, synchronously unless `asynchronous`; True when committed (or sent).
 
     Never fatal for a lost membership or an unreachable coordinator: those
     offsets are then simply consumed again (by us or the partition's new owner)
