@@ -218,6 +218,15 @@ def test_services_share_the_model_registry():
         assert model_dir in mounts, f"service {name} does not mount a volume at {model_dir}"
 
 
+def test_kafka_runs_with_the_local_brokers_jvm_flags():
+    """The benchmarked broker's collector and heap (kafka_broker.py says why) are the deployment's too."""
+    from streamscore.kafka_broker import JVM_HEAP_FLAGS, JVM_PERFORMANCE_FLAGS
+
+    kafka = environment(SERVICES["kafka"])
+    assert kafka.get("KAFKA_HEAP_OPTS", "").split() == list(JVM_HEAP_FLAGS)
+    assert kafka.get("KAFKA_JVM_PERFORMANCE_OPTS", "").split() == list(JVM_PERFORMANCE_FLAGS)
+
+
 def test_dockerfile_installs_every_package_dir():
     """The image must contain what pyproject installs (shared/, services/, schemas/, README for metadata)."""
     import tomllib
