@@ -380,9 +380,10 @@ logger.coordinator.level = WARN
 
 # The broker is in the latency path twice (event in, prediction out), so its collector's pauses are the
 # pipeline's. Kafka's start script passes G1 with a 20 ms pause goal; on this 2-core machine at 5k events/s
-# G1 (256-512 MB) kept its live set near its IHOP and ran back-to-back marking cycles, young pauses of
-# 7-113 ms: end-to-end p99 68-252 ms in four bench runs. ZGC collects concurrently (pauses < 1 ms), here
-# in a fixed 1 GB heap: p99 38-57 ms in four runs interleaved with those (bench e2e --quick, 5k/s, 8 s).
+# G1 (256-512 MB) kept its live set near its IHOP and ran back-to-back marking cycles with young pauses of
+# 7-113 ms (gc log). ZGC collects concurrently (pauses < 1 ms), here in a fixed 1 GB heap. Eight quick bench
+# runs at 5k/s, G1 and ZGC interleaved: e2e p99 G1 47 / 104 / 118 / 359 ms, ZGC 52 / 57 / 120 / 101 ms;
+# p50 G1 13.7 / 15.0 / 22.8 / 43.1, ZGC 16.5 / 17.0 / 20.5 / 13.9 ms.
 # (-XX:+AlwaysPreTouch would add 2 s to every start to save page faults in the broker's first minute.)
 JVM_HEAP_FLAGS = ("-Xms1g", "-Xmx1g")
 JVM_PERFORMANCE_FLAGS = ("-server", "-XX:+UseZGC", "-Djava.awt.headless=true")
