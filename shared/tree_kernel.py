@@ -36,13 +36,18 @@ _MISSING_TYPES = {"None": _MISSING_NONE, "Zero": _MISSING_ZERO, "NaN": _MISSING_
 _PROBE_ROWS = 2000
 
 
+_PLAIN, _CATEGORICAL, _ZERO_MISSING = 0, 1, 2  # node kinds in `kind` (see TreeKernel._node_arrays)
+
+
 @njit(cache=True, nogil=True)
-def _predict(matrix, feature, threshold, kind, default_left, missing, left, right, cat_start, cat_end,
-             cat_bits, leaf_value, tree_root, sigmoid, out):
+def _predict(matrix, feature, threshold, kind, left, right, nan_child, cat_start, cat_end, cat_bits, leaf_value,
+             tree_root, sigmoid, out):
     """One score per row of `matrix` (float64, C order) into `out`; see the module docstring for each step.
 
     Tree by tree over all rows (a tree's nodes stay in cache); each row still adds its trees' leaf values
-    in tree order, so the sums are LightGBM's."""
+    in tree order, so the sums are LightGBM's. A plain numerical node (feature >= 0) costs one load of the
+    value and one comparison: where NaN goes was worked out ahead (`nan_child`); only categorical and
+    Zero-missing nodes (feature = ~index) look at their kind."""
     n_rows, n_cols = matrix.shape
     rows = np.empty((n_rows, n_cols), dtype=np.float64)
     for r in range(n_rows):
@@ -55,27 +60,34 @@ def _predict(matrix, feature, threshold, kind, default_left, missing, left, righ
         for r in range(n_rows):
             node = root
             while node >= 0:
-                value = rows[r, feature[node]]
-                if kind[node] == 0:  # numerical
-                    m = missing[node]
-                    if value != value and m != 2:
-                        value = 0.0
-                    if (m == 1 and -ZERO_THRESHOLD <= value <= ZERO_THRESHOLD) or (m == 2 and value != value):
-                        node = left[node] if default_left[node] else right[node]
+                f = feature[node]
+                if f >= 0:  # plain numerical: missing type None or NaN
+                    value = rows[r, f]
+                    if value <= threshold[node]:
+                        node = left[node]
+                    elif value > threshold[node]:
+                        node = right[node]
+                    else:  # NaN
+                        node = nan_child[node]
+                    continue
+                value = rows[r, ~f]
+                if kind[node] == _ZERO_MISSING:  # zero (|v| <= kZeroThreshold, zeroed above) and NaN: default
+                    if value == 0.0 or value != value:
+                        node = nan_child[node]
                     elif value <= threshold[node]:
                         node = left[node]
                     else:
                         node = right[node]
-                else:  # categorical
-                    if not (-2147483649.0 < value < 2147483648.0):  # NaN or outside int32
-                        node = right[node]
-                        continue
-                    category = int(value)  # truncates toward zero, like static_cast<int>
-                    word = cat_start[node] + category // 32
-                    if category >= 0 and word < cat_end[node] and (cat_bits[word] >> (category % 32)) & 1:
-                        node = left[node]
-                    else:
-                        node = right[node]
+                    continue
+                if not (-2147483649.0 < value < 2147483648.0):  # categorical; NaN or outside int32
+                    node = right[node]
+                    continue
+                category = int(value)  # truncates toward zero, like static_cast<int>
+                word = cat_start[node] + category // 32
+                if category >= 0 and word < cat_end[node] and (cat_bits[word] >> (category % 32)) & 1:
+                    node = left[node]
+                else:
+                    node = right[node]
             raw[r] += leaf_value[~node]
     for r in range(n_rows):
         out[r] = 1.0 / (1.0 + math.exp(-sigmoid * raw[r]))
@@ -147,12 +159,29 @@ class TreeKernel:
         def joined(name: str, dtype) -> np.ndarray:
             return np.concatenate(columns[name]).astype(dtype) if columns[name] else np.zeros(1, dtype=dtype)
 
-        self.arrays = (
-            joined("feature", np.int64), joined("threshold", np.float64), joined("kind", np.int8),
-            joined("default_left", np.bool_), joined("missing", np.int8), joined("left", np.int64),
-            joined("right", np.int64), joined("cat_start", np.int64), joined("cat_end", np.int64),
-            joined("cat_bits", np.uint32), joined("leaf_value", np.float64), np.array(roots, dtype=np.int64),
-        )
+        self.split_feature = joined("feature", np.int64)
+        self.threshold = joined("threshold", np.float64)
+        self.categorical = joined("kind", np.int8).astype(bool)
+        self.cat_start, self.cat_end = joined("cat_start", np.int32), joined("cat_end", np.int32)
+        self.cat_bits = joined("cat_bits", np.uint32)
+        self.arrays = self._node_arrays(joined("default_left", np.bool_), joined("missing", np.int8),
+                                        joined("left", np.int32), joined("right", np.int32),
+                                        joined("leaf_value", np.float64), np.array(roots, dtype=np.int32))
+
+    def _node_arrays(self, default_left, missing, left, right, leaf_value, roots) -> tuple:
+        """The arrays `_predict` walks. LightGBM's per-node rule for a numerical value v (after
+        |v| <= kZeroThreshold became 0.0) is: missing type None: NaN is read as 0.0, then v <= threshold
+        goes left; NaN: NaN takes the default side, others compare; Zero: NaN and 0.0 take the default
+        side, others compare. So for None and NaN nodes NaN's side is fixed per node (`nan_child`) and the
+        rest is one comparison; Zero nodes and categorical ones are marked `feature = ~index`."""
+        default = np.where(default_left, left, right)
+        zero_side = np.where(0.0 <= self.threshold, left, right)
+        nan_child = np.where(missing == _MISSING_NONE, zero_side, default).astype(np.int32)
+        kind = np.where(self.categorical, _CATEGORICAL,
+                        np.where(missing == _MISSING_ZERO, _ZERO_MISSING, _PLAIN)).astype(np.int8)
+        feature = np.where(kind == _PLAIN, self.split_feature, ~self.split_feature).astype(np.int32)
+        return (feature, self.threshold, kind, left, right, nan_child, self.cat_start, self.cat_end, self.cat_bits,
+                leaf_value, roots)
 
     def predict(self, matrix: np.ndarray) -> np.ndarray:
         matrix = np.ascontiguousarray(matrix, dtype=np.float64)
@@ -177,13 +206,13 @@ class TreeKernel:
     def probe_matrix(self, rows: int = _PROBE_ROWS, seed: int = 0) -> np.ndarray:
         """Rows mixing every split threshold, its neighbours, zeros (+-0, +-1e-36), negatives, NaN and the
         categories (and non-integral, negative, huge values) of every categorical split."""
-        feature, threshold, kind = self.arrays[0], self.arrays[1], self.arrays[2]
+        feature, threshold, categorical = self.split_feature, self.threshold, self.categorical
         candidates: list[list[float]] = [[0.0, -0.0, 1e-36, -1e-36, math.nan, -1.0, 1.0, 1e300, -1e300, 0.5, -0.5]
                                          for _ in range(self.n_features)]
-        bits, starts, ends = self.arrays[9], self.arrays[7], self.arrays[8]
+        bits, starts, ends = self.cat_bits, self.cat_start, self.cat_end
         for node in range(len(feature)):
             values = candidates[feature[node]]
-            if kind[node] == 0:
+            if not categorical[node]:
                 t = float(threshold[node])
                 values += [t, np.nextafter(t, math.inf), np.nextafter(t, -math.inf)]
             else:
