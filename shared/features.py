@@ -146,6 +146,10 @@ _CHANNEL_VALUES = {value: float(code) for value, code in CHANNEL_CODES.items()}
 _COUNTRY_VALUES = {value: float(code) for value, code in COUNTRY_CODES.items()}
 _UNKNOWN_VALUE = float(UNKNOWN_CODE)
 _NULL_VALUE = float(NULL_CODE)
+# One str object per vocabulary category, kept by every state instead of each event's freshly decoded copy:
+# a state's mccs then point at a few shared, cache-hot objects (distinct_mcc_24h's set() reads them), and
+# an entity's retained events do not each hold a ~53-byte string.
+_SHARED_MCCS = {value: value for value in MERCHANT_CATEGORIES}
 
 
 def feature_set_description(
@@ -307,6 +311,7 @@ class EntityState:
             return
         units = round(amount * AMOUNT_SCALE)  # amount_units, inlined (hot path)
         square = units * units
+        mcc = _SHARED_MCCS.get(mcc, mcc)
         stored_offset = -1 if offset is None else offset
         sum_prefix, square_prefix = self.sum_prefix, self.square_prefix
         if not times or event_time >= times[-1]:
@@ -440,7 +445,7 @@ def _read_palette(data: bytes) -> list[str | None]:
         raise ValueError("entity state's merchant-category palette is not JSON") from None
     if type(palette) is not list or not all(mcc is None or type(mcc) is str for mcc in palette):
         raise ValueError("entity state's merchant-category palette is not a list of strings and nulls")
-    return palette
+    return [_SHARED_MCCS.get(mcc, mcc) for mcc in palette]
 
 
 def _read_rows(data: bytes, n: int, palette_len: int) -> EntityState:

@@ -145,6 +145,19 @@ def test_distinct_mcc_ignores_nulls_and_repeats():
     assert run(events + [ev(T0 + 5)])[-1]["distinct_mcc_24h"] == 2.0
 
 
+
+def test_states_share_one_object_per_vocabulary_category():
+    # decoded events carry a fresh str each; a state keeps the vocabulary's own (memory, and a cache-hot set())
+    fresh = "".join(["54", "11"])
+    assert fresh is not F.MERCHANT_CATEGORIES[0]
+    states: dict[str, EntityState] = {}
+    for i, mcc in enumerate([fresh, "".join(["99", "99"]), None]):
+        compute_and_update(states, ev(T0 + i, merchant_category=mcc), i)
+    state = states["card-1"]
+    assert state.mccs == ["5411", "9999", None] and state.mccs[0] is F.MERCHANT_CATEGORIES[0]
+    restored = EntityState.from_bytes(state.to_bytes())
+    assert restored == state and restored.mccs[0] is F.MERCHANT_CATEGORIES[0]
+
 def test_category_codes_null_unknown_and_known():
     f = run([ev(T0, currency="EUR", merchant_category="5411", channel="pos", country="DE")])[0]
     assert (f["currency_code"], f["mcc_code"], f["channel_code"], f["country_code"]) == (2, 2, 2, 2)
