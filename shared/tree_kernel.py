@@ -33,10 +33,8 @@ from numba import njit
 ZERO_THRESHOLD = float(np.float32(1e-35))  # LightGBM's kZeroThreshold, a float literal widened to double
 _MISSING_NONE, _MISSING_ZERO, _MISSING_NAN = 0, 1, 2
 _MISSING_TYPES = {"None": _MISSING_NONE, "Zero": _MISSING_ZERO, "NaN": _MISSING_NAN}
-_PROBE_ROWS = 2000
-
-
 _PLAIN, _CATEGORICAL, _ZERO_MISSING = 0, 1, 2  # node kinds in `kind` (see TreeKernel._node_arrays)
+_PROBE_ROWS = 2000
 
 
 @njit(cache=True, nogil=True)

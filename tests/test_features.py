@@ -145,7 +145,6 @@ def test_distinct_mcc_ignores_nulls_and_repeats():
     assert run(events + [ev(T0 + 5)])[-1]["distinct_mcc_24h"] == 2.0
 
 
-
 def test_states_share_one_object_per_vocabulary_category():
     # decoded events carry a fresh str each; a state keeps the vocabulary's own (memory, and a cache-hot set())
     fresh = "".join(["54", "11"])
@@ -157,6 +156,7 @@ def test_states_share_one_object_per_vocabulary_category():
     assert state.mccs == ["5411", "9999", None] and state.mccs[0] is F.MERCHANT_CATEGORIES[0]
     restored = EntityState.from_bytes(state.to_bytes())
     assert restored == state and restored.mccs[0] is F.MERCHANT_CATEGORIES[0]
+
 
 def test_category_codes_null_unknown_and_known():
     f = run([ev(T0, currency="EUR", merchant_category="5411", channel="pos", country="DE")])[0]
