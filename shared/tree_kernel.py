@@ -112,7 +112,7 @@ class TreeKernel:
         self.sigmoid = _binary_sigmoid(fields)
         trees[-1] = trees[-1].split("\nend of trees", 1)[0]
         columns: dict[str, list[np.ndarray]] = {name: [] for name in (
-            "feature", "threshold", "kind", "default_left", "missing", "left", "right", "cat_start", "cat_end",
+            "feature", "threshold", "categorical", "default_left", "missing", "left", "right", "cat_start", "cat_end",
             "cat_bits", "leaf_value")}
         roots = []
         n_nodes = n_leaves = n_words = 0
@@ -130,7 +130,7 @@ class TreeKernel:
                 categorical = (decision & 1).astype(bool)
                 columns["feature"].append(_numbers(tree["split_feature"], np.int64))
                 columns["threshold"].append(threshold)
-                columns["kind"].append(categorical.astype(np.int8))
+                columns["categorical"].append(categorical)
                 columns["default_left"].append((decision & 2).astype(bool))
                 columns["missing"].append(((decision >> 2) & 3).astype(np.int8))
                 for side in ("left", "right"):  # internal children after the earlier trees' nodes, leaves after theirs
@@ -159,7 +159,7 @@ class TreeKernel:
 
         self.split_feature = joined("feature", np.int64)
         self.threshold = joined("threshold", np.float64)
-        self.categorical = joined("kind", np.int8).astype(bool)
+        self.categorical = joined("categorical", np.bool_)
         self.cat_start, self.cat_end = joined("cat_start", np.int32), joined("cat_end", np.int32)
         self.cat_bits = joined("cat_bits", np.uint32)
         self.arrays = self._node_arrays(joined("default_left", np.bool_), joined("missing", np.int8),
