@@ -44,7 +44,7 @@ def fail(message: str) -> typer.Exit:
 @infra_app.command("install")
 def infra_install(ctx: typer.Context) -> None:
     """Download the Kafka broker jars once (into STREAMSCORE_CACHE_DIR); instant when already there."""
-    from streamscore.kafka_broker import KafkaBrokerError, LocalKafkaBroker
+    from streamscore.dev.kafka_broker import KafkaBrokerError, LocalKafkaBroker
 
     settings: Settings = ctx.obj
     if not settings.uses_local_broker:
@@ -65,9 +65,9 @@ def infra_up(ctx: typer.Context) -> None:
     """Install and start the local broker (unless KAFKA_BOOTSTRAP_SERVERS is set), create topics, migrate tables."""
     from confluent_kafka import KafkaException
 
-    from streamscore.kafka_broker import KafkaBrokerError, LocalKafkaBroker
-    from streamscore.store import StoreError, open_store
-    from streamscore.topics import ensure_topics
+    from streamscore.dev.kafka_broker import KafkaBrokerError, LocalKafkaBroker
+    from streamscore.clickhouse.store import StoreError, open_store
+    from streamscore.kafka.topics import ensure_topics
 
     settings: Settings = ctx.obj
     try:
@@ -101,7 +101,7 @@ def infra_up(ctx: typer.Context) -> None:
 @infra_app.command("down")
 def infra_down(ctx: typer.Context) -> None:
     """Stop the local Kafka broker of STREAMSCORE_DATA_DIR (its data is kept)."""
-    from streamscore.kafka_broker import LocalKafkaBroker
+    from streamscore.dev.kafka_broker import LocalKafkaBroker
 
     settings: Settings = ctx.obj
     if not settings.uses_local_broker:
@@ -114,9 +114,9 @@ def infra_down(ctx: typer.Context) -> None:
 @infra_app.command("status")
 def infra_status(ctx: typer.Context) -> None:
     """Show the broker, topics and ClickHouse store state."""
-    from streamscore.kafka_broker import LocalKafkaBroker
-    from streamscore.store import MIGRATIONS, StoreError, open_store
-    from streamscore.topics import topic_names
+    from streamscore.dev.kafka_broker import LocalKafkaBroker
+    from streamscore.clickhouse.store import MIGRATIONS, StoreError, open_store
+    from streamscore.kafka.topics import topic_names
 
     settings: Settings = ctx.obj
     table = Table(show_header=False, box=None)
@@ -204,7 +204,7 @@ def query(
     output: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help="table, csv or json."),
 ) -> None:
     """Run SQL against the ClickHouse store (e.g. streamscore query "SELECT count() FROM predictions FINAL")."""
-    from streamscore.store import StoreError, open_store
+    from streamscore.clickhouse.store import StoreError, open_store
 
     settings: Settings = ctx.obj
     try:
@@ -251,7 +251,7 @@ _PUBLISH_OPTION = typer.Option(True, "--publish/--no-publish",
 
 
 def _registry(ctx: typer.Context, model: str | None):
-    from streamscore.registry import ModelRegistry
+    from streamscore.learning.registry import ModelRegistry
 
     settings: Settings = ctx.obj
     return ModelRegistry(settings.registry_dir), model or settings.model_name
@@ -273,7 +273,7 @@ def _metric(metrics: dict, name: str) -> str:
 @models_app.command("list")
 def models_list(ctx: typer.Context, model: str | None = _MODEL_OPTION) -> None:
     """All versions of the model with their stage, feature set and validation AUC."""
-    from streamscore.registry import stage_label
+    from streamscore.learning.registry import stage_label
 
     registry, name = _registry(ctx, model)
     versions = registry.list(name)
@@ -300,7 +300,7 @@ def models_list(ctx: typer.Context, model: str | None = _MODEL_OPTION) -> None:
 def models_show(ctx: typer.Context, version: int = typer.Argument(..., help="Version number."),
                 model: str | None = _MODEL_OPTION) -> None:
     """Metadata of one version: training window, metrics, threshold, params, score baseline, history."""
-    from streamscore.registry import RegistryError, stage_label
+    from streamscore.learning.registry import RegistryError, stage_label
 
     registry, name = _registry(ctx, model)
     try:
@@ -339,7 +339,7 @@ def models_promote(ctx: typer.Context, version: int = typer.Argument(..., help="
                    reason: str = typer.Option("manual promote", "--reason", help="Recorded in the history."),
                    publish: bool = _PUBLISH_OPTION) -> None:
     """Make VERSION the production model (scorers pick it up within a second)."""
-    from streamscore.registry import RegistryError
+    from streamscore.learning.registry import RegistryError
 
     registry, name = _registry(ctx, model)
     try:
@@ -357,7 +357,7 @@ def models_rollback(ctx: typer.Context, model: str | None = _MODEL_OPTION,
                     reason: str = typer.Option("manual rollback", "--reason", help="Recorded in the history."),
                     publish: bool = _PUBLISH_OPTION) -> None:
     """Serve the previous production version again."""
-    from streamscore.registry import RegistryError
+    from streamscore.learning.registry import RegistryError
 
     registry, name = _registry(ctx, model)
     try:
@@ -376,9 +376,9 @@ def _publish_update(settings: Settings, event: dict) -> None:
     production pointer within 0.5 s), so a broker problem is reported, not undone."""
     from confluent_kafka import KafkaException
 
-    from streamscore.codec import AvroCodec
-    from streamscore.kafka_io import DeliveryFailed
-    from streamscore.model_updates import publish_model_updates
+    from streamscore.avro.codec import AvroCodec
+    from streamscore.kafka.io import DeliveryFailed
+    from streamscore.learning.model_updates import publish_model_updates
     from streamscore.settings import TOPIC_MODEL_UPDATES
 
     try:
@@ -394,10 +394,10 @@ def _publish_update(settings: Settings, event: dict) -> None:
 def run(ctx: typer.Context,
         services: list[str] = typer.Argument(..., help="scorer, logger, drift, trainer, or 'all'.")) -> None:
     """Run services in this process until SIGTERM/SIGINT (then flush, commit and exit)."""
-    from streamscore.logs import configure_logging
-    from streamscore.metrics import MetricsServer
+    from streamscore.ops.logs import configure_logging
+    from streamscore.ops.metrics import MetricsServer
     from streamscore.services.runner import SERVICE_NAMES, ServiceGroup, run_until_signalled
-    from streamscore.store import StoreError
+    from streamscore.clickhouse.store import StoreError
 
     settings: Settings = ctx.obj
     try:
@@ -432,9 +432,9 @@ def simulate(ctx: typer.Context,
              poison_every: int = typer.Option(0, "--poison-every", min=0, help="Add a bad message every N events."),
              ) -> None:
     """Produce realistic simulated events (and delayed labels) to the events/labels topics."""
-    from streamscore.codec import AvroCodec
-    from streamscore.services.simulate import produce_simulation, simulator_ending_now
-    from streamscore.simulator import DriftSpec
+    from streamscore.avro.codec import AvroCodec
+    from streamscore.services.tools.simulate import produce_simulation, simulator_ending_now
+    from streamscore.dev.simulator import DriftSpec
 
     settings: Settings = ctx.obj
     try:
@@ -453,12 +453,12 @@ def train(ctx: typer.Context,
           days: float = typer.Option(0, "--days", min=0, help="Train on the last N days of events (0 = all)."),
           reason: str = typer.Option("manual training", "--reason", help="Recorded with the version.")) -> None:
     """Build the training set from ClickHouse (offline feature path), train, gate, register, maybe promote."""
-    from streamscore.codec import AvroCodec
-    from streamscore.model_updates import publish_model_updates
-    from streamscore.registry import ModelRegistry
-    from streamscore.retraining import train_and_register
-    from streamscore.store import StoreError, open_store
-    from streamscore.training import TrainingDataError
+    from streamscore.avro.codec import AvroCodec
+    from streamscore.learning.model_updates import publish_model_updates
+    from streamscore.learning.registry import ModelRegistry
+    from streamscore.learning.retraining import train_and_register
+    from streamscore.clickhouse.store import StoreError, open_store
+    from streamscore.learning.training import TrainingDataError
 
     settings: Settings = ctx.obj
     since_ms = int((time.time() - days * 86400) * 1000) if days else None
@@ -489,8 +489,8 @@ def demo(ctx: typer.Context,
                                         help="With --drift: concept (fraud pattern changes), covariate (amounts x3) "
                                         "or new_categories.")) -> None:
     """The end-to-end demo: infra, history, train v1, hot swap, live traffic, figures and SQL answers."""
-    from streamscore.services.demo import DemoOptions, drift_options, run_demo
-    from streamscore.simulator import DRIFT_KINDS
+    from streamscore.services.tools.demo import DemoOptions, drift_options, run_demo
+    from streamscore.dev.simulator import DRIFT_KINDS
 
     settings: Settings = ctx.obj
     if drift:
@@ -513,7 +513,7 @@ _DEMO_OPTION = typer.Option(False, "--demo", help="Look at the demo's namespace 
 @app.command("status")
 def status(ctx: typer.Context, demo: bool = _DEMO_OPTION) -> None:
     """Services alive, consumer lag per group and partition, model versions, recent drift and retrains."""
-    from streamscore.services.demo import demo_settings
+    from streamscore.services.tools.demo import demo_settings
     from streamscore.services.status import show_status
 
     settings: Settings = demo_settings(ctx.obj) if demo else ctx.obj
@@ -525,9 +525,9 @@ def report(ctx: typer.Context,
            out: Path = typer.Option(Path("streamscore-report.html"), "--out", "-o", help="HTML file to write."),
            demo: bool = _DEMO_OPTION) -> None:
     """Write a self-contained HTML report (plots + their SQL) from ClickHouse: scores, drift, online AUC, rejects, retrains."""
-    from streamscore.report import write_report
-    from streamscore.services.demo import demo_settings
-    from streamscore.store import StoreError, open_store
+    from streamscore.ops.report import write_report
+    from streamscore.services.tools.demo import demo_settings
+    from streamscore.clickhouse.store import StoreError, open_store
 
     settings: Settings = demo_settings(ctx.obj) if demo else ctx.obj
     try:
@@ -554,8 +554,8 @@ def bench(ctx: typer.Context,
           memory_entities: str = typer.Option("", "--memory-entities",
                                               help="Comma list of entity counts (default 100000,1000000).")) -> None:
     """Performance figures with ratios to a naive baseline: scorer in process, end to end, logger, state memory."""
-    from streamscore.kafka_broker import LocalKafkaBroker
-    from streamscore.services.bench import BenchOptions, print_report, run_bench
+    from streamscore.dev.kafka_broker import LocalKafkaBroker
+    from streamscore.services.tools.bench import BenchOptions, print_report, run_bench
 
     settings: Settings = ctx.obj
     chosen = tuple(s.strip() for s in sections.split(",") if s.strip())

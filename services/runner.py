@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 
 from streamscore.settings import Settings
-from streamscore.store import Store, open_store
+from streamscore.clickhouse.store import Store, open_store
 
 log = logging.getLogger("streamscore.runner")
 

@@ -5,10 +5,10 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from streamscore.ops_status import OpsStatus, collect_status
+from streamscore.ops.status import OpsStatus, collect_status
 from streamscore.services.runner import SERVICE_NAMES
 from streamscore.settings import Settings
-from streamscore.store import QueryResult, Store
+from streamscore.clickhouse.store import QueryResult, Store
 
 
 def show_status(settings: Settings, console: Console, store: Store | None = None) -> OpsStatus:

@@ -84,7 +84,7 @@ def kafka_bootstrap(environment_settings, docker_available, session_data_dir):
         with KafkaContainer() as kafka:
             yield kafka.get_bootstrap_server()
         return
-    from streamscore.kafka_broker import LocalKafkaBroker
+    from streamscore.dev.kafka_broker import LocalKafkaBroker
 
     broker_settings = Settings(
         kafka_bootstrap_servers=None, kafka_port=free_port_pair(),
@@ -139,8 +139,8 @@ def make_settings(kafka_bootstrap, clickhouse_dsn, session_data_dir, tmp_path):
 @pytest.fixture
 def settings(make_settings):
     """A per-test Settings whose topics exist and whose ClickHouse tables are migrated."""
-    from streamscore.store import open_store
-    from streamscore.topics import ensure_topics
+    from streamscore.clickhouse.store import open_store
+    from streamscore.kafka.topics import ensure_topics
 
     test_settings = make_settings()
     ensure_topics(test_settings)
@@ -160,7 +160,7 @@ def settings(make_settings):
 @pytest.fixture
 def store(settings):
     """An open, migrated Store for `settings` (closed after the test)."""
-    from streamscore.store import open_store
+    from streamscore.clickhouse.store import open_store
 
     opened = open_store(settings)
     yield opened

@@ -1,7 +1,7 @@
 """Drift: predictions + labels -> DriftMonitor -> drift_events rows and ONE retrain request per drift.
 
 Loop: consume predictions and labels -> DriftTracker (pure; see
-streamscore.drift_tracking) -> every `drift_checkpoint_interval_s`, and at once
+streamscore.drift.tracking) -> every `drift_checkpoint_interval_s`, and at once
 after a retrain request: insert drift_events rows -> produce retrain requests
 -> save the checkpoint -> commit offsets.
 
@@ -13,7 +13,7 @@ so the monitor continues exactly where its state ends (the group's committed
 offsets, written after the checkpoint, are used only for partitions the
 checkpoint does not know). A crash after writing rows or a request but before
 the checkpoint replays that stretch: statistic rows may repeat, and a repeated
-request is recognised by the trainer (streamscore.retrain_requests).
+request is recognised by the trainer (streamscore.learning.retrain_requests).
 
 Run ONE drift service per model: it is assigned every partition of
 predictions and labels (no consumer-group balancing) because one monitor must
@@ -35,15 +35,15 @@ import time
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
-from streamscore.codec import AvroCodec, DecodeError
-from streamscore.drift import DriftConfig, IncompatibleDriftState
-from streamscore.drift_tracking import DRIFT_EVENTS_COLUMNS, KIND_DRIFT, DriftOutputs, DriftTracker
-from streamscore.kafka_io import DeliveryTracker, flush_or_raise, make_consumer, make_producer
-from streamscore.registry import ModelRegistry
-from streamscore.service_stats import ServiceStats
+from streamscore.avro.codec import AvroCodec, DecodeError
+from streamscore.drift.monitor import DriftConfig, IncompatibleDriftState
+from streamscore.drift.tracking import DRIFT_EVENTS_COLUMNS, KIND_DRIFT, DriftOutputs, DriftTracker
+from streamscore.kafka.io import DeliveryTracker, flush_or_raise, make_consumer, make_producer
+from streamscore.learning.registry import ModelRegistry
+from streamscore.ops.service_stats import ServiceStats
 from streamscore.settings import TOPIC_DRIFT_STATE, TOPIC_LABELS, TOPIC_PREDICTIONS, TOPIC_RETRAIN, Settings
-from streamscore.store import Store, open_store
-from streamscore.topics import DRIFT_STATE_MAX_BYTES
+from streamscore.clickhouse.store import Store, open_store
+from streamscore.kafka.topics import DRIFT_STATE_MAX_BYTES
 
 log = logging.getLogger("streamscore.drift")
 SERVICE = "drift"

@@ -20,17 +20,17 @@ from dataclasses import dataclass, field
 import numpy as np
 from confluent_kafka import KafkaError, Message
 
-from streamscore.codec import AvroCodec, DecodeError
-from streamscore.kafka_io import commit, headers_dict, make_consumer
-from streamscore.prediction_block import PredictionBlockWriter
-from streamscore.prediction_decoding import PredictionReader
-from streamscore.registry import ModelRegistry, RegistryError, model_versions_row
-from streamscore.service_stats import ServiceStats
+from streamscore.avro.codec import AvroCodec, DecodeError
+from streamscore.kafka.io import commit, headers_dict, make_consumer
+from streamscore.legacy.prediction_block import PredictionBlockWriter
+from streamscore.legacy.prediction_decoding import PredictionReader
+from streamscore.learning.registry import ModelRegistry, RegistryError, model_versions_row
+from streamscore.ops.service_stats import ServiceStats
 from streamscore.settings import (TOPIC_DEAD_LETTER, TOPIC_LABELS, TOPIC_MODEL_UPDATES, TOPIC_PREDICTIONS,
                                   Settings)
-from streamscore.sink_rows import (LABEL_COLUMNS, PREDICTION_COLUMNS, REJECTED_COLUMNS, batch_token, label_row,
+from streamscore.clickhouse.rows import (LABEL_COLUMNS, PREDICTION_COLUMNS, REJECTED_COLUMNS, batch_token, label_row,
                                    rejected_row)
-from streamscore.store import Store, open_store
+from streamscore.clickhouse.store import Store, open_store
 
 log = logging.getLogger("streamscore.logger")
 SERVICE = "logger"

@@ -29,13 +29,13 @@ from collections import deque
 
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
-from streamscore import features
-from streamscore.codec import AvroCodec
-from streamscore.kafka_io import (AckBatch, DeliveryFailed, commit, dead_letter, log_commit_errors, make_consumer,
+from streamscore.legacy import features
+from streamscore.avro.codec import AvroCodec
+from streamscore.kafka.io import (AckBatch, DeliveryFailed, commit, dead_letter, log_commit_errors, make_consumer,
                                   make_producer)
-from streamscore.registry import ModelRegistry
-from streamscore.scoring import InputMessage, ScoringPipeline, load_production_model
-from streamscore.service_stats import ServiceStats
+from streamscore.learning.registry import ModelRegistry
+from streamscore.scoring.pipeline import InputMessage, ScoringPipeline, load_production_model
+from streamscore.ops.service_stats import ServiceStats
 from streamscore.settings import TOPIC_EVENTS, TOPIC_PREDICTIONS, TOPIC_SCORER_STATE, Settings
 
 log = logging.getLogger("streamscore.scorer")

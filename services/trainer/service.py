@@ -2,13 +2,13 @@
 
 Loop: consume one `retrain` request -> skip it if it is a duplicate or stale ->
 wait until `trainer_min_new_labels` labelled events after the detection are
-logged (at most `trainer_max_wait_s`) -> streamscore.retraining.train_and_register (point-in-time training set from
+logged (at most `trainer_max_wait_s`) -> streamscore.learning.retraining.train_and_register (point-in-time training set from
 ClickHouse over the last `trainer_window_days` before the newest logged
 event; gated against production on the candidate's recent holdout) ->
 publish the register + promote/reject ModelUpdate events (scorers hot-swap;
 the logger records them in model_versions) -> commit.
 
-Duplicates (see streamscore.retrain_requests): the same request_id, or the
+Duplicates (see streamscore.learning.retrain_requests): the same request_id, or the
 same (model version, detector, feature) inside the drift cool-down. The
 record survives restarts because each candidate's registry `reason` names its
 request. A request about a version that is no longer in production is stale
@@ -27,15 +27,15 @@ from dataclasses import dataclass
 
 from confluent_kafka import KafkaError
 
-from streamscore.codec import AvroCodec, DecodeError
-from streamscore.kafka_io import commit, make_consumer
-from streamscore.model_updates import publish_model_updates
-from streamscore.registry import ModelRegistry
-from streamscore.retrain_requests import HandledRequest, HandledRequests, retrain_reason
-from streamscore.retraining import train_and_register
-from streamscore.service_stats import ServiceStats
+from streamscore.avro.codec import AvroCodec, DecodeError
+from streamscore.kafka.io import commit, make_consumer
+from streamscore.learning.model_updates import publish_model_updates
+from streamscore.learning.registry import ModelRegistry
+from streamscore.learning.retrain_requests import HandledRequest, HandledRequests, retrain_reason
+from streamscore.learning.retraining import train_and_register
+from streamscore.ops.service_stats import ServiceStats
 from streamscore.settings import TOPIC_RETRAIN, Settings
-from streamscore.store import Store, open_store
+from streamscore.clickhouse.store import Store, open_store
 
 log = logging.getLogger("streamscore.trainer")
 SERVICE = "trainer"

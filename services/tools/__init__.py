@@ -1,0 +1,1 @@
+"""Tools run from the CLI: the demo, the benchmarks, the simulator."""

@@ -1,0 +1,124 @@
+"""The Kafka topics streamscore uses, as data, and their idempotent creation.
+
+scorer-state is the scorer's per-entity feature state changelog: it is compacted
+(only the latest state per entity matters) and has as many partitions as events,
+so partition p of events and partition p of scorer-state hold the same entities.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from streamscore.kafka.io import admin_result
+from streamscore.settings import (
+    TOPIC_DEAD_LETTER,
+    TOPIC_DRIFT_STATE,
+    TOPIC_EVENTS,
+    TOPIC_LABELS,
+    TOPIC_MODEL_UPDATES,
+    TOPIC_PREDICTIONS,
+    TOPIC_RETRAIN,
+    TOPIC_SCORER_STATE,
+    Settings,
+)
+
+SEVEN_DAYS_MS = 7 * 24 * 3600 * 1000
+THIRTY_DAYS_MS = 30 * 24 * 3600 * 1000
+ADMIN_TIMEOUT_S = 30.0
+# A DriftMonitor snapshot holds its open windows (a few hundred KB at default sizes).
+DRIFT_STATE_MAX_BYTES = 16 * 1024 * 1024
+
+
+class TopicMismatchError(RuntimeError):
+    """An existing topic's partition count differs from what streamscore needs."""
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str  # logical name; the physical one is settings.topic(name)
+    partitions: int
+    config: dict[str, str] = field(default_factory=dict)
+
+
+def topic_specs(settings: Settings) -> list[TopicSpec]:
+    stream = {"cleanup.policy": "delete", "retention.ms": str(SEVEN_DAYS_MS)}
+    control = {"cleanup.policy": "delete", "retention.ms": str(THIRTY_DAYS_MS)}
+    return [
+        TopicSpec(TOPIC_EVENTS, settings.partitions, stream),
+        TopicSpec(TOPIC_LABELS, settings.partitions, stream),
+        TopicSpec(TOPIC_PREDICTIONS, settings.partitions, stream),
+        TopicSpec(TOPIC_DEAD_LETTER, settings.partitions, stream),
+        # Single partition: requests and registry updates are few and must stay in order.
+        TopicSpec(TOPIC_RETRAIN, 1, control),
+        TopicSpec(TOPIC_MODEL_UPDATES, 1, control),
+        TopicSpec(TOPIC_SCORER_STATE, settings.partitions, {"cleanup.policy": "compact", "min.compaction.lag.ms": "0"}),
+        # The drift service's checkpoint (monitor state + consumed offsets), one record per model, latest wins;
+        # segments roll hourly because compaction never cleans the open segment.
+        TopicSpec(TOPIC_DRIFT_STATE, 1, {"cleanup.policy": "compact", "max.message.bytes": str(DRIFT_STATE_MAX_BYTES),
+                                         "segment.ms": str(3_600_000)}),
+    ]
+
+
+def topic_names(settings: Settings) -> list[str]:
+    """Physical names of all streamscore topics for these settings."""
+    return [settings.topic(spec.name) for spec in topic_specs(settings)]
+
+
+def ensure_topics(settings: Settings, admin: AdminClient | None = None) -> list[str]:
+    """Create the missing topics; returns the physical names created (empty when all existed).
+
+    Returns once every topic has a leader on each partition, so callers can
+    produce right away. Raises TopicMismatchError when an existing topic has a
+    different partition count: entities would then land on other partitions
+    than the scorer's state for them.
+    """
+    admin = admin or AdminClient({"bootstrap.servers": settings.bootstrap_servers})
+    specs = {settings.topic(spec.name): spec for spec in topic_specs(settings)}
+    existing = admin.list_topics(timeout=ADMIN_TIMEOUT_S).topics
+    missing = [
+        # replication_factor=-1: the cluster's default (1 on the local broker, 3 on a typical cluster)
+        NewTopic(name, num_partitions=spec.partitions, replication_factor=-1, config=spec.config)
+        for name, spec in specs.items()
+        if name not in existing
+    ]
+    created: list[str] = []
+    if missing:
+        for name, future in admin.create_topics(missing, operation_timeout=ADMIN_TIMEOUT_S).items():
+            try:
+                admin_result(future)
+                created.append(name)
+            except KafkaException as error:
+                if error.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:  # a concurrent creator won
+                    raise
+    _wait_until_ready_and_check(settings, admin, specs)
+    return created
+
+
+def _wait_until_ready_and_check(settings: Settings, admin: AdminClient, specs: dict[str, TopicSpec]) -> None:
+    """Wait until every topic has a leader for each partition (a new topic takes a moment), then check counts."""
+    deadline = time.monotonic() + ADMIN_TIMEOUT_S
+    while True:
+        metadata = admin.list_topics(timeout=ADMIN_TIMEOUT_S).topics
+        not_ready = [
+            name for name in specs
+            if name not in metadata or metadata[name].error is not None
+            or not metadata[name].partitions
+            or any(partition.leader < 0 for partition in metadata[name].partitions.values())
+        ]
+        if not not_ready:
+            break
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"topics not ready after {ADMIN_TIMEOUT_S:.0f} s: {', '.join(not_ready)}")
+        time.sleep(0.1)
+    for name, spec in specs.items():
+        actual = len(metadata[name].partitions)
+        if actual != spec.partitions:
+            fix = "delete the topic"
+            if spec.partitions == settings.partitions:
+                fix += f" or set STREAMSCORE_PARTITIONS={actual} (now {settings.partitions})"
+            raise TopicMismatchError(
+                f"topic {name!r} exists with {actual} partitions but streamscore needs {spec.partitions}: {fix}."
+            )

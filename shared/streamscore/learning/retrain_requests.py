@@ -1,0 +1,123 @@
+"""Retrain requests: built from a drift signal, deduplicated by the trainer.
+
+A request is delivered at least once (the drift service may replay a stretch
+of predictions after a crash and detect the same drift again, with a slightly
+different position), so the trainer must recognise duplicates, also after its
+own restart. Two requests are the same when
+
+- they have the same `request_id`, or
+- they are about the same model version, detector and feature and their
+  `detected_at` lie within the drift cool-down of each other: the monitor never
+  asks twice for one version inside its cool-down, so such a pair can only be
+  a replay.
+
+The record of handled requests that survives restarts is the model registry
+itself: the trainer registers each candidate with a reason made by
+`retrain_reason`, and `HandledRequests.from_registry` parses those reasons back.
+A request whose training failed registers nothing; its offset is committed, so
+it is not redelivered — only a crash between failure and commit retries it once.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+
+from streamscore.drift.monitor import DriftSignal
+
+# "retrain for <request_id> (v<version> <detector>/<feature|-> at <detected_at ms>): <why>"
+_REASON = re.compile(r"^retrain for (?P<id>\S+) \(v(?P<version>\d+) (?P<detector>[^/\s]+)/(?P<feature>\S+) "
+                     r"at (?P<at>-?\d+)\): ")
+
+
+def retrain_request(signal: DriftSignal, model_name: str, model_version: int, predictions_seen: int) -> dict:
+    """The `streamscore.RetrainRequest` record citing `signal`.
+
+    The request_id is derived from what the monitor had seen, so re-detecting
+    from the same saved state yields the same id.
+    """
+    feature = signal.feature
+    key = f"{model_name}|{model_version}|{signal.detector}|{feature}|{signal.at_ms}|{predictions_seen}"
+    request_id = f"{model_name}-v{model_version}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    return {
+        "request_id": request_id,
+        "model_name": model_name,
+        "model_version": int(model_version),
+        "reason": signal.reason,
+        "detector": signal.detector,
+        "feature": feature,
+        "statistic": signal.statistic,
+        "value": float(signal.value),
+        "threshold": float(signal.threshold),
+        "window": int(signal.window),
+        "detected_at": int(signal.at_ms),
+    }
+
+
+@dataclass(frozen=True)
+class HandledRequest:
+    request_id: str
+    model_version: int
+    detector: str
+    feature: str | None
+    detected_at: int
+
+    @classmethod
+    def of(cls, request: dict) -> "HandledRequest":
+        return cls(request["request_id"], int(request["model_version"]), request["detector"],
+                   request.get("feature"), int(request["detected_at"]))
+
+
+def retrain_reason(request: dict) -> str:
+    """The registry `reason` of a version trained for `request` (parseable by `parse_retrain_reason`)."""
+    feature = request.get("feature") or "-"
+    return (f"retrain for {request['request_id']} (v{request['model_version']} {request['detector']}/{feature} "
+            f"at {request['detected_at']}): {request['reason']}")
+
+
+def parse_retrain_reason(reason: str) -> HandledRequest | None:
+    """The request a registry reason says a version was trained for; None for other reasons."""
+    match = _REASON.match(reason or "")
+    if match is None:
+        return None
+    feature = match["feature"]
+    return HandledRequest(match["id"], int(match["version"]), match["detector"],
+                          None if feature == "-" else feature, int(match["at"]))
+
+
+class HandledRequests:
+    """Requests already acted on (trained, rejected, skipped or failed)."""
+
+    def __init__(self, cooldown_ms: int):
+        self.cooldown_ms = int(cooldown_ms)
+        self._ids: set[str] = set()
+        self._by_key: dict[tuple[int, str, str | None], list[int]] = {}
+
+    @classmethod
+    def from_registry(cls, registry, model_name: str, cooldown_ms: int) -> "HandledRequests":
+        handled = cls(cooldown_ms)
+        for version in registry.list(model_name):
+            request = parse_retrain_reason(version.reason)
+            if request is not None:
+                handled.add(request)
+        return handled
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def add(self, request: HandledRequest) -> None:
+        self._ids.add(request.request_id)
+        key = (request.model_version, request.detector, request.feature)
+        self._by_key.setdefault(key, []).append(request.detected_at)
+
+    def duplicate_of(self, request: HandledRequest) -> str | None:
+        """Why `request` is a duplicate, or None if it is new."""
+        if request.request_id in self._ids:
+            return f"request {request.request_id} was already handled"
+        key = (request.model_version, request.detector, request.feature)
+        for at in self._by_key.get(key, ()):
+            if abs(request.detected_at - at) < self.cooldown_ms:
+                return (f"a request for v{request.model_version} {request.detector}/{request.feature or '-'} "
+                        f"detected {abs(request.detected_at - at) / 1000:.0f} s (event time) apart, inside the "
+                        "drift cool-down, was already handled")
+        return None

@@ -1,0 +1,89 @@
+"""What `streamscore status` reports, gathered from each source independently.
+
+Kafka (consumer groups, lag), the model registry and ClickHouse (recent drift
+events and registry actions) are read separately: when one is unavailable —
+typically the embedded ClickHouse data dir held by a running `streamscore run`
+process — the others are still reported and the gap is explained.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from confluent_kafka.admin import AdminClient
+
+from streamscore.kafka.lag import GroupStatus, consumer_groups_status
+from streamscore.learning.registry import ModelRegistry
+from streamscore.settings import Settings
+from streamscore.clickhouse.store import QueryResult, Store, StoreError, open_store
+
+RECENT_DRIFT_SQL = """SELECT formatDateTime(detected_at, '%F %T') AS detected_at, model_version, detector, feature, statistic, round(value, 4) AS value,
+       round(threshold, 4) AS threshold, retrain_requested
+FROM drift_events WHERE kind = 'drift' ORDER BY detected_at DESC LIMIT {limit:UInt32}"""
+
+RECENT_MODEL_EVENTS_SQL = """SELECT formatDateTime(recorded_at, '%F %T') AS recorded_at, version, action,
+       train_rows, round(metrics['auc'], 4) AS auc, reason
+FROM model_versions ORDER BY recorded_at DESC LIMIT {limit:UInt32}"""
+
+
+@dataclass
+class RegistryStatus:
+    model_name: str
+    production: int | None
+    candidate: int | None
+    versions: int
+    production_auc: float | None = None
+
+
+@dataclass
+class OpsStatus:
+    groups: list[GroupStatus] = field(default_factory=list)
+    kafka_error: str | None = None
+    registry: RegistryStatus | None = None
+    registry_error: str | None = None
+    drift_events: QueryResult | None = None
+    model_events: QueryResult | None = None
+    store_error: str | None = None
+
+
+def registry_status(settings: Settings) -> RegistryStatus:
+    registry = ModelRegistry(settings.registry_dir)
+    name = settings.model_name
+    stages = registry.stages(name)
+    production = registry.production(name)
+    return RegistryStatus(model_name=name, production=stages.get("production"), candidate=stages.get("candidate"),
+                          versions=len(registry.list(name)),
+                          production_auc=production.metrics.get("auc") if production else None)
+
+
+def collect_status(settings: Settings, services: Iterable[str], store: Store | None = None,
+                   recent: int = 5) -> OpsStatus:
+    """Everything `streamscore status` shows; errors of one source are recorded, not raised."""
+    status = OpsStatus()
+    # Quiet client (failures surface as exceptions below), and a quick probe so a
+    # stopped broker costs seconds, not one timeout per request.
+    admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers, "log_level": 0})
+    try:
+        admin.list_topics(timeout=5)
+        status.groups = consumer_groups_status(settings, services, admin=admin)
+    except Exception as exc:  # broker down or unreachable
+        status.kafka_error = f"Kafka at {settings.bootstrap_servers} did not answer: {exc}"
+    try:
+        status.registry = registry_status(settings)
+    except Exception as exc:
+        status.registry_error = f"model registry {settings.registry_dir}: {exc}"
+    own_store = store is None
+    try:
+        if own_store:
+            store = open_store(settings)
+        try:
+            status.drift_events = store.query(RECENT_DRIFT_SQL, {"limit": recent})
+            status.model_events = store.query(RECENT_MODEL_EVENTS_SQL, {"limit": recent})
+        finally:
+            if own_store:
+                store.close()
+    except StoreError as exc:
+        status.store_error = str(exc)
+    except Exception as exc:  # tables missing (not migrated) or a server error
+        status.store_error = f"ClickHouse {settings.clickhouse_database}: {str(exc).strip().splitlines()[0]}"
+    return status

@@ -1,0 +1,160 @@
+"""One typed settings object, read from environment variables.
+
+Every service and CLI command receives a `Settings` instance; nothing reads
+os.environ elsewhere. The env var for a field is STREAMSCORE_<FIELD> unless an
+alias is given (the three well-known external ones keep their usual names).
+README's configuration table lists them all; tests/test_settings.py checks that.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Logical topic names; the physical name is `topic_prefix + name` (tests use a
+# unique prefix per test so they never see each other's messages).
+TOPIC_EVENTS = "events"
+TOPIC_LABELS = "labels"
+TOPIC_PREDICTIONS = "predictions"
+TOPIC_DEAD_LETTER = "events-dlq"
+TOPIC_RETRAIN = "retrain"
+TOPIC_MODEL_UPDATES = "model-updates"
+TOPIC_SCORER_STATE = "scorer-state"
+TOPIC_DRIFT_STATE = "drift-state"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="STREAMSCORE_", extra="ignore", populate_by_name=True, frozen=True
+    )
+
+    # --- infrastructure -----------------------------------------------------
+    kafka_bootstrap_servers: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("KAFKA_BOOTSTRAP_SERVERS", "kafka_bootstrap_servers"),
+        description="Use this Kafka cluster; when unset, the local broker started by `streamscore infra up`.",
+    )
+    kafka_port: int = Field(default=19092, ge=1, le=65534, description="Port of the local broker (controller uses port+1).")
+    kafka_version: str = Field(default="4.4.0", description="Apache Kafka version the local broker installs from Maven Central.")
+    clickhouse_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("CLICKHOUSE_URL", "clickhouse_url"),
+        description="http(s)://user:pass@host:port of a ClickHouse server; when unset, embedded chDB in data_dir.",
+    )
+    clickhouse_database: str = Field(default="streamscore", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="ClickHouse database holding the tables.")
+    schema_registry_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("SCHEMA_REGISTRY_URL", "schema_registry_url"),
+        description="Confluent schema registry; when unset, Avro single-object encoding with schemas from schemas/.",
+    )
+    cache_dir: Path = Field(default=Path(".cache"), description="Downloaded artifacts (Kafka jars). Safe to delete.")
+    data_dir: Path = Field(default=Path(".data"), description="Broker logs, embedded ClickHouse, model registry.")
+    topic_prefix: str = Field(default="", description="Prefix of every topic name (isolates tests and tenants).")
+    partitions: int = Field(default=4, ge=1, description="Partitions of the events/labels/predictions topics.")
+    consumer_group_prefix: str = Field(default="streamscore", description="Consumer groups are <prefix>-<service>.")
+
+    # --- model --------------------------------------------------------------
+    model_name: str = Field(default="fraud", pattern=r"^[A-Za-z0-9_.-]+$", description="Name of the served model.")
+    model_dir: Path | None = Field(default=None, description="Model registry directory; default <data_dir>/models.")
+
+    # --- scorer -------------------------------------------------------------
+    scorer_batch_size: int = Field(default=500, ge=1, description="Max events the scorer takes per batch.")
+    scorer_batch_wait_ms: int = Field(
+        default=0, ge=0,
+        description="Max wait to fill a scorer batch once its first event is in (0: take what has arrived; "
+        "batches still grow with the rate).")
+    scorer_checkpoint_interval_ms: int = Field(
+        default=500, ge=0,
+        description="The scorer waits for acks, writes changed entity state and commits offsets at most this often "
+        "(0 = after every batch); a crash replays at most this much (predictions are at-least-once either way).")
+    max_event_age_days: float = Field(default=365.0, gt=0, description="Events older than this (vs. wall clock) are rejected.")
+    max_event_future_s: float = Field(default=300.0, ge=0, description="Events further in the future than this are rejected.")
+    max_amount: float = Field(default=1_000_000.0, gt=0, description="Amounts above this are rejected as out of range.")
+
+    # --- logger -------------------------------------------------------------
+    logger_batch_rows: int = Field(default=20_000, ge=1, description="Logger flushes to ClickHouse at this many rows...")
+    logger_flush_interval_s: float = Field(default=1.0, gt=0, description="...or after this many seconds, whichever first.")
+
+    # --- drift (streamscore.drift.monitor; thresholds are justified in bench/drift_quality.py) ---
+    drift_detectors: str = Field(
+        default="adwin,pagehinkley,windowed,performance",
+        description="Comma list of drift detector families: adwin, pagehinkley (per event, on the score), "
+        "windowed (PSI / mean shift / NaN / unknown-category rate per tumbling window vs the training baseline), "
+        "performance (rolling log loss and AUC from delayed labels).",
+    )
+    drift_features: str = Field(
+        default="",
+        description="Comma list of features the windowed detector monitors; empty = every feature in the model's "
+        "baseline except hour_of_day (diurnal by design), plus score.",
+    )
+    drift_event_features: str = Field(
+        default="",
+        description="Comma list of features that ALSO get per-event ADWIN/PageHinkley (the score always does); "
+        "'all' = every monitored feature. Costs ~1 us/update per feature and adds false alarms on bursty features.",
+    )
+    drift_window: int = Field(default=2000, ge=100, description="Events per tumbling window for windowed statistics (PSI, mean shift).")
+    drift_psi_threshold: float = Field(default=0.25, gt=0, description="Window PSI vs the baseline's bins above this is drift (0.25 = 'significant shift').")
+    drift_mean_shift_threshold: float = Field(default=0.5, gt=0, description="|window mean - baseline mean| in baseline std units above this is drift.")
+    drift_nan_fraction_threshold: float = Field(default=0.1, gt=0, le=1, description="Window NaN fraction above baseline NaN fraction by more than this is drift.")
+    drift_unknown_rate_threshold: float = Field(default=0.05, gt=0, le=1, description="Window share of code 1 (never-seen category) in *_code features above baseline by more than this is drift.")
+    drift_adwin_delta: float = Field(default=1e-6, gt=0, lt=1, description="ADWIN confidence (smaller = fewer false alarms, slower detection).")
+    drift_ph_delta: float = Field(default=0.01, gt=0, description="PageHinkley tolerated change, in baseline-quantile (0..1) units.")
+    drift_ph_threshold: float = Field(default=100.0, gt=0, description="PageHinkley alarm threshold (cumulative deviation).")
+    drift_min_events: int = Field(default=2000, ge=0, description="No drift alarm before this many predictions of a model version (warm-up).")
+    drift_cooldown_events: int = Field(default=50_000, ge=0, description="After a retrain request, no new one until this many predictions...")
+    drift_cooldown_s: float = Field(default=600.0, ge=0, description="...AND this much event time have passed (one shift -> one retrain).")
+    drift_perf_window: int = Field(default=5000, ge=100, description="Labeled predictions in the rolling log loss / AUC window.")
+    drift_logloss_ratio_threshold: float = Field(default=1.5, gt=1, description="Rolling log loss / reference (validation) log loss above this is drift.")
+    drift_auc_drop_threshold: float = Field(default=0.1, gt=0, lt=1, description="Reference AUC - rolling AUC above this is drift.")
+    drift_checkpoint_interval_s: float = Field(default=5.0, gt=0, description="Drift service: save the monitor state (drift-state topic), write drift_events and commit offsets at most this often (at once after a retrain request).")
+    drift_label_join_size: int = Field(default=200_000, ge=1, description="Drift service: recent predictions (event_id -> score) kept in memory to join labels; labels of older ones are joined through ClickHouse.")
+    drift_label_wait_s: float = Field(default=60.0, ge=0, description="Drift service: a label whose prediction is not found yet is retried for this long, then counted as unmatched.")
+
+    # --- trainer (streamscore.learning.training) -------------------------------------------
+    train_num_boost_round: int = Field(default=200, ge=1, description="LightGBM boosting rounds per training run.")
+    train_validation_fraction: float = Field(default=0.2, gt=0, lt=1, description="Most recent share of the training set held out for metrics, threshold and the gate.")
+    train_alert_rate: float | None = Field(default=None, gt=0, lt=1, description="Serving threshold flags this top share of the holdout; unset = threshold maximising F1.")
+    gate_min_auc: float = Field(default=0.70, ge=0, le=1, description="Promotion gate: a candidate needs at least this holdout AUC.")
+    gate_max_auc_drop: float = Field(default=0.01, ge=0, le=1, description="Promotion gate: candidate AUC may be at most this much below production's on the same holdout.")
+    trainer_window_days: float = Field(default=30.0, gt=0, description="Trainer service: train on labelled events of the last N days, counted back from the newest logged event.")
+    trainer_min_new_labels: int = Field(default=1000, ge=0, description="Trainer service: before retraining, wait until this many labelled events newer than the drift detection are logged (the candidate must see the new regime, and the gate's recent holdout must contain it)...")
+    trainer_max_wait_s: float = Field(default=300.0, ge=0, description="...but train anyway after waiting this long for them.")
+
+    log_level: str = Field(default="INFO", description="Log level: DEBUG, INFO, WARNING, ERROR.")
+    log_format: str = Field(default="text", pattern=r"^(text|json)$",
+                            description="Log lines as 'text' (key=value fields appended) or 'json' (one object per line).")
+
+    # --- operations ---------------------------------------------------------------
+    metrics_port: int = Field(default=0, ge=0, le=65535,
+                              description="Serve Prometheus metrics of the services run by this process on this port (0 = off).")
+    metrics_lag_interval_s: float = Field(default=10.0, gt=0, description="How often the consumer lag gauges are refreshed from Kafka.")
+
+    # --- derived ------------------------------------------------------------
+    @property
+    def bootstrap_servers(self) -> str:
+        return self.kafka_bootstrap_servers or f"127.0.0.1:{self.kafka_port}"
+
+    @property
+    def uses_local_broker(self) -> bool:
+        return not self.kafka_bootstrap_servers
+
+    @property
+    def clickhouse_dsn(self) -> str:
+        if self.clickhouse_url:
+            return self.clickhouse_url
+        return f"chdb://{(self.data_dir / 'clickhouse').resolve()}"
+
+    @property
+    def is_embedded_store(self) -> bool:
+        return not self.clickhouse_url
+
+    @property
+    def registry_dir(self) -> Path:
+        return self.model_dir or self.data_dir / "models"
+
+    def topic(self, name: str) -> str:
+        return f"{self.topic_prefix}{name}"
+
+    def group(self, service: str) -> str:
+        return f"{self.consumer_group_prefix}-{service}"

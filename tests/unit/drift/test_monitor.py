@@ -1,0 +1,299 @@
+"""DriftMonitor on seeded synthetic streams with known change points.
+
+Windows close at event indices window-1, 2*window-1, ... (0-based), so a shift
+that starts on a window boundary is reported exactly at the end of that window.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from streamscore.drift.monitor import (
+    DriftConfig,
+    DriftMonitor,
+    DriftSignal,
+    IncompatibleDriftState,
+    histogram_bins,
+    psi,
+    quantile_bins,
+)
+from streamscore.settings import Settings
+from streamscore.learning.training import compute_baseline
+
+NAMES = ["amount", "count_1h", "amount_zscore_7d", "std_7d", "mcc_code"]
+CATEGORICAL = ["mcc_code"]
+MCC_CODES = np.array([0.0, 1.0, 2.0, 3.0, 4.0, 5.0])
+MCC_P = np.array([0.05, 0.005, 0.4, 0.3, 0.2, 0.045])
+WINDOW = 2000
+
+
+def make_stream(n, seed, *, zscore_shift_at=None, zscore_shift=1.0, score_shift_at=None,
+                unknown_surge_at=None, nan_surge_at=None):
+    """Feature rows, scores, and labels drawn from the scores (a calibrated model)."""
+    rng = np.random.default_rng(seed)
+    amount = rng.lognormal(3.0, 1.0, n)
+    count_1h = rng.poisson(1.0, n).astype(float)
+    zscore = rng.normal(0.0, 1.0, n)
+    std_7d = np.where(rng.random(n) < 0.2, np.nan, rng.lognormal(2.0, 0.5, n))
+    mcc = rng.choice(MCC_CODES, n, p=MCC_P)
+    score = rng.beta(1.0, 30.0, n)
+    if zscore_shift_at is not None:
+        zscore[zscore_shift_at:] += zscore_shift
+    if score_shift_at is not None:
+        score[score_shift_at:] = rng.beta(3.0, 20.0, n - score_shift_at)
+    if unknown_surge_at is not None:
+        surge = rng.random(n - unknown_surge_at) < 0.2
+        mcc[unknown_surge_at:][surge] = 1.0
+    if nan_surge_at is not None:
+        std_7d[nan_surge_at:][rng.random(n - nan_surge_at) < 0.5] = np.nan
+    labels = (rng.random(n) < score).astype(int)
+    X = np.column_stack([amount, count_1h, zscore, std_7d, mcc])
+    return X, score, labels
+
+
+@pytest.fixture(scope="module")
+def baseline():
+    X, score, _ = make_stream(40_000, seed=1)
+    return compute_baseline(X, NAMES, score, categorical_features=CATEGORICAL)
+
+
+def run(monitor, X, score, start=0, stop=None, step_ms=10):
+    """Feed predictions; returns [(index, signal)]."""
+    stop = len(X) if stop is None else stop
+    found = []
+    rows = X[start:stop].tolist()
+    scores = score[start:stop].tolist()
+    for offset, (row, s) in enumerate(zip(rows, scores)):
+        i = start + offset
+        for signal in monitor.update_prediction(dict(zip(NAMES, row)), s, i * step_ms):
+            found.append((i, signal))
+    return found
+
+
+def config(**overrides):
+    defaults = dict(window=WINDOW, min_events=WINDOW, perf_window=1000)
+    defaults.update(overrides)
+    return DriftConfig(**defaults)
+
+
+def test_no_drift_gives_no_signal_over_50k_events(baseline):
+    X, score, labels = make_stream(50_000, seed=2)
+    monitor = DriftMonitor(config(), baseline, "fraud", 1)
+    assert run(monitor, X, score) == []
+    perf = [s for s, y in zip(score.tolist(), labels.tolist()) for s in monitor.update_label(s, y)]
+    assert perf == []
+    assert monitor.windows_completed == 25
+    # The baseline covers what we asked for: every feature but none missing.
+    assert monitor.monitored == (*NAMES, "score")
+
+
+def test_covariate_shift_is_reported_at_the_end_of_the_first_shifted_window(baseline):
+    X, score, _ = make_stream(30_000, seed=3, zscore_shift_at=20_000, zscore_shift=1.0)
+    monitor = DriftMonitor(config(), baseline, "fraud", 1)
+    found = run(monitor, X, score)
+    first_index = found[0][0]
+    assert first_index == 21_999
+    assert {s.feature for _, s in found} == {"amount_zscore_7d"}
+    detectors = {s.detector for i, s in found if i == first_index}
+    assert detectors == {"psi", "mean_shift"}
+    shift = next(s for i, s in found if s.detector == "mean_shift")
+    assert shift.value == pytest.approx(1.0, abs=0.1)  # in baseline std units
+    assert shift.window == WINDOW and shift.at_ms == 21_999 * 10
+
+
+def test_score_shift_is_caught_per_event_before_the_window_closes(baseline):
+    X, score, _ = make_stream(40_000, seed=4, score_shift_at=30_500)
+    monitor = DriftMonitor(config(), baseline, "fraud", 1)
+    found = run(monitor, X, score)
+    first_index, first = found[0]
+    assert 30_500 <= first_index < 30_500 + 300
+    assert first.feature == "score" and first.detector in {"adwin", "pagehinkley"}
+    assert {s.detector for _, s in found} >= {"adwin", "pagehinkley", "psi", "mean_shift"}
+
+
+def test_never_seen_category_surge_shows_as_unknown_rate(baseline):
+    X, score, _ = make_stream(20_000, seed=5, unknown_surge_at=10_000)
+    monitor = DriftMonitor(config(), baseline, "fraud", 1)
+    found = run(monitor, X, score)
+    assert found[0][0] == 11_999
+    unknown = [s for i, s in found if s.detector == "unknown_rate"]
+    assert unknown and all(s.feature == "mcc_code" for s in unknown)
+    assert unknown[0].value == pytest.approx(0.2, abs=0.03)
+    assert unknown[0].baseline == pytest.approx(0.005, abs=0.002)
+
+
+def test_nan_surge_is_counted_not_fed_to_detectors(baseline):
+    X, score, _ = make_stream(20_000, seed=6, nan_surge_at=10_000)
+    monitor = DriftMonitor(config(event_features=("std_7d",)), baseline, "fraud", 1)
+    found = run(monitor, X, score)
+    assert found[0][0] == 11_999
+    assert [(s.detector, s.feature) for i, s in found if i == 11_999] == [("nan_fraction", "std_7d")]
+    nan_stat = next(s for s in monitor.snapshot() if s.feature == "std_7d" and s.statistic == "nan_fraction")
+    assert nan_stat.value == pytest.approx(0.6, abs=0.03)
+
+
+def test_performance_degradation_from_labels(baseline):
+    _, score, labels = make_stream(12_000, seed=7)
+    rng = np.random.default_rng(8)
+    labels = labels.copy()
+    # From label 6000 on the model's scores stop meaning anything: labels are 10% positive at random.
+    labels[6000:] = (rng.random(6000) < 0.1).astype(int)
+    expected_ll = float(np.mean(-np.log(1 - score[:6000]) * (1 - labels[:6000]) - np.log(score[:6000]) * labels[:6000]))
+    monitor = DriftMonitor(config(), baseline, "fraud", 1, reference_metrics={"log_loss": expected_ll, "auc": 0.7})
+    found = [(i, s) for i, (sc, y) in enumerate(zip(score.tolist(), labels.tolist()))
+             for s in monitor.update_label(sc, y, i)]
+    assert found, "degradation not detected"
+    assert all(i >= 6000 for i, _ in found)
+    assert all(s.at_ms == i for i, s in found)  # the labelled prediction's event time (no prediction seen yet)
+    # ADWIN on the per-label loss reacts first...
+    first_index, first = found[0]
+    assert first_index == 6207 and (first.detector, first.feature) == ("adwin", None)
+    assert first.value > first.baseline  # an increase of the mean loss
+    # ...the rolling-window ratio follows at a check (every perf_window/10 labels).
+    ratio_index, ratio = next((i, s) for i, s in found if s.detector == "logloss_ratio")
+    assert 6000 <= ratio_index <= 6400 and ratio_index % 100 == 99
+    assert ratio.feature is None and ratio.baseline == pytest.approx(expected_ll)
+    stats = {s.statistic: s for s in monitor.snapshot()}
+    assert stats["log_loss"].window == 1000 and stats["auc"].value < 0.6
+    assert {"precision", "recall", "positive_rate"} <= set(stats)
+
+
+def test_performance_reference_self_calibrates_without_validation_metrics(baseline):
+    _, score, labels = make_stream(6000, seed=9)
+    monitor = DriftMonitor(config(), baseline, "fraud", 1)
+    found = [s for sc, y in zip(score.tolist(), labels.tolist()) for s in monitor.update_label(sc, y)]
+    assert found == []
+    reference = next(s for s in monitor.snapshot() if s.statistic == "log_loss").baseline
+    assert reference == pytest.approx(0.14, abs=0.03)
+
+
+def test_sustained_shift_gives_one_retrain_request_per_cooldown(baseline):
+    X, score, _ = make_stream(80_000, seed=10, zscore_shift_at=10_000)
+    monitor = DriftMonitor(config(cooldown_events=30_000, cooldown_s=120.0), baseline, "fraud", 1)
+    requests, signal_count = [], 0
+    rows, scores = X.tolist(), score.tolist()
+    for i in range(len(rows)):
+        signals = monitor.update_prediction(dict(zip(NAMES, rows[i])), scores[i], i * 10)
+        signal_count += len(signals)
+        chosen = monitor.should_request_retrain(signals, now_ms=i * 10)
+        if chosen is not None:
+            requests.append((i, chosen.detector, chosen.feature))
+    assert signal_count > 50  # every window of the shift keeps signalling...
+    # ...but requests come once per 30k events (the 120 s of event time pass after 12k).
+    assert requests == [(11_999, "psi", "amount_zscore_7d"), (41_999, "psi", "amount_zscore_7d"),
+                        (71_999, "psi", "amount_zscore_7d")]
+
+
+def test_cooldown_needs_both_events_and_time(baseline):
+    monitor = DriftMonitor(config(cooldown_events=10, cooldown_s=60.0), baseline, "fraud", 1)
+    signal = DriftSignal("psi", "amount", "psi", 0.5, 0.25, WINDOW, 0)
+    assert monitor.should_request_retrain([signal], now_ms=0) == signal
+    for _ in range(10):
+        monitor.update_prediction({}, None, 0)
+    assert monitor.should_request_retrain([signal], now_ms=59_999) is None  # events passed, time not
+    assert monitor.should_request_retrain([signal], now_ms=60_000) == signal
+    assert monitor.should_request_retrain([], now_ms=10**9) is None
+
+
+def test_state_round_trip_continues_identically(baseline):
+    X, score, labels = make_stream(30_000, seed=11, zscore_shift_at=15_000, score_shift_at=20_000)
+    straight = DriftMonitor(config(), baseline, "fraud", 1)
+    restored = DriftMonitor(config(), baseline, "fraud", 1)
+    cut = 12_345  # mid-window, ADWIN well populated
+    before = run(straight, X, score, 0, cut)
+    assert run(restored, X, score, 0, cut) == before
+    for s, y in zip(score[:3000].tolist(), labels[:3000].tolist()):
+        straight.update_label(s, y)
+        restored.update_label(s, y)
+    restored = DriftMonitor.from_bytes(restored.to_bytes(), config())
+    after_straight = run(straight, X, score, cut)
+    after_restored = run(restored, X, score, cut)
+    assert after_straight and after_restored == after_straight
+    assert restored.snapshot() == straight.snapshot()
+    assert (restored.predictions_seen, restored.labels_seen, restored.windows_completed) == (
+        straight.predictions_seen, straight.labels_seen, straight.windows_completed)
+
+
+def test_state_refuses_other_structure_and_garbage(baseline):
+    monitor = DriftMonitor(config(), baseline, "fraud", 1)
+    data = monitor.to_bytes()
+    assert DriftMonitor.from_bytes(data).config == config()
+    looser = DriftMonitor.from_bytes(data, config(psi_threshold=0.5))  # thresholds may change
+    assert looser.config.psi_threshold == 0.5
+    with pytest.raises(IncompatibleDriftState, match="window"):
+        DriftMonitor.from_bytes(data, config(window=1000))
+    with pytest.raises(IncompatibleDriftState, match="header"):
+        DriftMonitor.from_bytes(b"not a state")
+
+
+def test_reset_on_new_model_version_adopts_new_baseline(baseline):
+    X, score, _ = make_stream(40_000, seed=12, zscore_shift_at=0, zscore_shift=1.0)
+    monitor = DriftMonitor(config(cooldown_events=0, cooldown_s=0), baseline, "fraud", 1)
+    found = run(monitor, X, score, 0, 4000)
+    assert found[0][0] == 1999  # warm-up ends with the first window
+    assert monitor.should_request_retrain([s for _, s in found], now_ms=0) is not None
+    # The retrained model's baseline comes from shifted data: the shift is now normal.
+    new_baseline = compute_baseline(X[:20_000], NAMES, score[:20_000], categorical_features=CATEGORICAL)
+    monitor.reset(new_baseline, 2)
+    assert (monitor.model_version, monitor.predictions_seen, monitor.windows_completed) == (2, 0, 0)
+    assert not monitor.in_cooldown(now_ms=0)
+    assert run(monitor, X, score, 20_000) == []
+
+
+def test_warm_up_suppresses_alarms(baseline):
+    X, score, _ = make_stream(10_000, seed=13, zscore_shift_at=0)
+    monitor = DriftMonitor(config(min_events=6000), baseline, "fraud", 1)
+    found = run(monitor, X, score)
+    assert found[0][0] == 5999
+
+
+def test_config_from_settings_and_validation():
+    cfg = DriftConfig.from_settings(Settings())
+    assert cfg.detectors == {"adwin", "pagehinkley", "windowed", "performance"}
+    assert cfg.features == () and cfg.window == Settings().drift_window
+    custom = DriftConfig.from_settings(Settings(drift_detectors="windowed", drift_features="score, amount"))
+    assert custom.detectors == {"windowed"} and custom.features == ("score", "amount")
+    with pytest.raises(ValueError, match="kswin"):
+        DriftConfig(detectors=frozenset({"kswin"}))
+
+
+def test_unknown_feature_in_config_is_named(baseline):
+    with pytest.raises(ValueError, match="'nope'"):
+        DriftMonitor(config(features=("amount", "nope")), baseline, "fraud", 1)
+
+
+def test_psi_bins_from_quantiles_and_exact_histogram():
+    rng = np.random.default_rng(14)
+    values = rng.normal(size=100_000)
+    levels = ("0.01", "0.05", "0.25", "0.5", "0.75", "0.95", "0.99")
+    quantiles = {lv: float(np.quantile(values, float(lv))) for lv in levels}
+    edges, fractions = quantile_bins(quantiles)
+    assert fractions.tolist() == pytest.approx([0.01, 0.04, 0.2, 0.25, 0.25, 0.2, 0.04, 0.01])
+    exact = histogram_bins(values, quantiles)
+    assert exact["fractions"] == pytest.approx(fractions.tolist(), abs=1e-3)
+    assert psi(fractions, fractions) == 0.0
+    assert psi(np.array([0.5, 0.5]), np.array([0.9, 0.1])) == pytest.approx(0.4 * math.log(0.5 / 0.1) - 0.4 * math.log(0.5 / 0.9))
+
+
+def test_exact_bins_in_baseline_enable_psi_on_integer_features(baseline):
+    X, score, _ = make_stream(20_000, seed=15)
+    with_bins = {k: dict(v) for k, v in baseline.items()}
+    X_train, _, _ = make_stream(40_000, seed=1)
+    with_bins["count_1h"]["bins"] = histogram_bins(X_train[:, 1], baseline["count_1h"]["quantiles"])
+    X[10_000:, 1] = np.random.default_rng(16).poisson(2.0, 10_000)
+    monitor = DriftMonitor(config(), with_bins, "fraud", 1)
+    found = run(monitor, X, score)
+    assert found[0][0] == 11_999
+    assert {(s.detector, s.feature) for i, s in found if i == 11_999} >= {("psi", "count_1h")}
+    psi_stats = [s for s in monitor.snapshot() if s.statistic == "psi" and s.feature == "count_1h"]
+    assert psi_stats and psi_stats[0].value > 0.25
+
+
+def test_chosen_features_are_monitored_with_the_score_last(baseline):
+    monitor = DriftMonitor(config(features=("score", "count_1h")), baseline, "fraud", 1)
+    assert monitor.monitored == ("count_1h", "score")
+    X, score, _ = make_stream(6000, seed=17, score_shift_at=2000)
+    found = run(monitor, X, score)
+    assert found and {s.feature for _, s in found} == {"score"}
