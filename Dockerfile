@@ -7,6 +7,7 @@ COPY pyproject.toml README.md ./
 COPY shared ./shared
 COPY services ./services
 COPY schemas ./schemas
+COPY examples ./examples
 RUN pip install --no-cache-dir .
 ENTRYPOINT ["streamscore"]
 CMD ["--help"]

@@ -40,6 +40,25 @@ def fail(message: str) -> typer.Exit:
     return typer.Exit(1)
 
 
+_SPEC_OPTION = typer.Option(None, "--spec", help="Feature spec (a spec.yaml or its directory); default "
+                            "STREAMSCORE_SPEC, else the payments example.")
+
+
+def _with_spec(ctx: typer.Context, spec_path: Path | None = None, settings: Settings | None = None):
+    """(settings, spec) for a command: --spec wins over STREAMSCORE_SPEC; a bad spec exits 2 naming file, line
+    and key."""
+    from streamscore.spec import SpecError, resolve
+
+    settings = settings or ctx.obj
+    if spec_path is not None:
+        settings = settings.model_copy(update={"spec": spec_path})
+    try:
+        return resolve(settings)
+    except (SpecError, OSError) as error:
+        errors.print(f"[red]invalid feature spec:[/red] {error}", highlight=False)
+        raise typer.Exit(2) from error
+
+
 # --- infra ------------------------------------------------------------------
 @infra_app.command("install")
 def infra_install(ctx: typer.Context) -> None:
@@ -61,15 +80,16 @@ def infra_install(ctx: typer.Context) -> None:
 
 
 @infra_app.command("up")
-def infra_up(ctx: typer.Context) -> None:
+def infra_up(ctx: typer.Context, spec_path: Path | None = _SPEC_OPTION) -> None:
     """Install and start the local broker (unless KAFKA_BOOTSTRAP_SERVERS is set), create topics, migrate tables."""
     from confluent_kafka import KafkaException
 
-    from streamscore.dev.kafka_broker import KafkaBrokerError, LocalKafkaBroker
     from streamscore.clickhouse.store import StoreError, open_store
+    from streamscore.clickhouse.tables import ensure_spec_tables
+    from streamscore.dev.kafka_broker import KafkaBrokerError, LocalKafkaBroker
     from streamscore.kafka.topics import ensure_topics
 
-    settings: Settings = ctx.obj
+    settings, spec = _with_spec(ctx, spec_path)
     try:
         if settings.uses_local_broker:
             broker = LocalKafkaBroker(settings)
@@ -84,16 +104,18 @@ def infra_up(ctx: typer.Context) -> None:
             with _step("check external Kafka cluster") as note:
                 note(_check_external_kafka(settings))
         with _step("create topics") as note:
-            created = ensure_topics(settings)
+            created = ensure_topics(settings, spec=spec)
             note(f"created {', '.join(created)}" if created else "all present")
         with _step("migrate ClickHouse") as note:
             store = open_store(settings)
             try:
                 applied = store.migrate()
+                evolved = ensure_spec_tables(store, spec)
             finally:
                 store.close()
             versions = ", ".join(map(str, applied)) if applied else "none (up to date)"
-            note(f"{store.location} database {settings.clickhouse_database}: applied {versions}")
+            note(f"{store.location} database {settings.clickhouse_database}: applied {versions}; spec "
+                 f"{spec.name!r} (feature set {spec.feature_set}): " + ("; ".join(evolved) or "tables up to date"))
     except (KafkaBrokerError, StoreError, KafkaException, RuntimeError) as error:
         raise fail(str(error)) from error
 
@@ -202,11 +224,14 @@ def query(
     ctx: typer.Context,
     sql: str = typer.Argument(..., help="SQL to run; unqualified tables are in STREAMSCORE_CLICKHOUSE_DATABASE."),
     output: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help="table, csv or json."),
+    demo: bool = typer.Option(False, "--demo", help="Query the demo's database (streamscore_demo)."),
+    spec_path: Path | None = _SPEC_OPTION,
 ) -> None:
     """Run SQL against the ClickHouse store (e.g. streamscore query "SELECT count() FROM predictions FINAL")."""
     from streamscore.clickhouse.store import StoreError, open_store
+    from streamscore.services.tools.demo import demo_settings
 
-    settings: Settings = ctx.obj
+    settings: Settings = demo_settings(ctx.obj) if demo else ctx.obj
     try:
         store = open_store(settings)
         try:
@@ -245,15 +270,20 @@ def _json_value(value):
 models_app = typer.Typer(help="Model registry: list versions, show one, promote, roll back.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 
-_MODEL_OPTION = typer.Option(None, "--model", "-m", help="Model name (default: STREAMSCORE_MODEL_NAME).")
+_MODEL_OPTION = typer.Option(None, "--model", "-m", help="Model name (default: STREAMSCORE_MODEL_NAME, else the "
+                             "spec's model name).")
 _PUBLISH_OPTION = typer.Option(True, "--publish/--no-publish",
                                help="Publish the ModelUpdate to Kafka (model-updates topic; logged to model_versions).")
 
 
 def _registry(ctx: typer.Context, model: str | None):
+    """The registry and the model a `models` command is about: --model, else STREAMSCORE_MODEL_NAME, else the
+    spec's model name."""
     from streamscore.learning.registry import ModelRegistry
 
     settings: Settings = ctx.obj
+    if model is None and settings.model_name is None:
+        settings, _ = _with_spec(ctx)
     return ModelRegistry(settings.registry_dir), model or settings.model_name
 
 
@@ -284,14 +314,15 @@ def models_list(ctx: typer.Context, model: str | None = _MODEL_OPTION) -> None:
     rejected = registry.rejected_versions(name)
     from rich import box
 
-    table = Table("version", "created (UTC)", "stage", "feature_set", "AUC", "rows", "parent",
+    table = Table("version", "created (UTC)", "stage", "feature_set", "AUC / RMSE", "rows", "parent",
                   title=f"model {name} ({registry.root})", box=box.SIMPLE_HEAD, padding=(0, 1), collapse_padding=True, pad_edge=False)
     for column in table.columns:
         column.no_wrap = True
     for v in versions:
         stage = stage_label(stages, v.version, rejected)
         style = {"production": "bold green", "candidate": "cyan", "rejected": "red"}.get(stage)
-        table.add_row(str(v.version), _utc(v.created_at)[:16], stage, v.feature_set[:12], _metric(v.metrics, "auc"),
+        headline = "rmse" if v.objective == "regression" else "auc"
+        table.add_row(str(v.version), _utc(v.created_at)[:16], stage, v.feature_set[:12], _metric(v.metrics, headline),
                       str(v.train_rows), "-" if v.parent_version is None else str(v.parent_version), style=style)
     console.print(table)
 
@@ -317,7 +348,10 @@ def models_show(ctx: typer.Context, version: int = typer.Argument(..., help="Ver
     table.add_row("features", ", ".join(v.feature_names))
     table.add_row("categorical", ", ".join(v.categorical_features) or "-")
     table.add_row("training window", f"{_utc(v.train_start)} .. {_utc(v.train_end)} ({v.train_rows} rows)")
-    table.add_row("threshold", f"{v.threshold:.6f}")
+    table.add_row("objective", v.objective)
+    table.add_row("threshold", "-" if v.threshold is None else f"{v.threshold:.6f}")
+    for feature, values in v.vocabularies.items():
+        table.add_row(f"vocabulary {feature}", ", ".join(values[:20]) + (" ..." if len(values) > 20 else ""))
     table.add_row("metrics", "  ".join(f"{k}={val:.4f}" for k, val in sorted(v.metrics.items())))
     score = v.baseline.get("score", {}).get("quantiles")
     if score:
@@ -370,6 +404,41 @@ def models_rollback(ctx: typer.Context, model: str | None = _MODEL_OPTION,
         _publish_update(ctx.obj, update.event)
 
 
+@models_app.command("register")
+def models_register(ctx: typer.Context,
+                    model_file: Path = typer.Argument(..., exists=True, dir_okay=False,
+                                                      help="A LightGBM model text file (booster.save_model)."),
+                    spec_path: Path | None = _SPEC_OPTION, model: str | None = _MODEL_OPTION,
+                    reference: Path | None = typer.Option(None, "--reference", exists=True, dir_okay=False,
+                                                          help="CSV of the spec's features (a header row of feature "
+                                                          "names) the drift baseline is computed from; default: the "
+                                                          "logged data of the last --days."),
+                    days: float = typer.Option(7.0, "--days", min=0,
+                                               help="Without --reference: the baseline is the model's scores on the "
+                                               "features of the events logged in the last N days."),
+                    reason: str = typer.Option("registered from a file", "--reason", help="Recorded with the version."),
+                    promote: bool = typer.Option(False, "--promote", help="Also make it the production model."),
+                    publish: bool = _PUBLISH_OPTION) -> None:
+    """Register a LightGBM model trained elsewhere after checking its features against the spec."""
+    from streamscore.learning.external import ExternalModelError, register_external_model
+    from streamscore.learning.registry import RegistryError, registration_event
+
+    settings, spec = _with_spec(ctx, spec_path)
+    registry, name = _registry(ctx, model or settings.model_name)
+    try:
+        version, update = register_external_model(settings, spec, registry, name, model_file.read_text(),
+                                                   reference=reference, days=days, reason=reason, promote=promote)
+    except (ExternalModelError, RegistryError) as error:
+        raise fail(str(error)) from error
+    console.print(f"model {name} v{version.version} registered from {model_file} (feature set {version.feature_set}, "
+                  f"baseline from {version.params.get('baseline_source')})"
+                  + (", promoted to production" if update else ""), highlight=False)
+    if publish:
+        _publish_update(settings, registration_event(version))
+        if update:
+            _publish_update(settings, update.event)
+
+
 def _publish_update(settings: Settings, event: dict) -> None:
     """Announce a registry action on `model-updates`, which the logger records in
     `model_versions`. The registry change itself is already done (scorers poll the
@@ -392,21 +461,22 @@ def _publish_update(settings: Settings, event: dict) -> None:
 # --- services -------------------------------------------------------------------
 @app.command("run")
 def run(ctx: typer.Context,
-        services: list[str] = typer.Argument(..., help="scorer, logger, drift, trainer, or 'all'.")) -> None:
+        services: list[str] = typer.Argument(..., help="scorer, logger, drift, trainer, or 'all'."),
+        spec_path: Path | None = _SPEC_OPTION) -> None:
     """Run services in this process until SIGTERM/SIGINT (then flush, commit and exit)."""
     from streamscore.ops.logs import configure_logging
     from streamscore.ops.metrics import MetricsServer
     from streamscore.services.runner import SERVICE_NAMES, ServiceGroup, run_until_signalled
     from streamscore.clickhouse.store import StoreError
 
-    settings: Settings = ctx.obj
+    settings, spec = _with_spec(ctx, spec_path)
     try:
         configure_logging(settings)
     except ValueError as error:
         raise fail(str(error)) from error
     names = list(SERVICE_NAMES) if services == ["all"] else services
     try:
-        group = ServiceGroup(settings, names)
+        group = ServiceGroup(settings, names, spec=spec)
     except (ValueError, StoreError) as error:
         raise fail(str(error)) from error
     # One endpoint per process, exposing every service it runs (STREAMSCORE_METRICS_PORT, 0 = off).
@@ -426,24 +496,25 @@ def simulate(ctx: typer.Context,
              events: int = typer.Option(10_000, "--events", min=1, help="How many events to produce."),
              rate: float = typer.Option(1_000.0, "--rate", min=0, help="Offered events/s (0 = as fast as possible)."),
              seed: int = typer.Option(0, "--seed", help="Seed: the same seed gives the same stream."),
-             entities: int = typer.Option(2_000, "--entities", min=1, help="Distinct cards/customers."),
-             drift: str = typer.Option("none", "--drift", help="none, covariate, new_categories or concept."),
+             entities: int = typer.Option(2_000, "--entities", min=1, help="Distinct entities (cards, drivers...)."),
+             drift: str = typer.Option("none", "--drift", help="none, or a drift of the spec's generator (payments: "
+                                       "covariate, new_categories, concept)."),
              drift_at: int = typer.Option(0, "--drift-at", min=0, help="Event index where the drift starts."),
              poison_every: int = typer.Option(0, "--poison-every", min=0, help="Add a bad message every N events."),
-             ) -> None:
-    """Produce realistic simulated events (and delayed labels) to the events/labels topics."""
-    from streamscore.avro.codec import AvroCodec
-    from streamscore.services.tools.simulate import produce_simulation, simulator_ending_now
-    from streamscore.dev.simulator import DriftSpec
+             spec_path: Path | None = _SPEC_OPTION) -> None:
+    """Produce the spec's generated events (and delayed labels) to its events/labels topics."""
+    from streamscore.avro.codec import AvroCodec, SchemaCatalog
+    from streamscore.dev.generators import Drift, GeneratorError, generator_ending_now
+    from streamscore.services.tools.simulate import produce_simulation
 
-    settings: Settings = ctx.obj
+    settings, spec = _with_spec(ctx, spec_path)
     try:
-        spec = None if drift == "none" else DriftSpec(kind=drift, at_event=drift_at)
-    except ValueError as error:
+        generator = generator_ending_now(spec, seed, entities, events,
+                                         None if drift == "none" else Drift(kind=drift, at_event=drift_at))
+    except (GeneratorError, ValueError) as error:
         raise fail(str(error)) from error
-    simulator = simulator_ending_now(seed, entities, events, spec)
-    report = produce_simulation(settings, AvroCodec(registry_url=settings.schema_registry_url), simulator, events,
-                                rate=rate or None, poison_every=poison_every)
+    codec = AvroCodec(SchemaCatalog.for_spec(spec), registry_url=settings.schema_registry_url)
+    report = produce_simulation(settings, spec, codec, generator, events, rate=rate or None, poison_every=poison_every)
     console.print(f"produced {report.events} events, {report.labels} labels, {report.poison} poison messages "
                   f"in {report.seconds:.1f} s ({report.events / max(report.seconds, 1e-9):,.0f} events/s)")
 
@@ -451,7 +522,8 @@ def simulate(ctx: typer.Context,
 @app.command("train")
 def train(ctx: typer.Context,
           days: float = typer.Option(0, "--days", min=0, help="Train on the last N days of events (0 = all)."),
-          reason: str = typer.Option("manual training", "--reason", help="Recorded with the version.")) -> None:
+          reason: str = typer.Option("manual training", "--reason", help="Recorded with the version."),
+          spec_path: Path | None = _SPEC_OPTION) -> None:
     """Build the training set from ClickHouse (offline feature path), train, gate, register, maybe promote."""
     from streamscore.avro.codec import AvroCodec
     from streamscore.learning.model_updates import publish_model_updates
@@ -460,19 +532,21 @@ def train(ctx: typer.Context,
     from streamscore.clickhouse.store import StoreError, open_store
     from streamscore.learning.training import TrainingDataError
 
-    settings: Settings = ctx.obj
+    settings, spec = _with_spec(ctx, spec_path)
     since_ms = int((time.time() - days * 86400) * 1000) if days else None
     try:
         store = open_store(settings)
         store.migrate()
-        outcome = train_and_register(store, ModelRegistry(settings.registry_dir), settings, reason, since_ms=since_ms)
+        outcome = train_and_register(store, ModelRegistry(settings.registry_dir), settings, spec, reason,
+                                     since_ms=since_ms)
     except (StoreError, TrainingDataError) as error:
         raise fail(str(error)) from error
     publish_model_updates(settings, AvroCodec(registry_url=settings.schema_registry_url), outcome.events)
     verdict = "promoted to production" if outcome.promoted else "rejected"
+    headline = "rmse" if spec.objective == "regression" else "auc"
     console.print(f"model {settings.model_name} v{outcome.version.version}: {outcome.training_rows} labelled rows, "
-                  f"AUC {outcome.version.metrics.get('auc', math.nan):.3f}, {verdict}: {outcome.gate_reason}",
-                  highlight=False)
+                  f"{headline.upper()} {outcome.version.metrics.get(headline, math.nan):.3f}, {verdict}: "
+                  f"{outcome.gate_reason}", highlight=False)
 
 
 @app.command("demo")
@@ -486,16 +560,21 @@ def demo(ctx: typer.Context,
          drift: bool = typer.Option(False, "--drift", help="Also run drift + trainer, inject a drift in the live "
                                     "phase and show detection, retrain, the gate's verdict and v1 vs v2 metrics."),
          drift_kind: str = typer.Option("concept", "--drift-kind",
-                                        help="With --drift: concept (fraud pattern changes), covariate (amounts x3) "
-                                        "or new_categories.")) -> None:
+                                        help="With --drift: a drift of the spec's generator (payments: concept = "
+                                        "the fraud pattern changes, covariate = amounts x3, new_categories)."),
+         spec_path: Path | None = _SPEC_OPTION) -> None:
     """The end-to-end demo: infra, history, train v1, hot swap, live traffic, figures and SQL answers."""
+    from streamscore.dev.generators import GeneratorError, drift_kinds
     from streamscore.services.tools.demo import DemoOptions, drift_options, run_demo
-    from streamscore.dev.simulator import DRIFT_KINDS
 
-    settings: Settings = ctx.obj
+    settings, spec = _with_spec(ctx, spec_path)
+    try:
+        kinds = drift_kinds(spec)
+    except GeneratorError as error:
+        raise fail(str(error)) from error
     if drift:
-        if drift_kind not in DRIFT_KINDS:
-            raise fail(f"--drift-kind {drift_kind!r}: choose from {', '.join(DRIFT_KINDS)}")
+        if drift_kind not in kinds:
+            raise fail(f"--drift-kind {drift_kind!r}: spec {spec.name!r}'s generator has {', '.join(kinds) or 'none'}")
         options = drift_options(seed=seed, rate=rate, kind=drift_kind, history=history, live=events)
     else:
         options = DemoOptions(history_events=history or 30_000, live_events=events or 20_000, rate=rate, seed=seed)
@@ -503,7 +582,7 @@ def demo(ctx: typer.Context,
 
     # librdkafka's transient start-up notices ("coordinator load in progress") are not news in a demo.
     logging.getLogger("streamscore.kafka").setLevel(logging.ERROR)
-    run_demo(settings, options, console)
+    run_demo(settings, options, console, spec=spec)
 
 
 # --- operations ---------------------------------------------------------------------
@@ -511,25 +590,25 @@ _DEMO_OPTION = typer.Option(False, "--demo", help="Look at the demo's namespace 
 
 
 @app.command("status")
-def status(ctx: typer.Context, demo: bool = _DEMO_OPTION) -> None:
+def status(ctx: typer.Context, demo: bool = _DEMO_OPTION, spec_path: Path | None = _SPEC_OPTION) -> None:
     """Services alive, consumer lag per group and partition, model versions, recent drift and retrains."""
     from streamscore.services.tools.demo import demo_settings
     from streamscore.services.status import show_status
 
-    settings: Settings = demo_settings(ctx.obj) if demo else ctx.obj
+    settings, _ = _with_spec(ctx, spec_path, demo_settings(ctx.obj) if demo else ctx.obj)
     show_status(settings, console)
 
 
 @app.command("report")
 def report(ctx: typer.Context,
            out: Path = typer.Option(Path("streamscore-report.html"), "--out", "-o", help="HTML file to write."),
-           demo: bool = _DEMO_OPTION) -> None:
+           demo: bool = _DEMO_OPTION, spec_path: Path | None = _SPEC_OPTION) -> None:
     """Write a self-contained HTML report (plots + their SQL) from ClickHouse: scores, drift, online AUC, rejects, retrains."""
     from streamscore.ops.report import write_report
     from streamscore.services.tools.demo import demo_settings
     from streamscore.clickhouse.store import StoreError, open_store
 
-    settings: Settings = demo_settings(ctx.obj) if demo else ctx.obj
+    settings, _ = _with_spec(ctx, spec_path, demo_settings(ctx.obj) if demo else ctx.obj)
     try:
         store = open_store(settings)
         try:

@@ -13,8 +13,10 @@ import threading
 import time
 from collections.abc import Callable
 
-from streamscore.settings import Settings
 from streamscore.clickhouse.store import Store, open_store
+from streamscore.clickhouse.tables import ensure_spec_tables
+from streamscore.settings import Settings
+from streamscore.spec import FeatureSpec, resolve
 
 log = logging.getLogger("streamscore.runner")
 
@@ -22,36 +24,42 @@ SERVICE_NAMES = ("scorer", "logger", "drift", "trainer")
 NEEDS_STORE = {"logger", "drift", "trainer"}
 
 
-def build_service(name: str, settings: Settings, store: Store | None):
+def build_service(name: str, settings: Settings, store: Store | None, spec: FeatureSpec):
     # Imported here so `streamscore run scorer` does not load what it does not run.
     if name == "scorer":
         from streamscore.services.scorer.service import ScorerService
-        return ScorerService(settings)
+        return ScorerService(settings, spec=spec)
     if name == "logger":
         from streamscore.services.logger.service import LoggerService
-        return LoggerService(settings, store=store)
+        return LoggerService(settings, store=store, spec=spec)
     if name == "drift":
         from streamscore.services.drift.service import DriftService
-        return DriftService(settings, store=store)
+        return DriftService(settings, store=store, spec=spec)
     if name == "trainer":
         from streamscore.services.trainer.service import TrainerService
-        return TrainerService(settings, store=store)
+        return TrainerService(settings, store=store, spec=spec)
     raise ValueError(f"unknown service {name!r}; choose from {', '.join(SERVICE_NAMES)} or 'all'")
 
 
 class ServiceGroup:
     """Services running as threads; the first one to crash stops the others."""
 
-    def __init__(self, settings: Settings, names: list[str], store: Store | None = None):
+    def __init__(self, settings: Settings, names: list[str], store: Store | None = None,
+                 spec: FeatureSpec | None = None):
         unknown = [n for n in names if n not in SERVICE_NAMES]
         if unknown:
             raise ValueError(f"unknown service(s) {unknown}; choose from {', '.join(SERVICE_NAMES)} or 'all'")
+        if spec is None:
+            settings, spec = resolve(settings)
         if store is None and NEEDS_STORE & set(names):
             store = open_store(settings)
             store.migrate()
+        if store is not None:
+            ensure_spec_tables(store, spec)  # idempotent: the spec's predictions table, evolved if it changed
         self.store = store
+        self.spec = spec
         self.stop = threading.Event()
-        self.services = {name: build_service(name, settings, store) for name in names}
+        self.services = {name: build_service(name, settings, store, spec) for name in names}
         self.failures: dict[str, BaseException] = {}
         self._threads: list[threading.Thread] = []
 

@@ -21,6 +21,38 @@ from streamscore.settings import Settings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CACHE_DIR = REPO_ROOT / ".cache"  # jars are reused across sessions and by `./run`
+EXAMPLES = REPO_ROOT / "examples"
+EXAMPLE_NAMES = ("payments", "rides")
+
+
+def example_spec(name: str):
+    """A loaded example spec (examples/<name>/spec.yaml)."""
+    from streamscore.spec import load_spec
+
+    return load_spec(EXAMPLES / name)
+
+
+def spec_codec(spec, registry_url: str | None = None):
+    """An AvroCodec with streamscore's schemas and `spec`'s event and label records."""
+    from streamscore.avro.codec import AvroCodec, SchemaCatalog
+
+    return AvroCodec(SchemaCatalog.for_spec(spec), registry_url=registry_url)
+
+
+@pytest.fixture(scope="session")
+def payments_spec():
+    return example_spec("payments")
+
+
+@pytest.fixture(scope="session")
+def rides_spec():
+    return example_spec("rides")
+
+
+@pytest.fixture(scope="session", params=EXAMPLE_NAMES)
+def any_spec(request):
+    """Each example spec in turn: tests of guarantees that must hold for every spec run on both."""
+    return example_spec(request.param)
 
 
 def docker_engine_reachable(timeout_s: float = 2.0) -> bool:
@@ -136,25 +168,49 @@ def make_settings(kafka_bootstrap, clickhouse_dsn, session_data_dir, tmp_path):
     return make
 
 
-@pytest.fixture
-def settings(make_settings):
-    """A per-test Settings whose topics exist and whose ClickHouse tables are migrated."""
+def prepare(test_settings: Settings) -> Settings:
+    """Create the topics and migrate the tables of `test_settings` (and its spec); returns the settings
+    with the spec's model name filled in (streamscore.spec.resolve)."""
     from streamscore.clickhouse.store import open_store
+    from streamscore.clickhouse.tables import ensure_spec_tables
     from streamscore.kafka.topics import ensure_topics
+    from streamscore.spec import resolve
 
-    test_settings = make_settings()
-    ensure_topics(test_settings)
-    store = open_store(test_settings)
+    resolved, spec = resolve(test_settings)
+    ensure_topics(resolved, spec=spec)
+    store = open_store(resolved)
     try:
         store.migrate()
+        ensure_spec_tables(store, spec)
     finally:
         store.close()
-    yield test_settings
+    return resolved
+
+
+def drop_database(test_settings: Settings) -> None:
+    from streamscore.clickhouse.store import open_store
+
     store = open_store(test_settings)
     try:
         store.command(f"DROP DATABASE IF EXISTS {test_settings.clickhouse_database}")
     finally:
         store.close()
+
+
+@pytest.fixture
+def settings(make_settings):
+    """A per-test Settings (the payments example's spec) whose topics exist and whose tables are migrated."""
+    test_settings = prepare(make_settings())
+    yield test_settings
+    drop_database(test_settings)
+
+
+@pytest.fixture
+def spec_settings(make_settings, any_spec):
+    """Like `settings`, for each example spec in turn: (settings, spec)."""
+    test_settings = prepare(make_settings(spec=any_spec.path))
+    yield test_settings, any_spec
+    drop_database(test_settings)
 
 
 @pytest.fixture
@@ -165,3 +221,55 @@ def store(settings):
     opened = open_store(settings)
     yield opened
     opened.close()
+
+
+def simulated_predictions(spec, codec, n: int, seed: int = 0, partitions: int = 1) -> list[bytes]:
+    """`n` framed Prediction messages as the scorer writes them (no model yet) for events of `spec`'s generator."""
+    import time
+
+    from streamscore.dev.generators import load_generator
+    from streamscore.scoring.pipeline import InputMessage, ScoringPipeline
+    from streamscore.scoring.served_model import ServedModel
+
+    generator = load_generator(spec).make_generator(seed, 50)
+    encode = codec.encoder("event")
+    pipeline = ScoringPipeline(spec, codec, ServedModel(spec.model.name, 0))
+    out: list[bytes] = []
+    offset = 0
+    while len(out) < n:
+        pairs = list(generator.events(500))
+        messages = [InputMessage(encode(e), (offset + i) % partitions, offset + i) for i, (e, _) in enumerate(pairs)]
+        offset += len(pairs)
+        last = max(e[spec.event.time_field] for e, _ in pairs) // spec.event.time_divisor
+        out += pipeline.score(messages, now_ms=max(last + 60_000, int(time.time() * 1000))).encoded
+    return out[:n]
+
+
+@pytest.fixture
+def store_for():
+    """Factory: an open Store for given settings (e.g. spec_settings'), closed after the test."""
+    from streamscore.clickhouse.store import open_store
+
+    opened = []
+
+    def open_for(test_settings):
+        store = open_store(test_settings)
+        opened.append(store)
+        return store
+
+    yield open_for
+    for store in opened:
+        store.close()
+
+
+def offline_matrix(spec, events: list[dict]):
+    """Features of raw events as one partition in the given order (the engine, offline)."""
+    import numpy as np
+
+    from streamscore.learning.training_set import LoggedEvents, offline_features
+
+    columns = {f.name: [e.get(f.name) for e in events] for f in spec.event.layout.fields}
+    logged = LoggedEvents(columns=columns, partitions=np.zeros(len(events), dtype=np.int64),
+                          offsets=np.arange(len(events)), times=np.array([e[spec.event.time_field] for e in events]),
+                          event_ids=[e[spec.event.id_field] for e in events])
+    return offline_features(spec, logged)

@@ -35,13 +35,14 @@ import time
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
-from streamscore.avro.codec import AvroCodec, DecodeError
+from streamscore.avro.codec import AvroCodec, DecodeError, SchemaCatalog
 from streamscore.drift.monitor import DriftConfig, IncompatibleDriftState
 from streamscore.drift.tracking import DRIFT_EVENTS_COLUMNS, KIND_DRIFT, DriftOutputs, DriftTracker
 from streamscore.kafka.io import DeliveryTracker, flush_or_raise, make_consumer, make_producer
 from streamscore.learning.registry import ModelRegistry
 from streamscore.ops.service_stats import ServiceStats
-from streamscore.settings import TOPIC_DRIFT_STATE, TOPIC_LABELS, TOPIC_PREDICTIONS, TOPIC_RETRAIN, Settings
+from streamscore.settings import TOPIC_DRIFT_STATE, TOPIC_PREDICTIONS, TOPIC_RETRAIN, Settings
+from streamscore.spec import FeatureSpec, resolve
 from streamscore.clickhouse.store import Store, open_store
 from streamscore.kafka.topics import DRIFT_STATE_MAX_BYTES
 
@@ -94,10 +95,13 @@ def read_checkpoint(settings: Settings, model_name: str, timeout_s: float = 60.0
 
 class DriftService:
     def __init__(self, settings: Settings, store: Store | None = None, codec: AvroCodec | None = None,
-                 stats: ServiceStats | None = None):
+                 stats: ServiceStats | None = None, spec: FeatureSpec | None = None):
+        if spec is None:
+            settings, spec = resolve(settings)
         self.settings = settings
+        self.spec = spec
         self.store = store or open_store(settings)
-        self.codec = codec or AvroCodec(registry_url=settings.schema_registry_url)
+        self.codec = codec or AvroCodec(SchemaCatalog.for_spec(spec), registry_url=settings.schema_registry_url)
         self.registry = ModelRegistry(settings.registry_dir)
         self.stats = stats or ServiceStats(SERVICE)
         self.tracker = DriftTracker(DriftConfig.from_settings(settings), settings.model_name,
@@ -131,7 +135,7 @@ class DriftService:
         """Every partition of predictions and labels, at the checkpoint's offset where it has one,
         else at the group's committed offset, else at the beginning."""
         partitions = []
-        for logical in (TOPIC_PREDICTIONS, TOPIC_LABELS):
+        for logical in (TOPIC_PREDICTIONS, self.spec.label.topic):
             topic = self.settings.topic(logical)
             metadata = consumer.list_topics(topic, timeout=30).topics[topic]
             if metadata.error is not None:
@@ -178,14 +182,30 @@ class DriftService:
         topic = msg.topic()
         try:
             if topic == self.predictions_topic:
-                self.tracker.on_prediction(self.codec.decode(msg.value(), "prediction"), self.outputs)
+                self.tracker.on_prediction(self._prediction(msg.value()), self.outputs)
             else:
-                self.tracker.on_label(self.codec.decode(msg.value(), "label"), self.outputs)
+                self.tracker.on_label(self._label(msg), self.outputs)
         except (DecodeError, KeyError, TypeError, ValueError) as exc:
             # The scorer and simulator write these topics; a bad record is skipped, not fatal.
             self.stats.count_rejection(getattr(exc, "reason", "undecodable"))
             log.warning("skipping %s[%d]@%d: %s", topic, msg.partition(), msg.offset(), exc)
         self.tracker.record_offset(topic, msg.partition(), msg.offset())
+
+    def _prediction(self, value: bytes) -> dict:
+        """A Prediction with its features as a name -> value map (the names of its feature set)."""
+        prediction = self.codec.decode(value, "prediction")
+        if prediction["feature_set"] != self.spec.feature_set:
+            raise ValueError(f"prediction of feature set {prediction['feature_set']!r}, this drift service "
+                             f"monitors {self.spec.feature_set!r} (spec {self.spec.name!r})")
+        prediction["features"] = dict(zip(self.spec.feature_names, prediction["features"]))
+        return prediction
+
+    def _label(self, msg) -> dict:
+        """The spec's label record as the tracker reads labels: event_id, label, label_time."""
+        label = self.spec.label
+        record = self.codec.decode(msg.value(), "label")
+        at = record[label.time_field] if label.time_field else (msg.timestamp()[1] or int(time.time() * 1000))
+        return {"event_id": record[label.id_field], "label": record[label.value_field], "label_time": at}
 
     def _join_waiting_labels(self) -> None:
         """Labels whose prediction is not in memory: look it up in ClickHouse (at most once a second)."""

@@ -20,17 +20,16 @@ from dataclasses import dataclass, field
 import numpy as np
 from confluent_kafka import KafkaError, Message
 
-from streamscore.avro.codec import AvroCodec, DecodeError
+from streamscore.avro.codec import AvroCodec, DecodeError, SchemaCatalog
+from streamscore.clickhouse.blocks import PredictionBlockWriter
+from streamscore.clickhouse.rows import LABEL_COLUMNS, REJECTED_COLUMNS, InvalidRow, batch_token, label_row, rejected_row
+from streamscore.clickhouse.store import Store, open_store
+from streamscore.clickhouse.tables import feature_names_of
 from streamscore.kafka.io import commit, headers_dict, make_consumer
-from streamscore.legacy.prediction_block import PredictionBlockWriter
-from streamscore.legacy.prediction_decoding import PredictionReader
 from streamscore.learning.registry import ModelRegistry, RegistryError, model_versions_row
 from streamscore.ops.service_stats import ServiceStats
-from streamscore.settings import (TOPIC_DEAD_LETTER, TOPIC_LABELS, TOPIC_MODEL_UPDATES, TOPIC_PREDICTIONS,
-                                  Settings)
-from streamscore.clickhouse.rows import (LABEL_COLUMNS, PREDICTION_COLUMNS, REJECTED_COLUMNS, batch_token, label_row,
-                                   rejected_row)
-from streamscore.clickhouse.store import Store, open_store
+from streamscore.settings import TOPIC_DEAD_LETTER, TOPIC_MODEL_UPDATES, TOPIC_PREDICTIONS, Settings
+from streamscore.spec import FeatureSpec, resolve
 
 log = logging.getLogger("streamscore.logger")
 SERVICE = "logger"
@@ -70,9 +69,8 @@ class TableBuffer:
 class PredictionSink:
     """Buffers rows per table and writes them as one deduplicated insert each.
 
-    Prediction messages of the current schema are buffered as bytes (`add_encoded`) and become
-    one Native block per flush (`seal`, PredictionBlockWriter); the few it leaves over go back
-    to the caller for the per-message path (rows, or a rejection)."""
+    Prediction messages are buffered as bytes (`add_encoded`) and become one Native block per flush
+    (`seal`, PredictionBlockWriter); the ones it cannot write come back as rejections for rejected_events."""
 
     def __init__(self, store: Store, block_writer: PredictionBlockWriter | None = None):
         self.store = store
@@ -80,11 +78,11 @@ class PredictionSink:
         self.encoded: list[Message] = []  # Prediction messages waiting for `seal`
         self.blocks: list[tuple[bytes, int]] = []  # sealed Native blocks of `predictions`: (block, rows)
         self.tables: dict[str, TableBuffer] = {
-            "predictions": TableBuffer(PREDICTION_COLUMNS),
             "labels": TableBuffer(LABEL_COLUMNS),
             "rejected_events": TableBuffer(REJECTED_COLUMNS),
             "model_versions": TableBuffer([]),  # columns come with the first row
         }
+        self.prediction_ranges = TableBuffer([])  # the offset ranges the blocks cover (their dedup token)
         self.messages: list[Message] = []
         self.opened_at = time.monotonic()
 
@@ -93,20 +91,21 @@ class PredictionSink:
                 + sum(rows for _, rows in self.blocks))
 
     def add_encoded(self, topic: str, messages: list[Message]) -> None:
-        """Prediction messages of `topic` for the Native block (those whose bytes block_writer.accepts)."""
+        """Prediction messages of `topic` for the next Native block."""
         self.encoded += messages
-        self.tables["predictions"].cover_many(topic, messages)
+        self.prediction_ranges.cover_many(topic, messages)
 
-    def seal(self) -> list[Message]:
-        """Encode the buffered Prediction messages into a Native block; returns those it left over,
-        in order, for the per-message path. Their offsets are already in the table's ranges."""
+    def seal(self) -> tuple[list[tuple[Message, InvalidRow]], int]:
+        """Encode the buffered Prediction messages into a Native block; returns the messages it could not write,
+        with why, in order (their offsets are already in the block's ranges), and how many messages took the
+        generic decoder."""
         if not self.encoded:
-            return []
+            return [], 0
         messages, self.encoded = self.encoded, []
-        block, rows, leftovers = self.block_writer.encode([m.value() for m in messages])
-        if rows:
-            self.blocks.append((block, rows))
-        return [messages[i] for i in leftovers]
+        block = self.block_writer.encode([m.value() for m in messages])
+        if block.rows:
+            self.blocks.append((block.data, block.rows))
+        return [(messages[i], InvalidRow(r.reason, r.field, r.detail)) for i, r in block.rejected], block.generic_rows
 
     def add(self, table: str, row: list, msg: Message, columns: list[str] | None = None) -> None:
         buffer = self.tables[table]
@@ -118,10 +117,11 @@ class PredictionSink:
         """Everything sealed and buffered (call `seal` first), handed over for writing; the sink is empty after."""
         batch = SinkBatch(self.blocks, [(table, buffer.rows, buffer.columns, dict(buffer.ranges))
                                         for table, buffer in self.tables.items() if buffer.rows],
-                          dict(self.tables["predictions"].ranges))
+                          dict(self.prediction_ranges.ranges))
         self.blocks = []
         for buffer in self.tables.values():
             buffer.clear()
+        self.prediction_ranges.clear()
         self.opened_at = time.monotonic()
         return batch
 
@@ -153,38 +153,37 @@ class SinkBatch:
 
 class LoggerService:
     def __init__(self, settings: Settings, store: Store | None = None, codec: AvroCodec | None = None,
-                 stats: ServiceStats | None = None):
+                 stats: ServiceStats | None = None, spec: FeatureSpec | None = None):
+        if spec is None:
+            settings, spec = resolve(settings)
         self.settings = settings
+        self.spec = spec
         self.store = store or open_store(settings)
-        self.codec = codec or AvroCodec(registry_url=settings.schema_registry_url)
-        self.read_prediction = PredictionReader(self.codec)
+        self.codec = codec or AvroCodec(SchemaCatalog.for_spec(spec), registry_url=settings.schema_registry_url)
         self.registry = ModelRegistry(settings.registry_dir)
         self.stats = stats or ServiceStats(SERVICE)
         self.predictions_topic = settings.topic(TOPIC_PREDICTIONS)
-        self.sink = PredictionSink(self.store, PredictionBlockWriter(self.codec, self.predictions_topic))
+        self.sink = PredictionSink(self.store, PredictionBlockWriter(
+            spec, self.codec, lambda feature_set: feature_names_of(self.store, feature_set)))
         self.pending: list[Message] = []  # consumed, rows buffered, not handed to the writer yet
         self._writer: ThreadPoolExecutor | None = None  # one thread: writes stay in order
         self._writing = None  # (future of the rows written, its messages, started) of the write in flight
         self._gave_up = False
         self.topics = {
             settings.topic(TOPIC_PREDICTIONS): self._on_prediction,
-            settings.topic(TOPIC_LABELS): self._on_label,
+            settings.topic(spec.label.topic): self._on_label,
             settings.topic(TOPIC_DEAD_LETTER): self._on_dead_letter,
             settings.topic(TOPIC_MODEL_UPDATES): self._on_model_update,
         }
 
     # --- decoding one message into rows -----------------------------------------
     def _on_prediction(self, msg: Message) -> None:
-        if self.sink.block_writer.accepts(msg.value()):
-            self.sink.add_encoded(msg.topic(), [msg])  # decoded a batch at a time by `seal`
-        else:
-            self._prediction_row(msg)
-
-    def _prediction_row(self, msg: Message) -> None:
-        self.sink.add("predictions", self.read_prediction.row(msg.value()), msg)
+        self.sink.add_encoded(msg.topic(), [msg])  # decoded a batch at a time by `seal`
 
     def _on_label(self, msg: Message) -> None:
-        self.sink.add("labels", label_row(self.codec.decode(msg.value(), "label")), msg)
+        row = label_row(self.codec.decode(msg.value(), "label"), self.spec.label,
+                        msg.timestamp()[1] or int(time.time() * 1000))
+        self.sink.add("labels", row, msg)
 
     def _on_dead_letter(self, msg: Message) -> None:
         row = rejected_row(headers_dict(msg), msg.value() or b"", msg.topic(), msg.partition(), msg.offset(),
@@ -212,7 +211,7 @@ class LoggerService:
     def _read_or_reject(self, msg: Message, read) -> None:
         try:
             read(msg)
-        except (DecodeError, RegistryError, KeyError, TypeError, ValueError) as exc:
+        except (DecodeError, InvalidRow, RegistryError, KeyError, TypeError, ValueError) as exc:
             self._rejected_here(msg, exc)
 
     def handle(self, msg: Message) -> None:
@@ -221,13 +220,11 @@ class LoggerService:
         self.pending.append(msg)
 
     def handle_batch(self, messages: list[Message]) -> None:
-        """`handle` for each message, with the Prediction messages the Native block takes only buffered
-        (one check of their framing each; their rows come from `seal`)."""
-        topic, header = self.predictions_topic, self.sink.block_writer.header
+        """`handle` for each message, with the Prediction messages only buffered (their rows come from `seal`)."""
+        topic = self.predictions_topic
         encoded = []
         for msg in messages:
-            value = msg.value()
-            if value is not None and value.startswith(header) and msg.topic() == topic:
+            if msg.topic() == topic:
                 encoded.append(msg)
             else:
                 self.handle(msg)
@@ -236,10 +233,12 @@ class LoggerService:
             self.pending += encoded
 
     def seal(self) -> None:
-        """Turn the buffered Prediction messages into a Native block; what it cannot take is read
-        one message at a time (rows, or a rejection naming the reason and field)."""
-        for msg in self.sink.seal():
-            self._read_or_reject(msg, self._prediction_row)
+        """Turn the buffered Prediction messages into a Native block; what it cannot write is kept, with the
+        reason and field, in rejected_events."""
+        rejected, generic = self.sink.seal()
+        self.stats.count_generic_decodes(generic)
+        for msg, why in rejected:
+            self._rejected_here(msg, why)
 
     # --- the loop: seal -> write in the background -> commit what was written ------------
     def start_write(self, stop: threading.Event | None = None) -> list[Message] | None:

@@ -12,12 +12,15 @@ on the hot loop. Before partitions are revoked and on a graceful stop the same i
 done synchronously (flush, then commit). A crash replays about one interval plus
 the acks and the commit still in flight.
 
-Entity state lives in memory, grouped by partition, and is backed by the
-compacted `scorer-state` topic (co-partitioned with `events`): when a partition
-is assigned, its state is rebuilt from that changelog before any of its events
-are scored. A replayed event (offset already applied) is scored again but not
-double-counted in the state; a re-sent event (its event_id already applied at
-another offset) is dead-lettered as `duplicate_event` (features.is_duplicate).
+Entity state lives in memory, one PartitionState per partition, and is backed by
+the compacted `scorer-state` topic (co-partitioned with `events`): when partitions
+are assigned, their state is rebuilt from that changelog (all of them at once)
+before any of their events are scored. A replayed event (offset already applied)
+is scored again but not double-counted in the state; a re-sent event (its event id
+already applied at another offset) is dead-lettered as `duplicate_event`. An entity
+whose newest event is older than the partition's watermark minus the spec's
+retention can never be read again: its state is dropped and a tombstone written,
+so memory follows the live entities, not every entity ever seen.
 """
 from __future__ import annotations
 
@@ -29,52 +32,74 @@ from collections import deque
 
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
-from streamscore.legacy import features
-from streamscore.avro.codec import AvroCodec
+from streamscore.avro.codec import AvroCodec, SchemaCatalog
 from streamscore.kafka.io import (AckBatch, DeliveryFailed, commit, dead_letter, log_commit_errors, make_consumer,
                                   make_producer)
 from streamscore.learning.registry import ModelRegistry
-from streamscore.scoring.pipeline import InputMessage, ScoringPipeline, load_production_model
 from streamscore.ops.service_stats import ServiceStats
-from streamscore.settings import TOPIC_EVENTS, TOPIC_PREDICTIONS, TOPIC_SCORER_STATE, Settings
+from streamscore.scoring.pipeline import InputMessage, ScoringPipeline
+from streamscore.scoring.served_model import load_production_model
+from streamscore.settings import TOPIC_PREDICTIONS, TOPIC_SCORER_STATE, Settings
+from streamscore.spec import FeatureSpec, resolve
+from streamscore.spec.engine import FeatureEngine
+from streamscore.state.partition import PartitionState, StateFormatError
 
 log = logging.getLogger("streamscore.scorer")
 SERVICE = "scorer"
-# Entity states serialised per loop turn while a checkpoint is in progress (at least as many as the
-# batch had events, so a checkpoint keeps up with the entities a backlog dirties): ~25 us each.
-STATE_SLICE = 128
+# Entity states produced per loop turn while a checkpoint is in progress and events keep coming (at least
+# as many as the batch had events, so a checkpoint keeps up with the entities a backlog dirties); when no
+# event came, all of them (an idle scorer's lag must reach 0 at once, not 128 states per 0.1 s turn).
+STATE_SLICE = 512
 
 
-def read_changelog(settings: Settings, partition: int, timeout_s: float = 60.0) -> dict[str, features.EntityState]:
-    """Rebuild one partition's entity state from the compacted changelog."""
+def read_changelogs(settings: Settings, engine: FeatureEngine, partitions: list[int],
+                    timeout_s: float = 60.0) -> tuple[dict[int, PartitionState], int]:
+    """Rebuild the entity state of `partitions` from the compacted changelog, all partitions at once (one
+    reader assigned to every partition, not one partition after another). Returns the states and how many
+    changelog values could not be restored (another state layout, or corrupt: logged, started cold)."""
     topic = settings.topic(TOPIC_SCORER_STATE)
+    states = {partition: engine.new_state() for partition in partitions}
+    if not partitions:
+        return states, 0
     reader = Consumer({"bootstrap.servers": settings.bootstrap_servers, "group.id": "unused",
                        "enable.auto.commit": False, "enable.partition.eof": True})
-    states: dict[str, features.EntityState] = {}
+    refused = 0
     try:
-        low, high = reader.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
-        if high <= low:
-            return states
-        reader.assign([TopicPartition(topic, partition, low)])
+        todo: dict[int, int] = {}  # partition -> high watermark still to reach
+        assignment = []
+        for partition in partitions:
+            low, high = reader.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
+            if high > low:
+                todo[partition] = high
+                assignment.append(TopicPartition(topic, partition, low))
+        if not assignment:
+            return states, 0
+        reader.assign(assignment)
         deadline = time.monotonic() + timeout_s
-        position = low
-        while position < high:
+        while todo:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"rebuilding state of {topic}[{partition}] took over {timeout_s} s")
+                raise TimeoutError(f"rebuilding state of {topic} partitions {sorted(todo)} took over {timeout_s} s")
             for msg in reader.consume(10_000, 0.5):
                 if msg.error():
                     if msg.error().code() != KafkaError._PARTITION_EOF:
-                        raise RuntimeError(f"reading {topic}[{partition}]: {msg.error()}")
+                        raise RuntimeError(f"reading {topic}[{msg.partition()}]: {msg.error()}")
                     continue
-                position = msg.offset() + 1
-                entity = msg.key().decode()
-                if msg.value() is None:
-                    states.pop(entity, None)
-                else:
-                    states[entity] = features.EntityState.from_bytes(msg.value())
+                partition = msg.partition()
+                if msg.offset() + 1 >= todo.get(partition, 0):
+                    todo.pop(partition, None)
+                entity, value = msg.key(), msg.value()
+                if value is None:
+                    states[partition].drop([entity])
+                    continue
+                try:
+                    states[partition].load(entity, value)
+                except StateFormatError as exc:
+                    refused += 1
+                    if refused <= 3:
+                        log.warning("entity %r of partition %d starts without state: %s", entity, partition, exc)
     finally:
         reader.close()
-    return states
+    return states, refused
 
 
 def freeze_survivors() -> None:
@@ -111,20 +136,26 @@ class ModelWatcher:
 
 
 class ScorerService:
-    def __init__(self, settings: Settings, codec: AvroCodec | None = None, stats: ServiceStats | None = None):
+    def __init__(self, settings: Settings, codec: AvroCodec | None = None, stats: ServiceStats | None = None,
+                 spec: FeatureSpec | None = None):
+        if spec is None:
+            settings, spec = resolve(settings)
         self.settings = settings
-        self.codec = codec or AvroCodec(registry_url=settings.schema_registry_url)
+        self.spec = spec
+        self.codec = codec or AvroCodec(SchemaCatalog.for_spec(spec), registry_url=settings.schema_registry_url)
         self.registry = ModelRegistry(settings.registry_dir)
-        self.pipeline = ScoringPipeline(settings, self.codec, load_production_model(self.registry, settings.model_name))
+        self.pipeline = ScoringPipeline(spec, self.codec,
+                                        load_production_model(self.registry, spec, settings.model_name),
+                                        topic=settings.topic(TOPIC_PREDICTIONS))
         self.watcher = ModelWatcher(self.registry, settings.model_name)
         self.stats = stats or ServiceStats(SERVICE)
         self.stats.model_version = self.pipeline.model.version
-        # consumed since the last checkpoint started: the messages, and the entities whose state changed
+        # consumed since the last checkpoint started
         self._uncommitted: list = []
-        self._dirty: dict[int, set[str]] = {}
-        # the checkpoint in progress: messages it covers and the entity states still to produce
+        # the checkpoint in progress: messages it covers and the entity states still to produce:
+        # (partition, slot, entity id); slot None = a tombstone (the entity's state was dropped)
         self._checkpointing: list | None = None
-        self._state_queue: list[tuple[int, str]] = []
+        self._state_queue: list[tuple[int, int | None, bytes]] = []
         # outputs produced now count on `_acks`; sealed checkpoints wait (oldest first) for their acks
         self._acks = AckBatch()
         self._sealed: deque[AckBatch] = deque()
@@ -134,13 +165,17 @@ class ScorerService:
 
     # --- rebalance callbacks: state follows partitions --------------------------
     def _on_assign(self, consumer, partitions) -> None:
-        for tp in partitions:
-            started = time.monotonic()
-            states = read_changelog(self.settings, tp.partition)
-            self.pipeline.load_partition_state(tp.partition, states)
-            self._owned.add(tp.partition)
-            log.info("partition %d assigned: %d entities restored in %.2f s",
-                     tp.partition, len(states), time.monotonic() - started)
+        started = time.monotonic()
+        numbers = [tp.partition for tp in partitions]
+        states, refused = read_changelogs(self.settings, self.pipeline.engine, numbers)
+        for partition, state in states.items():
+            self.pipeline.load_partition_state(partition, state)
+            self._owned.add(partition)
+        self.stats.errors += refused
+        log.info("partitions %s assigned: %d entities restored in %.2f s%s", numbers,
+                 sum(len(s) for s in states.values()), time.monotonic() - started,
+                 f" ({refused} changelog values of another state layout or corrupt: those entities start cold)"
+                 if refused else "")
         freeze_survivors()
 
     def _on_revoke(self, consumer, partitions) -> None:
@@ -158,22 +193,32 @@ class ScorerService:
         self._uncommitted = [m for m in self._uncommitted if m.partition() not in lost]
         if self._checkpointing is not None:
             self._checkpointing = [m for m in self._checkpointing if m.partition() not in lost]
-        self._state_queue = [(p, e) for p, e in self._state_queue if p not in lost]
+        self._state_queue = [item for item in self._state_queue if item[0] not in lost]
         for batch in self._sealed:
             batch.covered = [m for m in batch.covered if m.partition() not in lost]
         for partition in lost:
             self._owned.discard(partition)
-            self._dirty.pop(partition, None)
             self.pipeline.drop_partition_state(partition)
         log.info("partitions lost: %s", sorted(lost))
 
     # --- checkpoints: state -> acks -> commit, off the hot loop ---------------------
+    def _queue_changed_states(self) -> None:
+        """Queue the states changed since the last checkpoint, and tombstones for the entities past retention."""
+        retention = self.spec.retention_ms
+        for partition, state in self.pipeline.states.items():
+            ids = state.entity_ids
+            self._state_queue += [(partition, slot, ids[slot]) for slot in state.take_dirty()]
+            watermark = state.watermark
+            if watermark is not None:
+                expired = state.expired(watermark - retention)
+                if expired:
+                    state.drop(expired)
+                    self._state_queue += [(partition, None, entity) for entity in expired]
+
     def _start_checkpoint(self) -> None:
         freeze_survivors()
         self._checkpointing, self._uncommitted = self._uncommitted, []
-        self._state_queue = [(partition, entity) for partition, entities in self._dirty.items()
-                             for entity in entities]
-        self._dirty = {}
+        self._queue_changed_states()
 
     def _produce_states(self, limit: int | None) -> None:
         """Produce up to `limit` (None: all) queued entity states; seal the checkpoint when none are left."""
@@ -184,16 +229,21 @@ class ScorerService:
             todo, self._state_queue = queue[-limit:], queue[:-limit]
         producer, acks = self._producer, self._acks
         state_topic = self.settings.topic(TOPIC_SCORER_STATE)
-        all_states = self.pipeline.states
-        for partition, entity in todo:
-            # the state now (maybe ahead of the checkpoint's offsets: replayed offsets are not re-applied)
-            states = all_states.get(partition)
-            state = states.get(entity) if states is not None else None
+        by_partition: dict[int, list[int]] = {}
+        for partition, slot, entity in todo:
+            state = self.pipeline.states.get(partition)
             if state is None:
                 continue
-            producer.produce(state_topic, key=entity.encode(), value=state.to_bytes(),
-                             partition=partition, on_delivery=acks)
-            acks.produced += 1
+            if slot is None:  # dropped past retention: a tombstone compacts the changelog too
+                producer.produce(state_topic, key=entity, value=None, partition=partition, on_delivery=acks)
+                acks.produced += 1
+            elif slot < len(state.entity_ids) and state.entity_ids[slot] == entity:  # (a dropped slot is reused)
+                by_partition.setdefault(partition, []).append(slot)
+        for partition, slots in by_partition.items():
+            # the state now (maybe ahead of the checkpoint's offsets: replayed offsets are not re-applied)
+            for entity, value in self.pipeline.states[partition].encode(slots):
+                producer.produce(state_topic, key=entity, value=value, partition=partition, on_delivery=acks)
+                acks.produced += 1
         if not self._state_queue:
             acks.seal(self._checkpointing)
             self._sealed.append(acks)
@@ -220,8 +270,7 @@ class ScorerService:
         else:  # a checkpoint in progress also takes what was consumed since it started
             self._checkpointing += self._uncommitted
             self._uncommitted = []
-            self._state_queue += [(p, e) for p, entities in self._dirty.items() for e in entities]
-            self._dirty = {}
+            self._queue_changed_states()
         self._produce_states(None)
         remaining = self._producer.flush(timeout_s)
         if remaining:
@@ -245,7 +294,7 @@ class ScorerService:
         if not self.watcher.changed(self.pipeline.model.version):
             return
         try:
-            model = load_production_model(self.registry, self.settings.model_name)
+            model = load_production_model(self.registry, self.spec, self.settings.model_name)
         except Exception as exc:  # keep serving the current model; say why loudly
             log.error("not swapping model: %s", exc)
             self.stats.errors += 1
@@ -263,7 +312,7 @@ class ScorerService:
         producer = self._producer = make_producer(settings)
         self._acks = AckBatch()
         self._sealed.clear()
-        events_topic = settings.topic(TOPIC_EVENTS)
+        events_topic = settings.topic(self.spec.event.topic)
         predictions_topic = settings.topic(TOPIC_PREDICTIONS)
         consumer.subscribe([events_topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
                            on_lost=self._on_lost)
@@ -294,8 +343,7 @@ class ScorerService:
                                     on_delivery=acks)
                         self.stats.count_rejection(rejection.reason)
                     acks.produced += len(result.encoded) + len(result.rejected)
-                    for partition, entities in result.touched.items():
-                        self._dirty.setdefault(partition, set()).update(entities)
+                    self.stats.count_generic_decodes(result.generic_rows)
                     self._uncommitted.extend(messages)
                     producer.poll(0)  # serve delivery callbacks
                     # latency here = event produced -> its prediction handed to the producer client
@@ -307,7 +355,7 @@ class ScorerService:
                     self._start_checkpoint()
                     next_checkpoint = time.monotonic() + interval_s
                 if self._checkpointing is not None:
-                    self._produce_states(max(STATE_SLICE, len(messages)))
+                    self._produce_states(max(STATE_SLICE, len(messages)) if messages else None)
                 if self._sealed:
                     producer.poll(0)
                     self._commit_acknowledged(consumer)

@@ -17,7 +17,7 @@ import time
 from streamscore.legacy import features
 from streamscore.settings import Settings
 from streamscore.dev.simulator import Simulator
-from streamscore.scoring.validation import validate_event
+from streamscore.legacy.validation import validate_event
 
 
 def cpu_us_per_item(fn, n_items: int, repeat: int = 3) -> float:

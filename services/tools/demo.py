@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from pathlib import Path
 from dataclasses import dataclass
 
 from confluent_kafka.admin import AdminClient
@@ -21,18 +22,21 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from streamscore.avro.codec import AvroCodec
+from streamscore.avro.codec import AvroCodec, SchemaCatalog
+from streamscore.clickhouse.store import Store, open_store
+from streamscore.clickhouse.tables import ensure_spec_tables
+from streamscore.dev.generators import generator_ending_now, load_generator
 from streamscore.dev.kafka_broker import LocalKafkaBroker
 from streamscore.kafka.io import admin_result
+from streamscore.kafka.topics import ensure_topics, topic_names
 from streamscore.learning.model_updates import publish_model_updates
 from streamscore.learning.registry import ModelRegistry
-from streamscore.ops.report import write_report
 from streamscore.learning.retraining import train_and_register
+from streamscore.ops.report import write_report
 from streamscore.services.runner import ServiceGroup
-from streamscore.services.tools.simulate import produce_simulation, simulator_ending_now
+from streamscore.services.tools.simulate import produce_simulation
 from streamscore.settings import Settings
-from streamscore.clickhouse.store import Store, open_store
-from streamscore.kafka.topics import ensure_topics, topic_names
+from streamscore.spec import FeatureSpec, default_spec_path, resolve
 
 DEMO_TOPIC_PREFIX = "demo."
 DEMO_DATABASE = "streamscore_demo"
@@ -49,7 +53,7 @@ class DemoOptions:
     history_events: int = 30_000
     live_events: int = 20_000
     rate: float = 2_000.0
-    entities: int = 2_000
+    entities: int | None = None  # None: the generator's DEMO_ENTITIES (2,000 when it has none)
     seed: int = 7
     poison_every: int = 1_000
     # --drift: the closed loop (services/drift_demo.py); see drift_options() for its sizes
@@ -68,11 +72,11 @@ def drift_options(seed: int = 7, rate: float = 2_000.0, kind: str = "concept",
                        drift_kind=kind)
 
 
-def reset_namespace(settings: Settings, store: Store, keep_models: bool = False) -> None:
+def reset_namespace(settings: Settings, store: Store, keep_models: bool = False, spec: FeatureSpec | None = None) -> None:
     """Delete the demo's topics, tables and (unless `keep_models`) models so every run starts from nothing."""
     admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers})
     existing = set(admin.list_topics(timeout=10).topics)
-    doomed = [t for t in topic_names(settings) if t in existing]
+    doomed = [t for t in topic_names(settings, spec) if t in existing]
     if doomed:
         for future in admin.delete_topics(doomed, operation_timeout=30).values():
             admin_result(future)
@@ -121,10 +125,10 @@ def _progress(console: Console) -> Progress:
                     console=console, transient=False)
 
 
-def _produce(console, settings, codec, simulator, n, rate, poison_every, label):
+def _produce(console, settings, spec, codec, simulator, n, rate, poison_every, label):
     with _progress(console) as progress:
         task = progress.add_task(label, total=n)
-        return produce_simulation(settings, codec, simulator, n, rate=rate, poison_every=poison_every,
+        return produce_simulation(settings, spec, codec, simulator, n, rate=rate, poison_every=poison_every,
                                   progress=lambda i: progress.update(task, completed=i))
 
 
@@ -139,13 +143,17 @@ def _sql_table(console: Console, store: Store, title: str, sql: str) -> None:
     console.print(f"[dim]{sql}[/dim]", highlight=False)
 
 
-def run_demo(base: Settings, options: DemoOptions, console: Console | None = None) -> dict:
+def run_demo(base: Settings, options: DemoOptions, console: Console | None = None,
+             spec: FeatureSpec | None = None) -> dict:
     console = console or Console()
     settings = demo_settings(base)
+    if spec is None:
+        settings, spec = resolve(settings)
     if options.drift:
         from streamscore.services.tools.drift_demo import DRIFT_DEMO_SETTINGS
         settings = settings.model_copy(update=DRIFT_DEMO_SETTINGS)
-    figures: dict = {}
+    entities = options.entities or getattr(load_generator(spec), "DEMO_ENTITIES", 2_000)
+    figures: dict = {"spec": spec.name, "objective": spec.objective}
     broker = LocalKafkaBroker(settings) if settings.uses_local_broker else None
     started_broker = False
     t0 = time.monotonic()
@@ -155,27 +163,29 @@ def run_demo(base: Settings, options: DemoOptions, console: Console | None = Non
         broker.start()
     try:
         store = open_store(settings)
-        reset_namespace(settings, store)
+        reset_namespace(settings, store, spec=spec)
         store.migrate()
-        ensure_topics(settings)
-        console.print(f"[bold]infra ready[/bold] in {time.monotonic() - t0:.1f} s: Kafka {settings.bootstrap_servers}, "
+        ensure_spec_tables(store, spec)
+        ensure_topics(settings, spec=spec)
+        console.print(f"[bold]infra ready[/bold] in {time.monotonic() - t0:.1f} s: spec {spec.name!r} "
+                      f"({len(spec.features)} features, {spec.objective}), Kafka {settings.bootstrap_servers}, "
                       f"ClickHouse {store.location} (database {settings.clickhouse_database})")
-        codec = AvroCodec(registry_url=settings.schema_registry_url)
+        codec = AvroCodec(SchemaCatalog.for_spec(spec), registry_url=settings.schema_registry_url)
         registry = ModelRegistry(settings.registry_dir)
         total = options.history_events + options.live_events
         if options.drift:
             from streamscore.services.tools.drift_demo import run_drift_phases
-            figures.update(run_drift_phases(console, settings, store, codec, options))
+            figures.update(run_drift_phases(console, settings, spec, store, codec, options, entities))
             figures["total_seconds"] = time.monotonic() - t0
             console.print(f"demo finished in {figures['total_seconds']:.1f} s")
             return figures
-        simulator = simulator_ending_now(options.seed, options.entities, total)
+        simulator = generator_ending_now(spec, options.seed, entities, total)
 
-        with ServiceGroup(settings, ["scorer", "logger"], store=store) as group:
+        with ServiceGroup(settings, ["scorer", "logger"], store=store, spec=spec) as group:
             scorer = group.services["scorer"]
             # --- history: no model yet ---------------------------------------------------
             phase = time.monotonic()
-            report = _produce(console, settings, codec, simulator, options.history_events, None, 0,
+            report = _produce(console, settings, spec, codec, simulator, options.history_events, None, 0,
                               "history (no model yet)")
             wait_until_accounted(store, options.history_events)
             wait_for_rows(store, "labels", report.labels)
@@ -187,12 +197,13 @@ def run_demo(base: Settings, options: DemoOptions, console: Console | None = Non
                           f"= [bold]{logged / seconds:,.0f} events/s[/bold] end to end (as fast as possible)")
 
             # --- train v1 through the offline feature path ---------------------------------
-            outcome = train_and_register(store, registry, settings, reason="demo: initial model")
+            outcome = train_and_register(store, registry, settings, spec, reason="demo: initial model")
             publish_model_updates(settings, codec, outcome.events)
-            figures["v1_auc"] = outcome.version.metrics.get("auc")
+            headline = "rmse" if spec.objective == "regression" else "auc"
+            figures[f"v1_{headline}"] = outcome.version.metrics.get(headline)
             console.print(f"trained v{outcome.version.version} on {outcome.training_rows} labelled events "
-                          f"(replayed {outcome.events_replayed}) in {outcome.seconds:.1f} s: "
-                          f"AUC {outcome.version.metrics.get('auc', float('nan')):.3f}; "
+                          f"(replayed {outcome.events_replayed}) in {outcome.seconds:.1f} s: holdout "
+                          f"{headline.upper()} {outcome.version.metrics.get(headline, float('nan')):.3f}; "
                           f"{'promoted' if outcome.promoted else 'rejected'} ({outcome.gate_reason})")
             swap_started = time.monotonic()
             while scorer.pipeline.model.version != outcome.version.version and time.monotonic() - swap_started < 30:
@@ -204,7 +215,7 @@ def run_demo(base: Settings, options: DemoOptions, console: Console | None = Non
             # --- live traffic at a fixed rate, with poison mixed in ------------------------
             scorer.stats.reset_latencies()
             phase = time.monotonic()
-            report = _produce(console, settings, codec, simulator, options.live_events, options.rate,
+            report = _produce(console, settings, spec, codec, simulator, options.live_events, options.rate,
                               options.poison_every, f"live at {options.rate:,.0f}/s")
             expected = options.history_events + options.live_events
             wait_until_accounted(store, expected + report.poison)
@@ -214,12 +225,13 @@ def run_demo(base: Settings, options: DemoOptions, console: Console | None = Non
                            latency_p50_ms=latency[50], latency_p99_ms=latency[99], latency_p999_ms=latency[99.9])
         figures["rows"] = {t: count_rows(store, t) for t in ("predictions", "labels", "rejected_events",
                                                                "model_versions")}
-        _print_summary(console, store, figures, options)
+        _print_summary(console, store, figures, options, spec)
         # Written now, while this process still owns the (embedded) store.
         report_path = settings.data_dir / "demo" / "report.html"
         write_report(store, settings, report_path)
         figures["report"] = str(report_path.resolve())
         console.print(f"HTML report (plots + their SQL): [bold]{figures['report']}[/bold]", highlight=False)
+        _print_how_to_query(console, spec)
         figures["total_seconds"] = time.monotonic() - t0
         console.print(f"demo finished in {figures['total_seconds']:.1f} s")
         return figures
@@ -228,8 +240,24 @@ def run_demo(base: Settings, options: DemoOptions, console: Console | None = Non
             broker.stop()
 
 
-def _print_summary(console: Console, store: Store, figures: dict, options: DemoOptions) -> None:
-    table = Table(title="streamscore demo", title_justify="left")
+def _shown(path) -> str:
+    """`path` relative to the working directory when it is below it (as a user would type it)."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _print_how_to_query(console: Console, spec: FeatureSpec) -> None:
+    """The demo's data stays in its own namespace; say how to look at it (the command works as printed)."""
+    spec_option = "" if spec.path == default_spec_path().resolve() else f" --spec {_shown(spec.path.parent)}"
+    console.print("Query the demo's data (database streamscore_demo):\n"
+                  f"  [bold]./run query --demo{spec_option} \"SELECT model_version, count() FROM predictions FINAL "
+                  "GROUP BY model_version\"[/bold]", highlight=False)
+
+
+def _print_summary(console: Console, store: Store, figures: dict, options: DemoOptions, spec: FeatureSpec) -> None:
+    table = Table(title=f"streamscore demo ({spec.name})", title_justify="left")
     table.add_column("figure")
     table.add_column("value", justify="right")
     table.add_row("events scored (history, max speed)", f"{figures['history_events']:,}")
@@ -245,15 +273,22 @@ def _print_summary(console: Console, store: Store, figures: dict, options: DemoO
                "SELECT model_version, count() AS events, round(avg(score), 4) AS mean_score, "
                "round(quantile(0.5)(score), 4) AS p50, round(quantile(0.99)(score), 4) AS p99 "
                "FROM predictions FINAL GROUP BY model_version ORDER BY model_version")
-    _sql_table(console, store, "top risky entities (last model)",
-               "SELECT entity_id, count() AS events, round(max(score), 4) AS max_score, "
-               "round(sum(amount), 2) AS amount FROM predictions FINAL WHERE score IS NOT NULL "
-               "GROUP BY entity_id ORDER BY max_score DESC LIMIT 5")
+    _sql_table(console, store, "entities with the highest scores (last model)",
+               "SELECT entity_id, count() AS events, round(max(score), 4) AS max_score "
+               "FROM predictions FINAL WHERE score IS NOT NULL GROUP BY entity_id ORDER BY max_score DESC LIMIT 5")
     _sql_table(console, store, "rejected events by reason",
                "SELECT reason, field, count() AS events FROM rejected_events FINAL GROUP BY reason, field "
                "ORDER BY events DESC")
+    if spec.objective == "regression":
+        _sql_table(console, store, "online error from delayed labels",
+                   "SELECT p.model_version, count() AS labelled, round(avg(l.label), 3) AS mean_label, "
+                   "round(sqrt(avg(pow(assumeNotNull(p.score) - l.label, 2))), 4) AS rmse, "
+                   "round(avg(abs(assumeNotNull(p.score) - l.label)), 4) AS mae "
+                   "FROM predictions AS p FINAL INNER JOIN labels AS l FINAL ON p.event_id = l.event_id "
+                   "WHERE p.model_version > 0 GROUP BY p.model_version ORDER BY p.model_version")
+        return
     _sql_table(console, store, "online quality from delayed labels (score >= 0.5 flags an event)",
-               "SELECT p.model_version, count() AS labelled, sum(l.label) AS frauds, "
+               "SELECT p.model_version, count() AS labelled, sum(l.label) AS positives, "
                "round(arrayAUC(groupArray((assumeNotNull(p.score), l.label)).1, groupArray((assumeNotNull(p.score), l.label)).2), 4) "
                "AS auc, "
                "round(sumIf(l.label, p.score >= 0.5) / greatest(countIf(p.score >= 0.5), 1), 4) AS precision, "

@@ -29,9 +29,9 @@ from streamscore.learning.model_updates import publish_model_updates
 from streamscore.learning.registry import ModelRegistry
 from streamscore.learning.retraining import train_and_register
 from streamscore.services.runner import ServiceGroup
-from streamscore.services.tools.simulate import produce_simulation, simulator_ending_now
+from streamscore.dev.generators import Drift, generator_ending_now
 from streamscore.settings import Settings
-from streamscore.dev.simulator import DriftSpec
+from streamscore.spec.model import FeatureSpec
 from streamscore.clickhouse.store import Store
 
 # Drift knobs for a ~30k-event demo (production defaults assume much longer streams):
@@ -62,23 +62,23 @@ def _wait(condition, timeout_s: float = WAIT_S, group: ServiceGroup | None = Non
     return result
 
 
-def run_drift_phases(console: Console, settings: Settings, store: Store, codec: AvroCodec, options) -> dict:
+def run_drift_phases(console: Console, settings: Settings, spec: FeatureSpec, store: Store, codec: AvroCodec, options,
+                     entities: int) -> dict:
     from streamscore.services.tools.demo import _produce, count_rows, wait_for_rows, wait_until_accounted
 
     figures: dict = {}
     registry = ModelRegistry(settings.registry_dir)
     history, live, after = options.history_events, options.live_events, DRIFT_DEMO_AFTER_SWAP
     drift_at = min(options.drift_at, live - 1)
-    simulator = simulator_ending_now(options.seed, options.entities, history + live + after,
-                                     drift=DriftSpec(options.drift_kind, at_event=history + drift_at))
-    with ServiceGroup(settings, ["scorer", "logger", "drift", "trainer"], store=store) as group:
+    simulator = generator_ending_now(spec, options.seed, entities, history + live + after,
+                                     drift=Drift(options.drift_kind, at_event=history + drift_at))
+    with ServiceGroup(settings, ["scorer", "logger", "drift", "trainer"], store=store, spec=spec) as group:
         scorer, drift, trainer = (group.services[n] for n in ("scorer", "drift", "trainer"))
         # --- history and v1 ---------------------------------------------------------------
-        report = _produce(console, settings, codec, simulator, history, None, 0, "history (no model yet)")
+        report = _produce(console, settings, spec, codec, simulator, history, None, 0, "history (no model yet)")
         wait_until_accounted(store, history)
         wait_for_rows(store, "labels", report.labels)
-        v1 = train_and_register(store, registry, settings, reason="demo: initial model",
-                                num_boost_round=settings.train_num_boost_round)
+        v1 = train_and_register(store, registry, settings, spec, reason="demo: initial model")
         publish_model_updates(settings, codec, v1.events)
         _wait(lambda: scorer.pipeline.model.version == v1.version.version and drift.tracker.model_version == 1)
         console.print(f"v1 trained on {v1.training_rows} labelled events, AUC {v1.version.metrics['auc']:.3f}, "
@@ -86,7 +86,7 @@ def run_drift_phases(console: Console, settings: Settings, store: Store, codec: 
 
         # --- live, with the drift injected at live event drift_at -------------------------------
         live_started = time.time()
-        report = _produce(console, settings, codec, simulator, live, options.rate, 0,
+        report = _produce(console, settings, spec, codec, simulator, live, options.rate, 0,
                           f"live at {options.rate:,.0f}/s, {options.drift_kind} drift from event {drift_at:,}")
         injected_at = live_started + drift_at / options.rate  # produce_simulation paces on this schedule
         outcome = _wait(lambda: next(iter(trainer.outcomes), None), group=group)
@@ -100,7 +100,7 @@ def run_drift_phases(console: Console, settings: Settings, store: Store, codec: 
         if outcome.action == "promoted":
             _wait(lambda: scorer.pipeline.model.version == outcome.version)
         # --- after the retrain ------------------------------------------------------------------
-        report_after = _produce(console, settings, codec, simulator, after, options.rate, 0,
+        report_after = _produce(console, settings, spec, codec, simulator, after, options.rate, 0,
                                 f"live after the retrain (serving v{scorer.pipeline.model.version})")
         wait_until_accounted(store, history + live + after)
         wait_for_rows(store, "labels", history + live + after)

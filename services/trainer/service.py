@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from confluent_kafka import KafkaError
 
-from streamscore.avro.codec import AvroCodec, DecodeError
+from streamscore.avro.codec import AvroCodec, DecodeError, SchemaCatalog
 from streamscore.kafka.io import commit, make_consumer
 from streamscore.learning.model_updates import publish_model_updates
 from streamscore.learning.registry import ModelRegistry
@@ -36,6 +36,7 @@ from streamscore.learning.retraining import train_and_register
 from streamscore.ops.service_stats import ServiceStats
 from streamscore.settings import TOPIC_RETRAIN, Settings
 from streamscore.clickhouse.store import Store, open_store
+from streamscore.spec import FeatureSpec, resolve
 
 log = logging.getLogger("streamscore.trainer")
 SERVICE = "trainer"
@@ -57,10 +58,13 @@ class RequestOutcome:
 
 class TrainerService:
     def __init__(self, settings: Settings, store: Store | None = None, codec: AvroCodec | None = None,
-                 stats: ServiceStats | None = None):
+                 stats: ServiceStats | None = None, spec: FeatureSpec | None = None):
+        if spec is None:
+            settings, spec = resolve(settings)
         self.settings = settings
+        self.spec = spec
         self.store = store or open_store(settings)
-        self.codec = codec or AvroCodec(registry_url=settings.schema_registry_url)
+        self.codec = codec or AvroCodec(SchemaCatalog.for_spec(spec), registry_url=settings.schema_registry_url)
         self.registry = ModelRegistry(settings.registry_dir)
         self.stats = stats or ServiceStats(SERVICE)
         self.handled = HandledRequests.from_registry(self.registry, settings.model_name,
@@ -117,9 +121,8 @@ class TrainerService:
         log.info("retraining %s for request %s (%d labelled events since the detection): %s",
                  settings.model_name, request_id, new_labels, request["reason"])
         try:
-            outcome = train_and_register(self.store, self.registry, settings, reason=retrain_reason(request),
-                                         since_ms=self.training_since_ms(),
-                                         num_boost_round=settings.train_num_boost_round)
+            outcome = train_and_register(self.store, self.registry, settings, self.spec,
+                                         reason=retrain_reason(request), since_ms=self.training_since_ms())
         except Exception as exc:  # noqa: BLE001 - a failed training must not crash-loop the service
             self.handled.add(key)
             self.stats.errors += 1

@@ -54,8 +54,13 @@ class Settings(BaseSettings):
     partitions: int = Field(default=4, ge=1, description="Partitions of the events/labels/predictions topics.")
     consumer_group_prefix: str = Field(default="streamscore", description="Consumer groups are <prefix>-<service>.")
 
-    # --- model --------------------------------------------------------------
-    model_name: str = Field(default="fraud", pattern=r"^[A-Za-z0-9_.-]+$", description="Name of the served model.")
+    # --- feature spec and model ------------------------------------------------
+    spec: Path | None = Field(
+        default=None,
+        description="The feature spec (a spec.yaml, or a directory holding one): the team's event schema, "
+        "features, checks and label. Unset: the payments example (examples/payments).")
+    model_name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]+$",
+                                   description="Name of the served model in the registry; unset: the spec's model.name.")
     model_dir: Path | None = Field(default=None, description="Model registry directory; default <data_dir>/models.")
 
     # --- scorer -------------------------------------------------------------
@@ -68,9 +73,6 @@ class Settings(BaseSettings):
         default=500, ge=0,
         description="The scorer waits for acks, writes changed entity state and commits offsets at most this often "
         "(0 = after every batch); a crash replays at most this much (predictions are at-least-once either way).")
-    max_event_age_days: float = Field(default=365.0, gt=0, description="Events older than this (vs. wall clock) are rejected.")
-    max_event_future_s: float = Field(default=300.0, ge=0, description="Events further in the future than this are rejected.")
-    max_amount: float = Field(default=1_000_000.0, gt=0, description="Amounts above this are rejected as out of range.")
 
     # --- logger -------------------------------------------------------------
     logger_batch_rows: int = Field(default=20_000, ge=1, description="Logger flushes to ClickHouse at this many rows...")
@@ -117,6 +119,7 @@ class Settings(BaseSettings):
     train_alert_rate: float | None = Field(default=None, gt=0, lt=1, description="Serving threshold flags this top share of the holdout; unset = threshold maximising F1.")
     gate_min_auc: float = Field(default=0.70, ge=0, le=1, description="Promotion gate: a candidate needs at least this holdout AUC.")
     gate_max_auc_drop: float = Field(default=0.01, ge=0, le=1, description="Promotion gate: candidate AUC may be at most this much below production's on the same holdout.")
+    gate_max_rmse_increase: float = Field(default=0.02, ge=0, description="Promotion gate of a regression: candidate RMSE may be at most this share above production's on the same holdout.")
     trainer_window_days: float = Field(default=30.0, gt=0, description="Trainer service: train on labelled events of the last N days, counted back from the newest logged event.")
     trainer_min_new_labels: int = Field(default=1000, ge=0, description="Trainer service: before retraining, wait until this many labelled events newer than the drift detection are logged (the candidate must see the new regime, and the gate's recent holdout must contain it)...")
     trainer_max_wait_s: float = Field(default=300.0, ge=0, description="...but train anyway after waiting this long for them.")

@@ -57,7 +57,7 @@ def test_query_csv_and_json_read_the_settings_database(settings, store):
 
     as_csv = runner.invoke(app, ["query", "--format", "csv", sql], env=cli_env(settings))
     assert as_csv.exit_code == 0, as_csv.output
-    assert list(csv.reader(io.StringIO(as_csv.output))) == [["event_id", "label", "missing"], ["e1", "1", "nan"]]
+    assert list(csv.reader(io.StringIO(as_csv.output))) == [["event_id", "label", "missing"], ["e1", "1.0", "nan"]]
 
     as_json = runner.invoke(app, ["query", "-f", "json", sql], env=cli_env(settings))
     assert as_json.exit_code == 0, as_json.output

@@ -22,7 +22,6 @@ import numpy as np
 import pytest
 from confluent_kafka import TopicPartition
 
-from streamscore.legacy import features
 from streamscore.avro.codec import AvroCodec
 from streamscore.kafka.io import make_consumer
 from streamscore.learning.model_updates import publish_model_updates
@@ -31,14 +30,16 @@ from streamscore.learning.retraining import train_and_register
 from streamscore.services.tools.demo import wait_for_rows, wait_until_accounted
 from streamscore.services.drift.service import DriftService
 from streamscore.services.runner import ServiceGroup
-from streamscore.services.tools.simulate import produce_simulation, simulator_ending_now
+from streamscore.dev.generators import Drift, generator_ending_now
+from streamscore.services.tools.simulate import produce_simulation
 from streamscore.settings import TOPIC_RETRAIN
-from streamscore.dev.simulator import DriftSpec
 from streamscore.learning.training import train_model
+from conftest import example_spec, offline_matrix, spec_codec
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-CODEC = AvroCodec()
+PAYMENTS = example_spec("payments")
+CODEC = spec_codec(PAYMENTS)
 WAIT_S = 120.0
 ENTITIES = 200
 HISTORY = 16_000
@@ -106,12 +107,11 @@ def drift_rows(store) -> int:
 
 
 def run_history_and_v1(settings, store, group, simulator):
-    report = produce_simulation(settings, CODEC, simulator, HISTORY)
+    report = produce_simulation(settings, PAYMENTS, CODEC, simulator, HISTORY)
     assert wait_until_accounted(store, HISTORY, timeout_s=WAIT_S) >= HISTORY
     wait_for_rows(store, "labels", report.labels, timeout_s=WAIT_S)
     registry = ModelRegistry(settings.registry_dir)
-    outcome = train_and_register(store, registry, settings, reason="test: v1",
-                                 num_boost_round=settings.train_num_boost_round)
+    outcome = train_and_register(store, registry, settings, PAYMENTS, reason="test: v1")
     assert outcome.promoted, outcome.gate_reason
     publish_model_updates(settings, CODEC, outcome.events)
     wait_until(lambda: group.services["scorer"].pipeline.model.version == 1, "scorer serving v1", group)
@@ -126,19 +126,19 @@ def loop_settings(store, settings):
 
 def test_concept_drift_triggers_one_retrain_and_the_scorer_serves_v2(loop_settings, store):
     settings = loop_settings
-    simulator = simulator_ending_now(11, ENTITIES, HISTORY + LIVE + 1000,
-                                     drift=DriftSpec("concept", at_event=HISTORY + DRIFT_AT))
+    simulator = generator_ending_now(PAYMENTS, 11, ENTITIES, HISTORY + LIVE + 1000,
+                                     drift=Drift("concept", at_event=HISTORY + DRIFT_AT))
     with ServiceGroup(settings, ["scorer", "logger", "drift", "trainer"], store=store) as group:
         registry = run_history_and_v1(settings, store, group, simulator)
         drift, trainer = group.services["drift"], group.services["trainer"]
         live_started = time.time()
-        live = produce_simulation(settings, CODEC, simulator, LIVE, rate=3000, keep_ids=True)
+        live = produce_simulation(settings, PAYMENTS, CODEC, simulator, LIVE, rate=3000, keep_ids=True)
         injected_wall = live_started + DRIFT_AT / 3000  # when the first drifted event was produced
         outcome = wait_until(lambda: next(iter(trainer.outcomes), None), "a retrain outcome", group)
         assert outcome.action == "promoted", outcome
         assert registry.read_production_version(settings.model_name) == 2
         wait_until(lambda: group.services["scorer"].pipeline.model.version == 2, "scorer serving v2", group)
-        produce_simulation(settings, CODEC, simulator, 1000)
+        produce_simulation(settings, PAYMENTS, CODEC, simulator, 1000)
         wait_until(lambda: store.query("SELECT count() FROM predictions WHERE model_version = 2").rows[0][0] > 0,
                    "predictions by v2", group)
         wait_until(lambda: drift.tracker.model_version == 2, "drift monitor on v2", group)
@@ -179,7 +179,7 @@ def test_concept_drift_triggers_one_retrain_and_the_scorer_serves_v2(loop_settin
 
 def test_the_same_stream_without_drift_requests_no_retrain(loop_settings, store):
     settings = loop_settings
-    simulator = simulator_ending_now(11, ENTITIES, HISTORY + LIVE)
+    simulator = generator_ending_now(PAYMENTS, 11, ENTITIES, HISTORY + LIVE)
     with ServiceGroup(settings, ["scorer", "logger", "drift", "trainer"], store=store) as group:
         run_history_and_v1(settings, store, group, simulator)
         drift = group.services["drift"]
@@ -187,7 +187,7 @@ def test_the_same_stream_without_drift_requests_no_retrain(loop_settings, store)
         # notices they were all seen (then no further one comes, nothing being new); the statistic rows
         # are written by that checkpoint, or at the latest by the final one when the group stops
         checkpoints = drift.checkpoints
-        report = produce_simulation(settings, CODEC, simulator, LIVE, rate=3000)
+        report = produce_simulation(settings, PAYMENTS, CODEC, simulator, LIVE, rate=3000)
         monitor = drift.tracker.monitor
         wait_until(lambda: monitor.predictions_seen >= LIVE - 50 and monitor.labels_seen >= report.labels - 50,
                    "drift service saw the live predictions and labels", group)
@@ -204,13 +204,13 @@ def test_the_same_stream_without_drift_requests_no_retrain(loop_settings, store)
 def register_offline_v1(settings, simulator, n: int) -> None:
     """A production v1 trained in process on simulator events (no history through Kafka needed)."""
     pairs = list(simulator.events(n))
-    X = features.offline_features([e for e, _ in pairs])
+    X = offline_matrix(PAYMENTS, [e for e, _ in pairs])
     y = np.array([label["label"] for _, label in pairs], dtype=float)
-    trained = train_model(X, y, features.FEATURE_NAMES, features.CATEGORICAL_FEATURES, num_boost_round=50)
+    trained = train_model(X, y, PAYMENTS.feature_names, PAYMENTS.categorical_features, num_boost_round=50)
     registry = ModelRegistry(settings.registry_dir)
-    version = registry.register(settings.model_name, trained.booster, feature_set=features.FEATURE_SET_HASH,
-                                feature_names=features.FEATURE_NAMES,
-                                categorical_features=features.CATEGORICAL_FEATURES,
+    version = registry.register(settings.model_name, trained.booster, feature_set=PAYMENTS.feature_set,
+                                feature_names=PAYMENTS.feature_names,
+                                categorical_features=PAYMENTS.categorical_features,
                                 train_rows=trained.train_rows, metrics=trained.metrics, baseline=trained.baseline,
                                 threshold=trained.threshold)
     registry.promote(settings.model_name, version.version)
@@ -218,14 +218,14 @@ def register_offline_v1(settings, simulator, n: int) -> None:
 
 def test_drift_state_survives_a_restart_without_reprocessing(loop_settings, store):
     settings = loop_settings.model_copy(update={"drift_window": 500, "drift_min_events": 500})
-    simulator = simulator_ending_now(5, ENTITIES, 8000)
-    register_offline_v1(settings, simulator_ending_now(5, ENTITIES, 8000), 4000)
+    simulator = generator_ending_now(PAYMENTS, 5, ENTITIES, 8000)
+    register_offline_v1(settings, generator_ending_now(PAYMENTS, 5, ENTITIES, 8000), 4000)
     first_part, second_part = 1700, 1300
 
     with ServiceGroup(settings, ["scorer", "drift"], store=store) as group:
         drift = group.services["drift"]
         wait_until(lambda: drift.tracker.model_version == 1, "drift monitor on v1", group)
-        produce_simulation(settings, CODEC, simulator, first_part, label_delay_s=0.0)
+        produce_simulation(settings, PAYMENTS, CODEC, simulator, first_part, label_delay_s=0.0)
         wait_until(lambda: drift.tracker.monitor.predictions_seen >= first_part, "first part monitored", group)
     before = drift.tracker.monitor  # the group stopped: the final checkpoint is written
     assert not drift.restored
@@ -237,7 +237,7 @@ def test_drift_state_survives_a_restart_without_reprocessing(loop_settings, stor
         assert drift.restored
         monitor = drift.tracker.monitor
         assert monitor.predictions_seen == first_part and monitor.labels_seen == before.labels_seen
-        produce_simulation(settings, CODEC, simulator, second_part, label_delay_s=0.0)
+        produce_simulation(settings, PAYMENTS, CODEC, simulator, second_part, label_delay_s=0.0)
         wait_until(lambda: monitor.predictions_seen >= first_part + second_part, "second part monitored", group)
         time.sleep(2 * settings.drift_checkpoint_interval_s)  # nothing replayed after the restart
         assert monitor.predictions_seen == first_part + second_part
@@ -250,7 +250,7 @@ def test_trainer_records_a_failed_training_and_skips_duplicates_across_restarts(
     from streamscore.services.trainer.service import TrainerService
 
     settings = loop_settings.model_copy(update={"trainer_min_new_labels": 0})
-    register_offline_v1(settings, simulator_ending_now(5, ENTITIES, 4000), 4000)
+    register_offline_v1(settings, generator_ending_now(PAYMENTS, 5, ENTITIES, 4000), 4000)
     request = retrain_request(DriftSignal("psi", "amount", "psi", 0.4, 0.25, 2000, 1_000_000), settings.model_name,
                               1, predictions_seen=5000)
     trainer = TrainerService(settings, store=store)

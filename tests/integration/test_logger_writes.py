@@ -8,11 +8,13 @@ import uuid
 import pytest
 from confluent_kafka import Message
 
-from streamscore.avro.codec import AvroCodec
+from conftest import example_spec, simulated_predictions, spec_codec
+from streamscore.clickhouse.store import open_store
+from streamscore.clickhouse.tables import ensure_spec_tables
 from streamscore.services.logger.service import LoggerService
 from streamscore.settings import TOPIC_PREDICTIONS, Settings
-from streamscore.clickhouse.store import open_store
-from unit.legacy.test_prediction_decoding import simulated_predictions
+
+PAYMENTS = example_spec("payments")
 
 pytestmark = pytest.mark.integration
 
@@ -28,6 +30,7 @@ def settings(clickhouse_dsn, session_data_dir, tmp_path) -> Settings:
 def store(settings):
     opened = open_store(settings)
     opened.migrate()
+    ensure_spec_tables(opened, PAYMENTS)
     yield opened
     opened.command(f"DROP DATABASE IF EXISTS {settings.clickhouse_database}")
     opened.close()
@@ -63,7 +66,7 @@ class GatedInserts:
 
 
 def batches(settings: Settings, sizes: list[int]) -> list[list[Message]]:
-    values = simulated_predictions(AvroCodec(), sum(sizes), seed=9, ascii_only=True)
+    values = simulated_predictions(PAYMENTS, spec_codec(PAYMENTS), sum(sizes), seed=9)
     topic, out, start = settings.topic(TOPIC_PREDICTIONS), [], 0
     for size in sizes:
         out.append([Message(topic=topic, partition=0, offset=start + i, value=values[start + i])

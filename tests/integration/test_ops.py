@@ -32,13 +32,16 @@ from streamscore.ops.report import build_report, choose_bucket_s, render_html, w
 from streamscore.learning.retraining import train_and_register
 from streamscore.services.tools.demo import wait_for_rows, wait_until_accounted
 from streamscore.services.runner import ServiceGroup
-from streamscore.services.tools.simulate import SimulationReport, produce_simulation, simulator_ending_now
+from streamscore.dev.generators import generator_ending_now
+from streamscore.services.tools.simulate import SimulationReport, produce_simulation
 from streamscore.services.status import show_status
 from streamscore.settings import TOPIC_EVENTS, TOPIC_PREDICTIONS, Settings
 from streamscore.clickhouse.store import Store, open_store
 from streamscore.kafka.topics import ensure_topics
 
-from conftest import CACHE_DIR
+from conftest import CACHE_DIR, example_spec, prepare, spec_codec
+
+PAYMENTS = example_spec("payments")
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -76,22 +79,22 @@ def run(kafka_bootstrap, clickhouse_dsn, session_data_dir, tmp_path_factory):
         clickhouse_url=None if clickhouse_dsn.startswith("chdb:") else clickhouse_dsn,
         clickhouse_database=f"test_{unique}", topic_prefix=f"test-{unique}.", consumer_group_prefix=f"test-{unique}",
         data_dir=session_data_dir, cache_dir=CACHE_DIR, model_dir=tmp_path_factory.mktemp("ops-models"),
+        train_num_boost_round=50,
     )
-    ensure_topics(settings)
+    settings = prepare(settings)
     store = open_store(settings)
-    store.migrate()
-    codec = AvroCodec(registry_url=settings.schema_registry_url)
+    codec = spec_codec(PAYMENTS, settings.schema_registry_url)
     registry = ModelRegistry(settings.registry_dir)
-    simulator = simulator_ending_now(seed=11, n_entities=300, n_events=HISTORY_EVENTS + LIVE_EVENTS)
+    simulator = generator_ending_now(PAYMENTS, seed=11, n_entities=300, n_events=HISTORY_EVENTS + LIVE_EVENTS)
     group = ServiceGroup(settings, ["scorer", "logger"], store=store).start()
     metrics = MetricsServer(settings, {name: s.stats for name, s in group.services.items()}, port=0,
                             addr="127.0.0.1", lag_interval_s=0.5).start()
     try:
-        history = produce_simulation(settings, codec, simulator, HISTORY_EVENTS)
+        history = produce_simulation(settings, PAYMENTS, codec, simulator, HISTORY_EVENTS)
         assert wait_until_accounted(store, HISTORY_EVENTS) >= HISTORY_EVENTS
         wait_for_rows(store, "labels", history.labels)
 
-        outcome = train_and_register(store, registry, settings, reason="test: initial model", num_boost_round=50)
+        outcome = train_and_register(store, registry, settings, PAYMENTS, reason="test: initial model")
         events = outcome.events
         if not outcome.promoted:  # a small sample may miss the AUC gate; the report does not care
             events = [*events, registry.promote(settings.model_name, outcome.version.version, reason="test").event]
@@ -99,7 +102,7 @@ def run(kafka_bootstrap, clickhouse_dsn, session_data_dir, tmp_path_factory):
         scorer = group.services["scorer"]
         wait_until(lambda: scorer.pipeline.model.version == outcome.version.version, "the scorer to swap to v1")
 
-        live = produce_simulation(settings, codec, simulator, LIVE_EVENTS, poison_every=POISON_EVERY)
+        live = produce_simulation(settings, PAYMENTS, codec, simulator, LIVE_EVENTS, poison_every=POISON_EVERY)
         expected = HISTORY_EVENTS + LIVE_EVENTS + live.poison
         assert wait_until_accounted(store, expected) >= expected
         wait_for_rows(store, "labels", history.labels + live.labels)

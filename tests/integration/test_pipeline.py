@@ -1,4 +1,4 @@
-"""The scoring path end to end, on the real broker and ClickHouse.
+"""The scoring path end to end, on the real broker and ClickHouse, for every example spec.
 
 Events go through Kafka -> scorer -> Kafka -> logger -> ClickHouse with the
 services running as threads of this process (ServiceGroup; the embedded
@@ -7,6 +7,7 @@ Every wait polls with a deadline; nothing here is mocked.
 """
 from __future__ import annotations
 
+import math
 import threading
 import time
 import uuid
@@ -15,25 +16,25 @@ import numpy as np
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
-from streamscore.legacy import features
-from streamscore.avro.codec import AvroCodec
+from conftest import example_spec, offline_matrix, spec_codec
+from streamscore.dev.generators import generator_ending_now, load_generator
 from streamscore.kafka.io import DeliveryTracker, flush_or_raise, headers_dict, make_consumer, make_producer
 from streamscore.learning.model_updates import publish_model_updates
 from streamscore.learning.registry import ModelRegistry
 from streamscore.learning.retraining import train_and_register
-from streamscore.services.runner import ServiceGroup
-from streamscore.services.tools.simulate import simulator_ending_now
-from streamscore.settings import (TOPIC_DEAD_LETTER, TOPIC_EVENTS, TOPIC_LABELS, TOPIC_PREDICTIONS, Settings)
-from streamscore.dev.simulator import Simulator
 from streamscore.learning.training import train_model
-from streamscore.learning.training_set import load_logged_events
+from streamscore.learning.training_set import load_logged_events, offline_features
+from streamscore.services.runner import ServiceGroup
+from streamscore.settings import TOPIC_DEAD_LETTER, TOPIC_PREDICTIONS, Settings
+from streamscore.spec.text import Vocabulary
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 DAY_MS = 86_400_000
 HOUR_MS = 3_600_000
 WAIT_S = 90.0  # generous: the 2-core machine is shared with other test sessions
-CODEC = AvroCodec()
+PAYMENTS = example_spec("payments")
+CODEC = spec_codec(PAYMENTS)
 
 
 # --- helpers ------------------------------------------------------------------------
@@ -65,22 +66,22 @@ def wait_for_count(store, sql: str, expected: int, what: str, group: ServiceGrou
 
 
 def produce_events(settings: Settings, events: list[dict], labels: list[dict] = (),
-                   poison: dict[int, bytes] | None = None) -> None:
+                   poison: dict[int, bytes] | None = None, spec=PAYMENTS, codec=CODEC) -> None:
     """Events keyed by entity (then labels); poison[i] goes on the wire right after events[i]."""
     producer = make_producer(settings)
     tracker = DeliveryTracker()
-    encode_event, encode_label = CODEC.encoder("event"), CODEC.encoder("label")
-    events_topic = settings.topic(TOPIC_EVENTS)
+    encode_event, encode_label = codec.encoder("event"), codec.encoder("label")
+    events_topic = settings.topic(spec.event.topic)
     for i, event in enumerate(events):
-        producer.produce(events_topic, key=event["entity_id"].encode(), value=encode_event(event),
+        producer.produce(events_topic, key=event[spec.event.entity_field].encode(), value=encode_event(event),
                          on_delivery=tracker)
         if poison and i in poison:
             producer.produce(events_topic, key=b"poison", value=poison[i], on_delivery=tracker)
         if i % 1000 == 0:
             producer.poll(0)
     for label in labels:
-        producer.produce(settings.topic(TOPIC_LABELS), key=label["entity_id"].encode(), value=encode_label(label),
-                         on_delivery=tracker)
+        producer.produce(settings.topic(spec.label.topic), key=label[spec.label.entity_field].encode(),
+                         value=encode_label(label), on_delivery=tracker)
     flush_or_raise(producer, tracker, timeout_s=60)
 
 
@@ -102,32 +103,36 @@ def read_topic(settings: Settings, logical_topic: str, expected: int, timeout_s:
         consumer.close()
 
 
-def logged_features(store, event_ids: list[str] | None = None) -> dict[str, list[float]]:
-    """event_id -> the feature vector the scorer logged (in FEATURE_NAMES order)."""
+def logged_features(store, spec, event_ids: list[str] | None = None) -> dict[str, list[float]]:
+    """event_id -> the feature vector the scorer logged (in the spec's order)."""
     rows = store.query("SELECT event_id, features FROM predictions FINAL").rows
     wanted = None if event_ids is None else set(event_ids)
     out = {}
     for event_id, mapping in rows:
         if wanted is None or event_id in wanted:
-            assert set(mapping) == set(features.FEATURE_NAMES), f"{event_id}: features {sorted(mapping)}"
-            out[event_id] = [mapping[name] for name in features.FEATURE_NAMES]
+            assert set(mapping) == set(spec.feature_names), f"{event_id}: features {sorted(mapping)}"
+            out[event_id] = [mapping[name] for name in spec.feature_names]
     return out
 
 
-def offline_recomputation(store) -> dict[str, np.ndarray]:
-    """event_id -> the vector the trainer's offline path computes from what ClickHouse holds."""
-    events = load_logged_events(store)
-    matrix = features.offline_features(events)
-    return {event["event_id"]: matrix[i] for i, event in enumerate(events)}
+def offline_recomputation(store, spec, vocabularies: dict[str, list[str]] | None = None) -> dict[str, np.ndarray]:
+    """event_id -> the vector the trainer's offline path computes from what ClickHouse holds (with a served
+    model's learned vocabularies, to reproduce what it was served)."""
+    logged = load_logged_events(store, spec)
+    matrix = offline_features(spec, logged, {k: Vocabulary(v) for k, v in (vocabularies or {}).items()})
+    return {event_id: matrix[i] for i, event_id in enumerate(logged.event_ids)}
 
 
-def assert_no_skew(store, event_ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    online = logged_features(store, event_ids)
-    offline = offline_recomputation(store)
+def assert_no_skew(store, event_ids: list[str], spec=PAYMENTS, vocabularies=None) -> tuple[np.ndarray, np.ndarray]:
+    """The logged vectors are the offline recomputation's, bit for bit."""
+    online = logged_features(store, spec, event_ids)
+    offline = offline_recomputation(store, spec, vocabularies)
     assert set(online) == set(event_ids)
     logged = np.asarray([online[e] for e in event_ids], dtype=np.float64)
     recomputed = np.asarray([offline[e] for e in event_ids], dtype=np.float64)
-    np.testing.assert_allclose(logged, recomputed, rtol=1e-9, atol=0, equal_nan=True)
+    same = (logged.view(np.int64) == recomputed.view(np.int64)) | (np.isnan(logged) & np.isnan(recomputed))
+    assert same.all(), f"{(~same.all(1)).sum()} of {len(event_ids)} vectors differ, first " \
+                       f"{event_ids[int(np.flatnonzero(~same.all(1))[0])]}"
     return logged, recomputed
 
 
@@ -142,6 +147,8 @@ def cli_env(settings: Settings) -> dict[str, str]:
         "STREAMSCORE_MODEL_NAME": settings.model_name,
         "STREAMSCORE_CLICKHOUSE_DATABASE": settings.clickhouse_database,
     }
+    if settings.spec:
+        env["STREAMSCORE_SPEC"] = str(settings.spec)
     if settings.clickhouse_url:
         env["CLICKHOUSE_URL"] = settings.clickhouse_url
     return env
@@ -157,99 +164,109 @@ def run_cli(settings: Settings, *args: str) -> str:
     return result.output
 
 
-def register_trained(registry: ModelRegistry, settings: Settings, trained, reason: str) -> int:
+def register_trained(registry: ModelRegistry, settings: Settings, trained, reason: str, spec=PAYMENTS) -> int:
     return registry.register(
-        settings.model_name, trained.booster, feature_set=features.FEATURE_SET_HASH,
-        feature_names=features.FEATURE_NAMES, categorical_features=features.CATEGORICAL_FEATURES,
+        settings.model_name, trained.booster, feature_set=spec.feature_set,
+        feature_names=spec.feature_names, categorical_features=spec.categorical_features,
         train_rows=trained.train_rows, metrics=trained.metrics, baseline=trained.baseline,
-        threshold=trained.threshold, params=trained.params, reason=reason).version
+        threshold=trained.threshold, params=trained.params, reason=reason, objective=spec.objective).version
 
 
 def model_versions_log(store) -> list[tuple]:
     return store.query("SELECT version, action, stage FROM model_versions ORDER BY recorded_at, version").rows
 
 
-PREDICTION_INPUTS = ("SELECT event_id, entity_id, toUnixTimestamp64Milli(event_time), amount, currency, "
-                     "merchant_category, channel, country, device_id, model_name, model_version, score, feature_set "
-                     "FROM predictions FINAL")
-EVENT_FIELDS = ("event_id", "entity_id", "event_time", "amount", "currency", "merchant_category", "channel",
-                "country", "device_id")
-
-
-# --- 1. N in -> exactly N rows; poison -> DLQ + rejected_events; model version 0 then trained ---------------
-def test_events_scored_and_logged_exactly_once_poison_dead_lettered_then_trained_model_serves(settings, store):
+# --- 1. N in -> exactly N rows with typed columns; poison -> DLQ + rejected_events; trained model serves --------
+def test_events_scored_and_logged_exactly_once_poison_dead_lettered_then_trained_model_serves(spec_settings, store_for):
+    settings, spec = spec_settings
+    store = store_for(settings)
+    codec = spec_codec(spec)
     n_history, n_live = 3000, 500
-    simulator = simulator_ending_now(seed=3, n_entities=300, n_events=n_history + n_live)
-    pairs = list(simulator.events(n_history + n_live))
+    generator = generator_ending_now(spec, seed=3, n_entities=300, n_events=n_history + n_live)
+    pairs = list(generator.events(n_history + n_live))
     events, labels = [e for e, _ in pairs], [lbl for _, lbl in pairs]
-    bad = list(simulator.bad_events())
+    bad = list(generator.bad_events(codec.encoder("event")))
     poison = {240 * (k + 1): b.value for k, b in enumerate(bad)}  # spread through the history
     assert max(poison) < n_history - 100  # good events follow the last poison message
     registry = ModelRegistry(settings.registry_dir)
+    ids = lambda chunk: [e[spec.event.id_field] for e in chunk]  # noqa: E731
 
     group = ServiceGroup(settings, ["scorer", "logger"], store=store).start()
     try:
         started = time.monotonic()
-        produce_events(settings, events[:n_history], labels[:n_history], poison)
+        produce_events(settings, events[:n_history], labels[:n_history], poison, spec, codec)
         wait_for_count(store, "SELECT count() FROM predictions FINAL", n_history, "history predictions", group)
         seconds = time.monotonic() - started
-        print(f"\n[pipeline] {n_history} events + {len(bad)} poison -> ClickHouse in {seconds:.1f} s "
+        print(f"\n[pipeline {spec.name}] {n_history} events + {len(bad)} poison -> ClickHouse in {seconds:.1f} s "
               f"({n_history / seconds:,.0f} events/s end to end)")
         wait_for_count(store, "SELECT count() FROM rejected_events FINAL", len(bad), "rejected events", group)
         wait_for_count(store, "SELECT count() FROM labels FINAL", n_history, "labels", group)
 
-        # exactly once, the produced ids, the produced inputs, every feature, no model yet
-        assert store.query("SELECT count(), uniqExact(event_id) FROM predictions FINAL").rows[0] == (n_history,
-                                                                                                       n_history)
-        rows = {row[0]: row for row in store.query(PREDICTION_INPUTS).rows}
-        assert set(rows) == {e["event_id"] for e in events[:n_history]}
+        # exactly once, the produced ids, every input field as a typed column named after the schema's field
+        assert store.query("SELECT count(), uniqExact(event_id) FROM predictions FINAL").rows[0] == (n_history,) * 2
+        names = list(spec.event.layout.names)
+        selected = [f"toUnixTimestamp64Milli(`{n}`)" if n == "event_time" else f"`{n}`" for n in names]
+        result = store.query(f"SELECT {', '.join(selected)}, model_name, model_version, score, "
+                             "feature_set FROM predictions FINAL")
+        logged = {row[names.index(spec.event.id_field)]: row for row in result.rows}
+        assert set(logged) == set(ids(events[:n_history]))
         for event in events[:n_history]:
-            row = rows[event["event_id"]]
-            assert dict(zip(EVENT_FIELDS, row[:9])) == {k: event[k] for k in EVENT_FIELDS}
-            assert row[9:] == (settings.model_name, 0, None, features.FEATURE_SET_HASH)
-        assert_no_skew(store, [e["event_id"] for e in events[:n_history]])  # also checks all feature names
+            row = logged[event[spec.event.id_field]]
+            assert dict(zip(names, row[:len(names)])) == event
+            assert row[len(names):] == (settings.model_name, 0, None, spec.feature_set)
+        types = dict(store.query("SELECT name, type FROM system.columns WHERE database = currentDatabase() "
+                                 "AND table = 'predictions'").rows)
+        for field in spec.event.layout.fields:
+            assert field.name in types, field.name
+        assert_no_skew(store, ids(events[:n_history]), spec)  # bit for bit; checks every feature name too
 
         # poison: original bytes on the DLQ with reason/field headers, and in rejected_events
         dead = read_topic(settings, TOPIC_DEAD_LETTER, len(bad))
-        assert len(dead) == len(bad)
         by_value = {m.value(): headers_dict(m) for m in dead}
-        assert set(by_value) == {b.value for b in bad}
+        assert set(by_value) == {b.value for b in bad} and len(dead) == len(bad)
         for b in bad:
             headers = by_value[b.value]
             assert headers["error.reason"] == b.reason, b.description
             if b.event is not None:  # undecodable bytes: the codec names the field it broke in, if any
                 assert headers["error.field"] == b.field, b.description
-            assert headers["error.service"] == "scorer" and headers["source.topic"] == settings.topic(TOPIC_EVENTS)
-            assert headers["error.detail"]
+            assert headers["error.service"] == "scorer"
+            assert headers["source.topic"] == settings.topic(spec.event.topic) and headers["error.detail"]
         rejected = store.query("SELECT raw, reason, field, service, source_topic FROM rejected_events FINAL",
                                column_formats={"raw": "bytes"}).rows
         assert sorted(rejected) == sorted(
-            (b.value, b.reason, by_value[b.value]["error.field"] or None, "scorer", settings.topic(TOPIC_EVENTS))
+            (b.value, b.reason, by_value[b.value]["error.field"] or None, "scorer", settings.topic(spec.event.topic))
             for b in bad)
 
         # `streamscore train`'s code path on the logged data: offline features -> train -> gate -> promote
-        outcome = train_and_register(store, registry, settings, "integration test", num_boost_round=50)
+        outcome = train_and_register(store, registry, settings, spec, "integration test")
         assert outcome.promoted, outcome.gate_reason
         assert outcome.training_rows == n_history and outcome.events_replayed == n_history
+        assert outcome.version.objective == spec.objective
+        assert set(outcome.version.vocabularies) == {f.name for f in spec.features if f.is_learned}
         version = outcome.version.version
         assert version == 1 and registry.read_production_version(settings.model_name) == 1
-        publish_model_updates(settings, CODEC, outcome.events)
+        publish_model_updates(settings, codec, outcome.events)
         scorer = group.services["scorer"]
         wait_until(lambda: scorer.stats.model_version == version, "scorer swapping to v1", group=group)
 
-        produce_events(settings, events[n_history:], labels[n_history:])
+        produce_events(settings, events[n_history:], labels[n_history:], spec=spec, codec=codec)
         wait_for_count(store, "SELECT count() FROM predictions FINAL", n_history + n_live, "all predictions", group)
         live = store.query("SELECT model_version, count(), countIf(score IS NULL), min(score), max(score) "
                            "FROM predictions FINAL WHERE event_id IN %(ids)s GROUP BY model_version",
-                           parameters={"ids": [e["event_id"] for e in events[n_history:]]}).rows
-        assert len(live) == 1 and live[0][:3] == (version, n_live, 0) and 0 <= live[0][3] <= live[0][4] <= 1
+                           parameters={"ids": ids(events[n_history:])}).rows
+        assert len(live) == 1 and live[0][:3] == (version, n_live, 0)
+        if spec.objective == "binary":
+            assert 0 <= live[0][3] <= live[0][4] <= 1
+        else:  # a duration in seconds, near the labels' scale
+            mean_label = float(np.mean([lbl[spec.label.value_field] for lbl in labels]))
+            assert 0.2 * mean_label < live[0][3] < live[0][4] < 10 * mean_label
+        # the served vectors of the live phase are the offline recomputation with v1's frozen vocabularies
+        assert_no_skew(store, ids(events[n_history:]), spec, outcome.version.vocabularies)
         assert scalar(store, "SELECT count() FROM predictions FINAL WHERE model_version = 0") == n_history
 
         # the logger turned the published updates into the model_versions log
         wait_until(lambda: len(model_versions_log(store)) >= 2, "model_versions rows", group=group)
         assert model_versions_log(store) == [(1, "register", "candidate"), (1, "promote", "production")]
-        assert scalar(store, "SELECT train_rows FROM model_versions WHERE action = 'promote'") == \
-            outcome.version.train_rows
     finally:
         group.shutdown()
     assert sum(group.services["scorer"].stats.rejections.values()) == len(bad)
@@ -258,7 +275,7 @@ def test_events_scored_and_logged_exactly_once_poison_dead_lettered_then_trained
 # --- 2. training/serving skew through the real system -----------------------------------------------------
 def skew_stream(now_ms: int) -> tuple[list[dict], dict[str, int]]:
     """Simulated events bent into the awkward cases, plus one hand-made entity spanning a month."""
-    simulator = simulator_ending_now(seed=5, n_entities=40, n_events=1200, now_ms=now_ms)
+    simulator = generator_ending_now(PAYMENTS, seed=5, n_entities=40, n_events=1200, now_ms=now_ms)
     events = [e for e, _ in simulator.events(1200)]
     watermark: dict[str, int] = {}
     made = {"late": 0, "out_of_order": 0, "null": 0, "empty": 0, "unknown": 0}
@@ -311,16 +328,17 @@ def test_online_features_equal_offline_recomputation_for_awkward_events(settings
     logged, _ = assert_no_skew(store, ids)
 
     # the awkward cases really reached the feature code
-    column = {name: logged[:, i] for i, name in enumerate(features.FEATURE_NAMES)}
-    assert (column["currency_code"] == features.UNKNOWN_CODE).sum() == made["unknown"]
-    assert (column["channel_code"] == features.NULL_CODE).sum() >= made["null"] + made["empty"]
-    assert (column["mcc_code"] == features.UNKNOWN_CODE).sum() == made["unknown"]
+    names = PAYMENTS.feature_names
+    column = {name: logged[:, i] for i, name in enumerate(names)}
+    assert (column["currency_code"] == 1).sum() == made["unknown"]  # 1: unknown
+    assert (column["channel_code"] == 0).sum() >= made["null"] + made["empty"]  # 0: null or empty
+    assert (column["mcc_code"] == 1).sum() == made["unknown"]
     assert np.isnan(column["secs_since_prev"]).sum() >= 20  # first events of entities
     edge = {e: logged[ids.index(e)] for e in ids if e.startswith("edge-")}
-    count_24h, secs_prev = features.FEATURE_NAMES.index("count_24h"), features.FEATURE_NAMES.index("secs_since_prev")
+    count_24h, secs_prev = names.index("count_24h"), names.index("secs_since_prev")
     assert edge["edge-9"][count_24h] == 2  # the two earlier edge events of that day; the late ones never count
-    # the late edge-4 (20 d ago) is scored from retained state: its previous event was evicted 8.5 d before it
-    assert edge["edge-4"][secs_prev] == pytest.approx(8.5 * 86_400)
+    # the late edge-4 (20 d ago) is scored from retained state, where nothing lies in its 7 d window
+    assert math.isnan(edge["edge-4"][secs_prev])
 
 
 # --- 3. hot swap and rollback while events flow -----------------------------------------------------------
@@ -339,7 +357,7 @@ class BackgroundProducer:
             producer = make_producer(self.settings)
             tracker = DeliveryTracker()
             encode = CODEC.encoder("event")
-            topic = self.settings.topic(TOPIC_EVENTS)
+            topic = self.settings.topic(PAYMENTS.event.topic)
             started = time.monotonic()
             for i, event in enumerate(self.events):
                 if self.stop.is_set():
@@ -378,19 +396,18 @@ def first_prediction_with_version(consumer: Consumer, version: int, scored_after
 
 def test_promote_and_rollback_swap_the_served_model_within_seconds_while_events_flow(settings, store):
     # two different boosters, trained on offline features of simulated history
-    history = list(Simulator(20, n_entities=300).events(4000))  # seed 20: both classes in the holdout
-    matrix = features.offline_features([e for e, _ in history])
+    history = list(load_generator(PAYMENTS).make_generator(20, 300).events(4000))  # seed 20: both classes held out
+    matrix = offline_matrix(PAYMENTS, [e for e, _ in history])
     order = np.argsort([e["event_time"] for e, _ in history], kind="stable")
     X, y = matrix[order], np.asarray([lbl["label"] for _, lbl in history], dtype=np.float64)[order]
     registry = ModelRegistry(settings.registry_dir)
-    v1 = register_trained(registry, settings, train_model(X, y, features.FEATURE_NAMES, features.CATEGORICAL_FEATURES,
-                                                          num_boost_round=5, seed=1), "v1")
-    v2 = register_trained(registry, settings, train_model(X, y, features.FEATURE_NAMES, features.CATEGORICAL_FEATURES,
-                                                          num_boost_round=20, seed=2), "v2")
+    names, categorical = PAYMENTS.feature_names, PAYMENTS.categorical_features
+    v1 = register_trained(registry, settings, train_model(X, y, names, categorical, num_boost_round=5, seed=1), "v1")
+    v2 = register_trained(registry, settings, train_model(X, y, names, categorical, num_boost_round=20, seed=2), "v2")
     assert (v1, v2) == (1, 2)
     run_cli(settings, "models", "promote", str(v1))
 
-    stream = [e for e, _ in simulator_ending_now(seed=8, n_entities=500, n_events=6000).events(6000)]
+    stream = [e for e, _ in generator_ending_now(PAYMENTS, seed=8, n_entities=500, n_events=6000).events(6000)]
     tail = make_consumer(settings, f"tail-{uuid.uuid4().hex}")
     tail.subscribe([settings.topic(TOPIC_PREDICTIONS)])
     producer = BackgroundProducer(settings, stream, rate=300)
@@ -441,17 +458,20 @@ def test_promote_and_rollback_swap_the_served_model_within_seconds_while_events_
 
 
 # --- 4. entity state survives a scorer restart ------------------------------------------------------------
-def test_entity_state_is_rebuilt_from_the_changelog_after_a_restart(settings, store):
-    pairs = list(simulator_ending_now(seed=13, n_entities=150, n_events=1500).events(1500))
+def test_entity_state_is_rebuilt_from_the_changelog_after_a_restart(spec_settings, store_for):
+    settings, spec = spec_settings
+    store = store_for(settings)
+    codec = spec_codec(spec)
+    pairs = list(generator_ending_now(spec, seed=13, n_entities=150, n_events=1500).events(1500))
     part1, part2 = [e for e, _ in pairs[:1000]], [e for e, _ in pairs[1000:]]
     with ServiceGroup(settings, ["scorer", "logger"], store=store) as first:
-        produce_events(settings, part1)
+        produce_events(settings, part1, spec=spec, codec=codec)
         wait_for_count(store, "SELECT count() FROM predictions FINAL", len(part1), "part 1", first)
 
     second = ServiceGroup(settings, ["scorer", "logger"], store=store).start()
     try:
         scorer = second.services["scorer"]
-        entities = len({e["entity_id"] for e in part1})
+        entities = len({e[spec.event.entity_field] for e in part1})
         def restored() -> bool:
             try:
                 return scorer.pipeline.entity_count() == entities
@@ -459,15 +479,15 @@ def test_entity_state_is_rebuilt_from_the_changelog_after_a_restart(settings, st
                 return False
 
         wait_until(restored, "state restored on assignment", group=second)
-        produce_events(settings, part2)
+        produce_events(settings, part2, spec=spec, codec=codec)
         wait_for_count(store, "SELECT count() FROM predictions FINAL", len(pairs), "part 2", second)
     finally:
         second.shutdown()
 
-    part2_ids = [e["event_id"] for e in part2]
-    logged, _ = assert_no_skew(store, part2_ids)
+    part2_ids = [e[spec.event.id_field] for e in part2]
+    logged, _ = assert_no_skew(store, part2_ids, spec)
     # the check can fail: the same events scored from empty state differ in most rows
-    from_empty = features.offline_features(part2)
+    from_empty = offline_matrix(spec, part2)
     differs = ~np.all(np.isclose(logged, from_empty, rtol=1e-9, equal_nan=True), axis=1)
     assert differs.mean() > 0.5
 
@@ -475,12 +495,12 @@ def test_entity_state_is_rebuilt_from_the_changelog_after_a_restart(settings, st
 # --- 5. logger crash replay does not duplicate rows -------------------------------------------------------
 def prediction_records(n: int) -> list[dict]:
     now_ms = int(time.time() * 1000)
-    events = [e for e, _ in simulator_ending_now(seed=17, n_entities=50, n_events=n).events(n)]
+    events = [e for e, _ in generator_ending_now(PAYMENTS, seed=17, n_entities=50, n_events=n).events(n)]
+    encode = CODEC.encoder("event")
     return [{"event_id": e["event_id"], "entity_id": e["entity_id"], "event_time": e["event_time"],
              "scored_at": now_ms, "model_name": "fraud", "model_version": 0, "score": None,
-             "feature_set": features.FEATURE_SET_HASH,
-             "features": {name: float(i) for name in features.FEATURE_NAMES}, "event": e,
-             "event_partition": 0, "event_offset": i} for i, e in enumerate(events)]
+             "feature_set": PAYMENTS.feature_set, "features": [float(i)] * len(PAYMENTS.features),
+             "event": encode(e), "event_partition": 0, "event_offset": i} for i, e in enumerate(events)]
 
 
 def test_logger_replay_of_uncommitted_batches_writes_no_duplicates(settings, store):
@@ -492,11 +512,13 @@ def test_logger_replay_of_uncommitted_batches_writes_no_duplicates(settings, sto
     records = prediction_records(400)
     labels = [{"event_id": r["event_id"], "entity_id": r["entity_id"], "label": i % 2,
                "label_time": r["event_time"] + HOUR_MS} for i, r in enumerate(records[:50])]
-    bad_labels = [dict(labels[0], event_id="bad-label", label=300),  # UInt8 insert would fail
+    bad_labels = [dict(labels[0], event_id="bad-label", label=300),  # a binary label must be 0 or 1
                   dict(labels[1], event_id="bad-label-time", label_time=9 * 10**18)]  # beyond DateTime64
     registry = ModelRegistry(settings.registry_dir)
-    version = registry.register(settings.model_name, "model text", feature_set=features.FEATURE_SET_HASH,
-                                feature_names=features.FEATURE_NAMES, train_rows=1, metrics={"auc": 0.9},
+    model = train_model(np.random.default_rng(0).normal(size=(200, len(PAYMENTS.features))),
+                        np.arange(200) % 2, PAYMENTS.feature_names, num_boost_round=2)
+    version = registry.register(settings.model_name, model.booster, feature_set=PAYMENTS.feature_set,
+                                feature_names=PAYMENTS.feature_names, train_rows=1, metrics={"auc": 0.9},
                                 baseline={}, threshold=0.5, reason="replay test")
     updates = [registration_event(version), registry.promote(settings.model_name, 1, reason="replay test").event]
     producer, tracker = make_producer(settings), DeliveryTracker()
@@ -504,12 +526,12 @@ def test_logger_replay_of_uncommitted_batches_writes_no_duplicates(settings, sto
         producer.produce(settings.topic(TOPIC_PREDICTIONS), key=record["entity_id"].encode(),
                          value=CODEC.encoder("prediction")(record), on_delivery=tracker)
     for label in labels + bad_labels:
-        producer.produce(settings.topic(TOPIC_LABELS), key=label["entity_id"].encode(),
+        producer.produce(settings.topic(PAYMENTS.label.topic), key=label["entity_id"].encode(),
                          value=CODEC.encoder("label")(label), on_delivery=tracker)
     for i in range(5):
         producer.produce(settings.topic(TOPIC_DEAD_LETTER), key=b"k", value=b"garbage %d" % i, on_delivery=tracker,
                          headers=[("error.reason", b"undecodable"), ("error.service", b"scorer"),
-                                  ("source.topic", settings.topic(TOPIC_EVENTS).encode()),
+                                  ("source.topic", settings.topic(PAYMENTS.event.topic).encode()),
                                   ("source.partition", b"0"), ("source.offset", str(i).encode())])
     for update in updates:
         producer.produce(settings.topic(TOPIC_MODEL_UPDATES), key=b"fraud", value=CODEC.encoder("model_update")(update),
@@ -592,6 +614,6 @@ def test_a_resent_event_id_is_dead_lettered_and_does_not_skew_later_features(set
     assert int(headers["source.offset"]) > first_offset
     # dup-1 was scored (and counted) once: dup-2 sees exactly one prior event, online and offline
     logged, _ = assert_no_skew(store, ["dup-1", "dup-2"])
-    later_features = dict(zip(features.FEATURE_NAMES, logged[1]))
+    later_features = dict(zip(PAYMENTS.feature_names, logged[1]))
     assert (later_features["count_1h"], later_features["sum_1h"]) == (1.0, 10.0)
     assert group.services["scorer"].stats.rejections == {"duplicate_event": 1}

@@ -27,17 +27,20 @@ import numpy as np
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from streamscore.legacy import features
 from streamscore.avro.codec import AvroCodec
 from streamscore.kafka.io import admin_result
-from streamscore.services.tools.simulate import SimulationReport, produce_simulation, simulator_ending_now
-from streamscore.settings import TOPIC_DEAD_LETTER, TOPIC_EVENTS, TOPIC_LABELS, TOPIC_PREDICTIONS, Settings
+from streamscore.dev.generators import generator_ending_now
+from streamscore.services.tools.simulate import SimulationReport, produce_simulation
+from streamscore.settings import TOPIC_DEAD_LETTER, TOPIC_PREDICTIONS, Settings
 from streamscore.kafka.topics import ensure_topics
+from conftest import example_spec, prepare, spec_codec
+from streamscore.learning.training_set import LoggedEvents, offline_features
 
 pytestmark = pytest.mark.integration
 
 STREAMSCORE = str(Path(sys.executable).with_name("streamscore"))
-CODEC = AvroCodec()
+PAYMENTS = example_spec("payments")
+CODEC = spec_codec(PAYMENTS)
 
 
 # --- waiting and Kafka positions ------------------------------------------------------
@@ -68,7 +71,7 @@ def positions(settings: Settings, group: str, topic: str) -> tuple[list[int], li
 
 
 def scorer_position(settings: Settings) -> tuple[int, int]:
-    committed, ends = positions(settings, settings.group("scorer"), settings.topic(TOPIC_EVENTS))
+    committed, ends = positions(settings, settings.group("scorer"), settings.topic(PAYMENTS.event.topic))
     return sum(committed), sum(ends)
 
 
@@ -96,8 +99,8 @@ def logged_predictions(settings: Settings) -> int:
 
 def drained(settings: Settings) -> bool:
     """Scorer and logger committed everything there is (their outputs are acknowledged / written)."""
-    checks = [(settings.group("scorer"), TOPIC_EVENTS)] + [
-        (settings.group("logger"), t) for t in (TOPIC_PREDICTIONS, TOPIC_DEAD_LETTER, TOPIC_LABELS)]
+    checks = [(settings.group("scorer"), PAYMENTS.event.topic)] + [
+        (settings.group("logger"), t) for t in (TOPIC_PREDICTIONS, TOPIC_DEAD_LETTER, PAYMENTS.label.topic)]
     for group, topic in checks:
         committed, ends = positions(settings, group, settings.topic(topic))
         if committed != ends:
@@ -116,11 +119,11 @@ class BackgroundProducer:
     def __init__(self, settings: Settings, n_events: int, rate: float | None, seed: int = 1, poison_every: int = 0):
         self.report: SimulationReport | None = None
         self.error: BaseException | None = None
-        simulator = simulator_ending_now(seed, 500, n_events)
+        simulator = generator_ending_now(PAYMENTS, seed, 500, n_events)
 
         def produce() -> None:
             try:
-                self.report = produce_simulation(settings, CODEC, simulator, n_events, rate=rate,
+                self.report = produce_simulation(settings, PAYMENTS, CODEC, simulator, n_events, rate=rate,
                                                  label_delay_s=0.2, poison_every=poison_every)
             except BaseException as exc:  # noqa: BLE001 - re-raised by result()
                 self.error = exc
@@ -263,25 +266,28 @@ LOGGED_FEATURES_SQL = (
 
 
 def assert_features_match_offline(rows: list[dict]) -> None:
-    """The features logged by the scorer equal a replay of the logged events through
-    features.offline_features: entity state survived the fault intact."""
-    logged = np.array([[math.nan if r["features"].get(n) is None else r["features"][n]
-                        for n in features.FEATURE_NAMES] for r in rows], dtype=np.float64)
-    offline = features.offline_features(rows)
+    """The features logged by the scorer equal, bit for bit, a replay of the logged events (in arrival order)
+    through the offline path: entity state survived the fault intact."""
+    names = PAYMENTS.feature_names
+    logged = np.array([[math.nan if r["features"].get(n) is None else r["features"][n] for n in names]
+                       for r in rows], dtype=np.float64)
+    columns = {f.name: [r.get(f.name) for r in rows] for f in PAYMENTS.event.layout.fields}
+    offline = offline_features(PAYMENTS, LoggedEvents(
+        columns=columns, partitions=np.array([r["event_partition"] for r in rows], dtype=np.int64),
+        offsets=np.array([r["event_offset"] for r in rows], dtype=np.int64),
+        times=np.array([r["event_time"] for r in rows], dtype=np.int64), event_ids=[r["event_id"] for r in rows]))
     mismatched = ~((logged == offline) | (np.isnan(logged) & np.isnan(offline)))
     bad_rows = np.flatnonzero(mismatched.any(axis=1))
     assert len(bad_rows) == 0, (
         f"{len(bad_rows)} of {len(rows)} events have features different from the offline recomputation, e.g. "
         f"{rows[bad_rows[0]]['event_id']}: "
-        + ", ".join(f"{features.FEATURE_NAMES[j]} logged {logged[bad_rows[0], j]} offline {offline[bad_rows[0], j]}"
+        + ", ".join(f"{names[j]} logged {logged[bad_rows[0], j]} offline {offline[bad_rows[0], j]}"
                     for j in np.flatnonzero(mismatched[bad_rows[0]])))
 
 
 @pytest.fixture
 def topic_settings(make_settings) -> Settings:
-    settings = make_settings()
-    ensure_topics(settings)
-    return settings
+    return prepare(make_settings())
 
 
 # --- 1. crash: kill -9 mid-stream -----------------------------------------------------------------
@@ -380,9 +386,11 @@ def own_broker(tmp_path):
 
 def migrated_store(settings: Settings):
     from streamscore.clickhouse.store import open_store
+    from streamscore.clickhouse.tables import ensure_spec_tables
 
     store = open_store(settings)
     store.migrate()
+    ensure_spec_tables(store, PAYMENTS)
     return store
 
 
@@ -457,8 +465,7 @@ def settings_and_store(make_settings):
     opened = []
 
     def make(**overrides):
-        settings = make_settings(**overrides)
-        ensure_topics(settings)
+        settings = prepare(make_settings(**overrides))
         store = migrated_store(settings)
         opened.append((settings, store))
         return settings, store
@@ -548,13 +555,13 @@ def test_stop_during_a_store_outage_is_prompt_and_commits_nothing(settings_and_s
     started = time.monotonic()
     logger.shutdown(timeout_s=15)
     print(f"\nlogger stopped {time.monotonic() - started:.1f} s after stop, during the outage")
-    committed, ends = positions(settings, settings.group("logger"), settings.topic(TOPIC_LABELS))
+    committed, ends = positions(settings, settings.group("logger"), settings.topic(PAYMENTS.label.topic))
     assert sum(committed) == 0 and sum(ends) == report.labels, "labels committed without being written"
 
     logger = ServiceThread(LoggerService(settings, store=store), "logger")  # the store is back
     try:
         wait_until(lambda: logger.check() or positions(
-            settings, settings.group("logger"), settings.topic(TOPIC_LABELS))[0] == ends, 60, "labels logged")
+            settings, settings.group("logger"), settings.topic(PAYMENTS.label.topic))[0] == ends, 60, "labels logged")
     finally:
         logger.shutdown()
     assert store_counts(store).labels == report.labels
@@ -565,7 +572,7 @@ def poison_messages(settings: Settings) -> list[tuple[bytes | None, str]]:
     """(value, expected error.reason) for every kind of bad input we know of."""
     from streamscore.dev.simulator import Simulator
 
-    cases = [(bad.value, bad.reason) for bad in Simulator(9, n_entities=10).bad_events()]
+    cases = [(bad.value, bad.reason) for bad in Simulator(9, n_entities=10).bad_events(CODEC.encoder("event"))]
     label = CODEC.encoder("label")({"event_id": "e-1", "entity_id": "card-1", "label": 1, "label_time": 1})
     rng = np.random.default_rng(5)
     cases += [
@@ -582,10 +589,10 @@ def produce_backlog(settings: Settings, n_good: int, poison_every: int, seed: in
     """n_good simulated events, a poison message after every `poison_every`-th; returns (good, poison sent)."""
     producer = Producer({"bootstrap.servers": settings.bootstrap_servers, "linger.ms": 5})
     encode = CODEC.encoder("event")
-    topic = settings.topic(TOPIC_EVENTS)
+    topic = settings.topic(PAYMENTS.event.topic)
     cases = poison_messages(settings)
     sent_poison = []
-    for i, (event, _) in enumerate(simulator_ending_now(seed, 500, n_good).events(n_good)):
+    for i, (event, _) in enumerate(generator_ending_now(PAYMENTS, seed, 500, n_good).events(n_good)):
         producer.produce(topic, key=event["entity_id"].encode(), value=encode(event))
         if poison_every and i % poison_every == poison_every - 1:
             value, reason = cases[len(sent_poison) % len(cases)]
@@ -650,7 +657,7 @@ def test_poison_is_dead_lettered_with_reasons_and_does_not_slow_good_events(make
         (value, headers["error.reason"]) for value, headers in dead)
     for _, headers in dead:
         assert headers["error.detail"] and headers["error.service"] == "scorer"
-        assert headers["source.topic"] == poisoned.topic(TOPIC_EVENTS) and int(headers["source.offset"]) >= 0
+        assert headers["source.topic"] == poisoned.topic(PAYMENTS.event.topic) and int(headers["source.offset"]) >= 0
 
     # ... and, through the logger, in rejected_events, while every good event is in predictions.
     logger = ServiceThread(LoggerService(poisoned, store=store), "logger")
@@ -670,7 +677,6 @@ def test_poison_is_dead_lettered_with_reasons_and_does_not_slow_good_events(make
 def test_rebalance_between_two_scorers_keeps_counts_and_entity_state(settings_and_store):
     from streamscore.services.logger.service import LoggerService
     from streamscore.services.scorer.service import ScorerService
-    from streamscore.learning.training_set import load_logged_events
 
     settings, store = settings_and_store()
     first = ServiceThread(ScorerService(settings), "scorer-a")
@@ -701,10 +707,8 @@ def test_rebalance_between_two_scorers_keeps_counts_and_entity_state(settings_an
     report_fault("2 scorers in a group, one stopped and a new one started mid-stream", settings, report.events, counts)
     assert counts.rows == report.events and counts.unique == report.events
 
-    events = load_logged_events(store)
-    logged = store.query("SELECT event_id, features FROM predictions FINAL ORDER BY event_partition, event_offset").rows
-    assert [e["event_id"] for e in events] == [event_id for event_id, _ in logged]
-    assert_features_match_offline([dict(event, features=vector) for event, (_, vector) in zip(events, logged)])
+    result = store.query(LOGGED_FEATURES_SQL)
+    assert_features_match_offline([dict(zip(result.column_names, row)) for row in result.rows])
 
 
 # --- 6. graceful shutdown ------------------------------------------------------------------------------

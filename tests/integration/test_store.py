@@ -13,19 +13,21 @@ from streamscore.clickhouse.store import MIGRATIONS, open_store
 
 pytestmark = pytest.mark.integration
 
-# The contract's columns (name -> type), written out independently of store.py's DDL.
+# The contract's columns (name -> type), written out independently of the DDL in store.py and tables.py;
+# predictions is the payments example's (the `settings` fixture's spec).
 EXPECTED_COLUMNS = {
     "predictions": {
         "event_id": "String", "entity_id": "String", "event_time": "DateTime64(3, 'UTC')",
         "scored_at": "DateTime64(3, 'UTC')", "logged_at": "DateTime64(3, 'UTC')",
         "model_name": "LowCardinality(String)", "model_version": "UInt32", "score": "Nullable(Float64)",
-        "amount": "Float64", "currency": "LowCardinality(String)", "merchant_category": "Nullable(String)",
+        "amount": "Float64", "currency": "LowCardinality(String)",
+        "merchant_category": "LowCardinality(Nullable(String))",
         "channel": "LowCardinality(Nullable(String))", "country": "LowCardinality(Nullable(String))",
         "device_id": "Nullable(String)", "features": "Map(LowCardinality(String), Float64)",
         "feature_set": "LowCardinality(String)", "event_partition": "UInt32", "event_offset": "UInt64",
     },
     "labels": {
-        "event_id": "String", "entity_id": "String", "label": "UInt8",
+        "event_id": "String", "entity_id": "String", "label": "Float64",
         "label_time": "DateTime64(3, 'UTC')", "logged_at": "DateTime64(3, 'UTC')",
     },
     "rejected_events": {
@@ -48,6 +50,9 @@ EXPECTED_COLUMNS = {
         "train_rows": "UInt64", "metrics": "Map(String, Float64)", "reason": "String",
     },
     "schema_migrations": {"version": "UInt32", "name": "String", "applied_at": "DateTime64(3, 'UTC')"},
+    "feature_sets": {"feature_set": "String", "spec_name": "LowCardinality(String)", "spec_version": "UInt32",
+                     "feature_names": "Array(String)", "description": "String",
+                     "registered_at": "DateTime64(3, 'UTC')"},
 }
 
 LABEL_COLUMNS = ["event_id", "entity_id", "label", "label_time"]
@@ -147,3 +152,63 @@ def test_a_second_process_on_the_embedded_data_dir_gets_a_clear_error(settings, 
     assert str((settings.data_dir / "clickhouse").resolve()) in message
     assert "streamscore run" in message
     assert "CLICKHOUSE_URL" in message
+
+
+
+# --- the spec's tables ---------------------------------------------------------------------------------
+def test_the_rides_table_has_typed_columns_named_after_its_schema_and_alias_key_columns(make_settings):
+    from conftest import drop_database, example_spec, prepare
+    from streamscore.clickhouse.store import open_store
+
+    rides = example_spec("rides")
+    settings = prepare(make_settings(spec=rides.path))
+    store = open_store(settings)
+    try:
+        described = {name: (kind, default_kind) for name, kind, default_kind, *_ in
+                     store.query("DESCRIBE TABLE predictions").rows}
+        assert described["distance_km"] == ("Float64", "") and described["passengers"] == ("Int32", "")
+        assert described["surge"] == ("Float32", "") and described["is_airport"] == ("Bool", "")
+        assert described["rider_rating"] == ("Nullable(Float64)", "")
+        assert described["pickup_zone"] == ("LowCardinality(String)", "")  # encoded: a few distinct values
+        assert described["vehicle"] == ("LowCardinality(Nullable(String))", "")
+        assert described["trip_id"] == ("String", "ALIAS") and described["driver_id"] == ("String", "ALIAS")
+        assert described["requested_at"] == ("Int64", "ALIAS")
+        assert store.query("SELECT spec_name, feature_names FROM feature_sets FINAL").rows == [
+            ("rides", list(rides.feature_names))]
+    finally:
+        store.close()
+        drop_database(settings)
+
+
+def test_a_new_spec_version_adds_its_new_fields_and_a_changed_type_or_another_spec_is_refused(store, tmp_path):
+    import json
+    import shutil
+
+    from conftest import EXAMPLES, example_spec
+    from streamscore.clickhouse.tables import SpecTableError, ensure_spec_tables
+    from streamscore.spec import load_spec
+
+    folder = tmp_path / "payments"
+    shutil.copytree(EXAMPLES / "payments", folder, ignore=shutil.ignore_patterns("__pycache__"))
+    schema = json.loads((folder / "event.avsc").read_text())
+    schema["fields"].append({"name": "terminal", "type": ["null", "string"], "default": None})
+    (folder / "event.avsc").write_text(json.dumps(schema))
+    (folder / "spec.yaml").write_text((folder / "spec.yaml").read_text().replace("version: 1", "version: 2"))
+    evolved = load_spec(folder)
+    done = ensure_spec_tables(store, evolved)
+    assert any("added column predictions.terminal" in line for line in done), done
+    assert "terminal" in {row[0] for row in store.query("DESCRIBE TABLE predictions").rows}
+    assert {fs for (fs,) in store.query("SELECT feature_set FROM feature_sets FINAL").rows} == {
+        example_spec("payments").feature_set, evolved.feature_set}
+    assert ensure_spec_tables(store, evolved) == []  # idempotent
+
+    for field in schema["fields"]:
+        if field["name"] == "amount":
+            field["type"] = "long"
+    (folder / "event.avsc").write_text(json.dumps(schema))
+    with pytest.raises(SpecTableError, match="column 'amount' is Float64 but spec 'payments'.*needs Int64"):
+        ensure_spec_tables(store, load_spec(folder))
+
+    with pytest.raises(SpecTableError, match="holds the predictions of spec 'payments'; spec 'rides' needs a "
+                                             "database of its own: set STREAMSCORE_CLICKHOUSE_DATABASE"):
+        ensure_spec_tables(store, example_spec("rides"))

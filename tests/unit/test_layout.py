@@ -16,7 +16,8 @@ def test_pyproject_lists_every_package_folder():
     pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8"))
     listed = set(pyproject["tool"]["setuptools"]["packages"])
     on_disk = (_package_folders(REPO_ROOT / "shared" / "streamscore", "streamscore")
-               | _package_folders(REPO_ROOT / "services", "streamscore.services") | {"streamscore.schemas"})
+               | _package_folders(REPO_ROOT / "services", "streamscore.services") | {"streamscore.schemas"}
+               | _package_folders(REPO_ROOT / "examples", "streamscore.examples"))
     assert listed == on_disk, (f"packages missing from pyproject: {sorted(on_disk - listed)}; "
                                f"listed but not on disk: {sorted(listed - on_disk)}")
 
@@ -25,3 +26,28 @@ def test_no_flat_modules_left_in_shared():
     """shared/ holds only the streamscore package: an import path leads to its file."""
     strays = sorted(p.name for p in (REPO_ROOT / "shared").iterdir() if p.name not in ("streamscore", "__pycache__"))
     assert not strays, f"shared/ should hold only streamscore/, found {strays}"
+
+
+def test_the_readme_layout_table_is_the_tree():
+    """Every path README's Repository layout table names exists, and every subpackage and top-level folder
+    has a row: the table is the map a newcomer reads the tree by."""
+    from streamscore.dev.readme_tables import first_code_span, first_table, readme_text
+
+    documented = {first_code_span(cell).rstrip("/") for cell in first_table(readme_text(), "Repository layout").column("path")}
+    missing_on_disk = sorted(p for p in documented if not (REPO_ROOT / p).exists())
+    assert not missing_on_disk, f"README names paths that do not exist: {missing_on_disk}"
+    subpackages = {f"shared/streamscore/{d.name}" for d in (REPO_ROOT / "shared" / "streamscore").iterdir()
+                   if (d / "__init__.py").exists()}
+    import subprocess
+
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout
+    folders = {line.split("/")[0] for line in tracked.splitlines() if "/" in line and not line.startswith(".")}
+    folders -= {"shared", "deploy"}  # shared/ is documented by its subpackages; deploy/ with docker-compose
+    undocumented = sorted((subpackages | folders | {"services/tools"}) - documented)
+    assert not undocumented, f"README's layout table has no row for {undocumented}"
+
+
+def test_the_package_root_holds_only_a_few_entry_modules():
+    root = REPO_ROOT / "shared" / "streamscore"
+    modules = sorted(p.name for p in root.glob("*.py"))
+    assert modules == ["__init__.py", "settings.py"], modules

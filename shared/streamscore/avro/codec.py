@@ -113,9 +113,23 @@ def _full_name(schema: dict) -> str:
     return f"{schema['namespace']}.{name}"
 
 
+def _without_logical_types(schema: Any) -> Any:
+    """`schema` with every logicalType removed: streamscore reads and writes the underlying primitive (a
+    timestamp-millis is its long), as the compiled scanner does; the parsing canonical form (the
+    fingerprint) has no logical types either."""
+    if isinstance(schema, list):
+        return [_without_logical_types(s) for s in schema]
+    if isinstance(schema, dict):
+        out = {k: _without_logical_types(v) for k, v in schema.items() if k != "logicalType"}
+        if out.get("type") in ("bytes", "fixed") and "precision" in schema:  # a decimal: keep it as it is
+            return schema
+        return out
+    return schema
+
+
 def _writer_schema(short_name: str, raw: dict, named: dict, source: str) -> WriterSchema:
     """Parse `raw` (which may refer to types in `named`; `named` is updated with the types it defines)."""
-    parsed = parse_schema(raw, named)
+    parsed = parse_schema(_without_logical_types(raw), named)
     # Expanded against a copy so the expansion does not redefine names in the shared dict.
     expanded = parse_schema(raw, dict(named), expand=True, _write_hint=False)
     canonical = to_parsing_canonical_form(expanded)
@@ -131,11 +145,30 @@ def _writer_schema(short_name: str, raw: dict, named: dict, source: str) -> Writ
 
 
 class SchemaCatalog:
-    """The record schemas of schemas/ (current versions) plus schemas/history/ (older versions).
+    """streamscore's own record schemas (schemas/, current versions, plus schemas/history/), and the records a
+    feature spec brings: the team's event and label schemas, under the short names "event" and "label",
+    with their own history directories (`for_spec`).
 
-    Current schemas share one namespace of named types, so prediction.avsc refers to
-    "streamscore.Event" defined once in event.avsc. History files are self-contained.
+    Current schemas in one directory share one namespace of named types. History files are self-contained.
     """
+
+    @classmethod
+    def for_spec(cls, spec, schema_dir: str | Path | None = None) -> "SchemaCatalog":
+        """The system schemas plus `spec`'s event and label records (a spec.model.FeatureSpec)."""
+        catalog = cls(schema_dir)
+        catalog.add_record("event", spec.event.schema_path, spec.event.history_dir)
+        catalog.add_record("label", spec.label.schema_path, spec.label.history_dir)
+        return catalog
+
+    def add_record(self, short_name: str, path: Path, history_dir: Path | None = None) -> WriterSchema:
+        """Add a self-contained record schema file as the current `short_name`, and its older versions."""
+        path = Path(path)
+        writer = _writer_schema(short_name, self._read_json(path, path.name), {}, str(path))
+        self._current[short_name] = writer
+        self._by_fingerprint[writer.fingerprint] = writer
+        if history_dir is not None:
+            self._load_history(Path(history_dir))
+        return writer
 
     def __init__(self, schema_dir: str | Path | None = None) -> None:
         root = importlib.resources.files("streamscore.schemas") if schema_dir is None else Path(schema_dir)

@@ -1,20 +1,25 @@
-"""Kafka records -> ClickHouse rows, and the batch identity used for deduplication.
+"""Kafka records -> ClickHouse rows (labels, dead letters), and the batch identity used for deduplication.
 
-Column lists here are the single source for what the logger writes; the DDL
-in store.py is what the tables accept (tests/test_logger.py checks they agree).
+Column lists here are the single source for what the logger writes into these tables; the DDL in
+clickhouse/store.py is what they accept (tests/integration/test_store.py checks they agree).
+Predictions are written as Native blocks instead (clickhouse/blocks.py, columns from the spec).
 """
 from __future__ import annotations
 
 import hashlib
 from datetime import datetime, timezone
 
-from streamscore.scoring.validation import InvalidEvent
 
-PREDICTION_COLUMNS = [
-    "event_id", "entity_id", "event_time", "scored_at", "model_name", "model_version", "score",
-    "amount", "currency", "merchant_category", "channel", "country", "device_id",
-    "features", "feature_set", "event_partition", "event_offset",
-]
+class InvalidRow(ValueError):
+    """A record the table cannot hold; `reason` / `field` / `detail` as for a dead letter."""
+
+    def __init__(self, reason: str, field: str | None, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.field = field
+        self.detail = detail
+
+
 LABEL_COLUMNS = ["event_id", "entity_id", "label", "label_time"]
 REJECTED_COLUMNS = [
     "source_topic", "source_partition", "source_offset", "service", "reason", "field", "detail", "raw",
@@ -31,7 +36,7 @@ def ms_to_datetime(ms: int, field: str = "time") -> datetime:
     """Epoch ms -> aware UTC datetime. Out of ClickHouse's range is a bad record (ValueError naming
     the field), not an OSError from the OS or a failing insert that would block the whole batch."""
     if not DATETIME64_MIN_MS <= ms <= DATETIME64_MAX_MS:
-        raise InvalidEvent("out_of_range", field, f"{field} {ms} ms is outside the years 1900..2299")
+        raise InvalidRow("out_of_range", field, f"{field} {ms} ms is outside the years 1900..2299")
     return datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
 
 
@@ -39,29 +44,33 @@ def checked_ms(ms: int, field: str = "time") -> int:
     """Epoch ms as a DateTime64(3) column takes it (clickhouse-connect writes ints as the raw ticks,
     ~20% faster than datetime objects), after the same range check as ms_to_datetime."""
     if not DATETIME64_MIN_MS <= ms <= DATETIME64_MAX_MS:
-        raise InvalidEvent("out_of_range", field, f"{field} {ms} ms is outside the years 1900..2299")
+        raise InvalidRow("out_of_range", field, f"{field} {ms} ms is outside the years 1900..2299")
     return ms
 
 
-def prediction_row(record: dict) -> list:
-    event = record["event"]
-    return [
-        record["event_id"], record["entity_id"], checked_ms(record["event_time"], "event_time"),
-        checked_ms(record["scored_at"], "scored_at"), record["model_name"], record["model_version"], record["score"],
-        event["amount"], event["currency"], event.get("merchant_category"), event.get("channel"),
-        event.get("country"), event.get("device_id"),
-        record["features"], record["feature_set"], record["event_partition"], record["event_offset"],
-    ]
+def label_row(record: dict, label, received_ms: int) -> list:
+    """The `labels` row of a decoded label record, as the spec's label section maps its fields (`label` is a
+    spec.model.LabelSpec). Labels come from outside the system: a binary label other than 0/1, or a numeric
+    one that is not finite, is refused here, naming the field (it would fail or poison the whole insert).
+    Without a label time field the label's time is when it was received."""
+    import math
 
-
-def label_row(record: dict) -> list:
-    """Labels come from outside the system: a label other than 0/1 (UInt8 column) would fail
-    the insert of the whole batch, so it is rejected here, naming the field."""
-    label = record["label"]
-    if label not in (0, 1):
-        raise InvalidEvent("invalid_value", "label", f"label must be 0 or 1, got {label!r} "
-                                                     f"(event {record['event_id']!r})")
-    return [record["event_id"], record["entity_id"], int(label), ms_to_datetime(record["label_time"], "label_time")]
+    value = record[label.value_field]
+    event_id = record[label.id_field]
+    if value is None:
+        raise InvalidRow("missing_field", label.value_field, f"{label.value_field} is null (event {event_id!r})")
+    if label.kind == "binary":
+        if value not in (0, 1) or isinstance(value, float) and not value.is_integer():
+            raise InvalidRow("invalid_value", label.value_field,
+                             f"{label.value_field} must be 0 or 1 (a binary label), got {value!r} (event {event_id!r})")
+    elif not math.isfinite(float(value)):
+        raise InvalidRow("non_finite", label.value_field,
+                         f"{label.value_field} must be a finite number, got {value!r} (event {event_id!r})")
+    if not isinstance(event_id, str) or not event_id:
+        raise InvalidRow("missing_field", label.id_field, f"{label.id_field} must be a non-empty string")
+    at = record[label.time_field] if label.time_field else received_ms
+    entity = (record.get(label.entity_field) or "") if label.entity_field else ""
+    return [event_id, entity, float(value), ms_to_datetime(at, label.time_field or "label_time")]
 
 
 def rejected_row(headers: dict[str, str], raw: bytes, topic: str, partition: int, offset: int,

@@ -21,33 +21,12 @@ from streamscore.settings import Settings
 
 DEDUP_WINDOW = "non_replicated_deduplication_window = 1000"
 
-# (version, name, statements); {db} is the validated settings.clickhouse_database.
+# (version, name, statements); {db} is the validated settings.clickhouse_database. The predictions table
+# and its view depend on the feature spec: clickhouse/tables.py creates and evolves them (until the
+# spec, migrations 1 and 2 created a payments-shaped one, which the payments spec adopts as it is).
 MIGRATIONS: list[tuple[int, str, list[str]]] = [
     (1, "initial tables", [
         "CREATE DATABASE IF NOT EXISTS {db}",
-        f"""CREATE TABLE IF NOT EXISTS {{db}}.predictions (
-            event_id String,
-            entity_id String,
-            event_time DateTime64(3, 'UTC'),
-            scored_at DateTime64(3, 'UTC'),
-            logged_at DateTime64(3, 'UTC') DEFAULT now64(3),
-            model_name LowCardinality(String),
-            model_version UInt32,
-            score Nullable(Float64),
-            amount Float64,
-            currency LowCardinality(String),
-            merchant_category Nullable(String),
-            channel LowCardinality(Nullable(String)),
-            country LowCardinality(Nullable(String)),
-            device_id Nullable(String),
-            features Map(LowCardinality(String), Float64),
-            feature_set LowCardinality(String),
-            event_partition UInt32,
-            event_offset UInt64
-        ) ENGINE = ReplacingMergeTree
-        PARTITION BY toYYYYMM(event_time)
-        ORDER BY event_id
-        SETTINGS {DEDUP_WINDOW}""",
         f"""CREATE TABLE IF NOT EXISTS {{db}}.labels (
             event_id String,
             entity_id String,
@@ -104,17 +83,27 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
         ) ENGINE = MergeTree
         ORDER BY (model_name, version, recorded_at)""",
     ]),
-    (2, "predictions_dedup view", [
-        # Redelivered predictions are collapsed by ReplacingMergeTree only at merge
-        # time; FINAL gives exactly-once reads regardless.
-        "CREATE VIEW IF NOT EXISTS {db}.predictions_dedup AS SELECT * FROM {db}.predictions FINAL",
-    ]),
+    (2, "predictions_dedup view (now created with predictions from the spec, clickhouse/tables.py)", []),
     (3, "insert deduplication on the append-only logs", [
         # A plain MergeTree ignores insert_deduplication_token unless this window is set,
         # and FINAL cannot collapse its duplicates: without it, a logger replay of an
         # uncommitted batch wrote every model_versions / drift_events row twice.
         f"ALTER TABLE {{db}}.model_versions MODIFY SETTING {DEDUP_WINDOW}",
         f"ALTER TABLE {{db}}.drift_events MODIFY SETTING {DEDUP_WINDOW}",
+    ]),
+    (4, "labels of any kind (binary or numeric), feature sets", [
+        "ALTER TABLE {db}.labels MODIFY COLUMN label Float64",
+        "ALTER TABLE {db}.labels MODIFY COLUMN entity_id String DEFAULT ''",
+        f"""CREATE TABLE IF NOT EXISTS {{db}}.feature_sets (
+            feature_set String,
+            spec_name LowCardinality(String),
+            spec_version UInt32,
+            feature_names Array(String),
+            description String,
+            registered_at DateTime64(3, 'UTC') DEFAULT now64(3)
+        ) ENGINE = ReplacingMergeTree
+        ORDER BY feature_set
+        SETTINGS {DEDUP_WINDOW}""",
     ]),
 ]
 
@@ -138,6 +127,7 @@ class StoreLockedError(StoreError):
 class QueryResult:
     column_names: tuple[str, ...]
     rows: list[tuple]
+    read_rows: int = 0  # rows ClickHouse read to answer (its query summary): how bounded a query is
 
 
 class Store:
@@ -235,7 +225,9 @@ class Store:
         column_formats={"raw": "bytes"}, else non-UTF-8 values come back hex-encoded."""
         with self._lock:
             result = self._client.query(sql, parameters=parameters, column_formats=column_formats)
-        return QueryResult(column_names=tuple(result.column_names), rows=[tuple(row) for row in result.result_rows])
+        summary = getattr(result, "summary", None) or {}
+        return QueryResult(column_names=tuple(result.column_names), rows=[tuple(row) for row in result.result_rows],
+                           read_rows=int(summary.get("read_rows", 0) or 0))
 
     def command(self, sql: str, parameters: dict | Sequence | None = None) -> Any:
         with self._lock:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[3]  # a dev tool: run from a checkout
 README = REPO_ROOT / "README.md"
+CONFIGURATION = REPO_ROOT / "docs" / "configuration.md"  # the reference of every setting (generated table)
 
 _HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
 _FENCE = re.compile(r"^\s*(```|~~~)")
@@ -302,16 +303,21 @@ def replace_first_table(text: str, section_title: str, new_table: str) -> str:
     return text[:start] + before + new_table + "\n" + after + text[start + len(body):]
 
 
-GENERATED = {"configuration": ("Configuration", configuration_table), "cli": ("CLI", cli_table)}
+GENERATED = {"configuration": (CONFIGURATION, "Configuration", configuration_table),
+             "cli": (README, "CLI", cli_table)}
+
+
+def configuration_text() -> str:
+    return CONFIGURATION.read_text(encoding="utf-8")
 
 if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else ""
     write = "--write" in sys.argv[2:]
     if what in GENERATED:
-        title, generate = GENERATED[what]
+        path, title, generate = GENERATED[what]
         if write:
-            README.write_text(replace_first_table(readme_text(), title, generate()), encoding="utf-8")
-            print(f"README.md: {title} table regenerated")
+            path.write_text(replace_first_table(path.read_text(encoding="utf-8"), title, generate()), encoding="utf-8")
+            print(f"{path.relative_to(REPO_ROOT)}: {title} table regenerated")
         else:
             print(generate())
     elif what == "clickhouse":

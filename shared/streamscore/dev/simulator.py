@@ -368,10 +368,11 @@ class Simulator:
         absolute (year 2200, year 1990), so they are wrong for any sane clock
         and settings. Deterministic for a seed; does not advance `events()`.
         """
-        if encode is None:
-            from streamscore.avro.codec import AvroCodec
+        if encode is None:  # the payments example's Event schema
+            from streamscore.avro.codec import AvroCodec, SchemaCatalog
+            from streamscore.spec import default_spec_path, load_spec
 
-            encode = AvroCodec().encoder("event")
+            encode = AvroCodec(SchemaCatalog.for_spec(load_spec(default_spec_path()))).encoder("event")
         template = {
             "event_id": f"{self.id_prefix}bad", "entity_id": "card-bad", "event_time": self.start_ms,
             "amount": 12.5, "currency": "EUR", "merchant_category": "5411", "channel": "pos",

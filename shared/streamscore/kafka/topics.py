@@ -43,12 +43,14 @@ class TopicSpec:
     config: dict[str, str] = field(default_factory=dict)
 
 
-def topic_specs(settings: Settings) -> list[TopicSpec]:
+def topic_specs(settings: Settings, spec=None) -> list[TopicSpec]:
+    """The topics of these settings; the events and labels topics are the feature spec's (default names
+    `events` and `labels` without one)."""
     stream = {"cleanup.policy": "delete", "retention.ms": str(SEVEN_DAYS_MS)}
     control = {"cleanup.policy": "delete", "retention.ms": str(THIRTY_DAYS_MS)}
     return [
-        TopicSpec(TOPIC_EVENTS, settings.partitions, stream),
-        TopicSpec(TOPIC_LABELS, settings.partitions, stream),
+        TopicSpec(spec.event.topic if spec is not None else TOPIC_EVENTS, settings.partitions, stream),
+        TopicSpec(spec.label.topic if spec is not None else TOPIC_LABELS, settings.partitions, stream),
         TopicSpec(TOPIC_PREDICTIONS, settings.partitions, stream),
         TopicSpec(TOPIC_DEAD_LETTER, settings.partitions, stream),
         # Single partition: requests and registry updates are few and must stay in order.
@@ -62,12 +64,12 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
     ]
 
 
-def topic_names(settings: Settings) -> list[str]:
-    """Physical names of all streamscore topics for these settings."""
-    return [settings.topic(spec.name) for spec in topic_specs(settings)]
+def topic_names(settings: Settings, spec=None) -> list[str]:
+    """Physical names of all streamscore topics for these settings (and feature spec)."""
+    return [settings.topic(topic.name) for topic in topic_specs(settings, spec)]
 
 
-def ensure_topics(settings: Settings, admin: AdminClient | None = None) -> list[str]:
+def ensure_topics(settings: Settings, admin: AdminClient | None = None, spec=None) -> list[str]:
     """Create the missing topics; returns the physical names created (empty when all existed).
 
     Returns once every topic has a leader on each partition, so callers can
@@ -76,7 +78,7 @@ def ensure_topics(settings: Settings, admin: AdminClient | None = None) -> list[
     than the scorer's state for them.
     """
     admin = admin or AdminClient({"bootstrap.servers": settings.bootstrap_servers})
-    specs = {settings.topic(spec.name): spec for spec in topic_specs(settings)}
+    specs = {settings.topic(topic.name): topic for topic in topic_specs(settings, spec)}
     existing = admin.list_topics(timeout=ADMIN_TIMEOUT_S).topics
     missing = [
         # replication_factor=-1: the cluster's default (1 on the local broker, 3 on a typical cluster)

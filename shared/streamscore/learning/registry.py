@@ -71,6 +71,40 @@ class FeatureSetMismatch(RegistryError):
     """The model was trained on a different feature definition than the running code computes."""
 
 
+class FeatureNamesMismatch(RegistryError):
+    """A model's own feature names (booster.feature_name()) differ from the ones it is registered with."""
+
+
+def model_feature_names(model_text: str) -> list[str]:
+    """The feature names a LightGBM model text declares (its `feature_names=` line), in model order."""
+    for line in model_text.splitlines():
+        if line.startswith("feature_names="):
+            return line[len("feature_names="):].split()
+        if line.startswith("Tree="):
+            break
+    raise ValueError("the model text has no feature_names= line: is it a LightGBM model?")
+
+
+def check_feature_names(model_text: str, expected: Sequence[str]) -> None:
+    """Refuse a model whose columns are not exactly `expected` in order, naming the first difference: a model
+    with reordered columns would otherwise be served wrong without an error."""
+    names = model_feature_names(model_text)
+    expected = list(expected)
+    if names == expected:
+        return
+    for position, (have, want) in enumerate(zip(names, expected)):
+        if have != want:
+            raise FeatureNamesMismatch(
+                f"the model's feature {position} is {have!r} but the feature set's is {want!r} (the model has "
+                f"{len(names)} features, the feature set {len(expected)}): train it on the spec's features in "
+                "the spec's order")
+    longer, shorter = (names, expected) if len(names) > len(expected) else (expected, names)
+    extra = longer[len(shorter)]
+    raise FeatureNamesMismatch(
+        f"the model has {len(names)} features, the feature set {len(expected)}: feature {len(shorter)} "
+        f"({extra!r}) is in the {'model' if longer is names else 'feature set'} only")
+
+
 @dataclass(frozen=True)
 class ModelVersion:
     model_name: str
@@ -85,10 +119,13 @@ class ModelVersion:
     train_rows: int
     metrics: dict[str, float]  # validation metrics (see streamscore.learning.training)
     baseline: dict[str, Any]  # per-feature and "score" statistics (see training.compute_baseline)
-    threshold: float  # serving decision threshold chosen on validation
+    threshold: float | None  # serving decision threshold chosen on validation (None for regression)
     params: dict[str, Any]
     reason: str
     model_sha256: str = ""  # of model.txt; load_booster verifies it
+    objective: str = "binary"  # "binary" (a classifier's probability) or "regression"
+    vocabularies: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # learned encodings, frozen
+    spec_name: str = ""  # the feature spec's name (its hash is feature_set)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -339,7 +376,7 @@ class ModelRegistry:
         train_rows: int,
         metrics: dict[str, float],
         baseline: dict[str, Any],
-        threshold: float,
+        threshold: float | None,
         params: dict[str, Any] | None = None,
         reason: str = "",
         train_start: int | None = None,
@@ -347,15 +384,22 @@ class ModelRegistry:
         parent_version: int | None = None,
         created_at: int | None = None,
         version: int | None = None,
+        objective: str = "binary",
+        vocabularies: dict[str, Sequence[str]] | None = None,
+        spec_name: str = "",
     ) -> ModelVersion:
         """Store a new immutable version and make it the candidate.
 
-        `version` defaults to the next number; giving an existing one raises
-        VersionExists. `parent_version` defaults to the current production
-        version. The ModelUpdate to publish is `registration_event(result)`.
+        The model's own feature names must be `feature_names` in that order (FeatureNamesMismatch
+        names the first difference). `version` defaults to the next number; giving an existing one
+        raises VersionExists. `parent_version` defaults to the current production version. The
+        ModelUpdate to publish is `registration_event(result)`.
         """
         text = _model_text(booster_or_model_text)
         feature_names = [str(n) for n in feature_names]
+        check_feature_names(text, feature_names)
+        if objective not in ("binary", "regression"):
+            raise ValueError(f"objective must be 'binary' or 'regression', got {objective!r}")
         unknown = [c for c in categorical_features if c not in feature_names]
         if unknown:
             raise ValueError(f"categorical_features {unknown} are not in feature_names {feature_names}")
@@ -389,10 +433,13 @@ class ModelRegistry:
                 train_rows=int(train_rows),
                 metrics={str(k): float(v) for k, v in metrics.items()},
                 baseline=baseline,
-                threshold=float(threshold),
+                threshold=None if threshold is None else float(threshold),
                 params=dict(params or {}),
                 reason=reason,
                 model_sha256=hashlib.sha256(text.encode()).hexdigest(),
+                objective=objective,
+                vocabularies={str(k): [str(v) for v in values] for k, values in (vocabularies or {}).items()},
+                spec_name=spec_name,
             )
             metadata = _json_bytes({"format": _METADATA_FORMAT, "model_version": model_version.to_dict()})
             tmp_dir = model_dir / f".tmp-v{version}-{uuid.uuid4().hex}"

@@ -1,8 +1,11 @@
 """Train a candidate from logged data, gate it against production, register and maybe promote.
 
-Used by `streamscore train`, the trainer service and the demo. It reads
-ClickHouse and writes the registry; publishing the returned ModelUpdate events
-to Kafka is the caller's job.
+Used by `streamscore train`, the trainer service and the demo. It reads ClickHouse and writes the
+registry; publishing the returned ModelUpdate events to Kafka is the caller's job. Every setting it
+uses is read here: the training window's holdout (STREAMSCORE_TRAIN_VALIDATION_FRACTION), the
+classifier's threshold policy (STREAMSCORE_TRAIN_ALERT_RATE), the rounds (STREAMSCORE_TRAIN_NUM_BOOST_ROUND)
+and the gate (STREAMSCORE_GATE_MIN_AUC and STREAMSCORE_GATE_MAX_AUC_DROP for a classifier,
+STREAMSCORE_GATE_MAX_RMSE_INCREASE for a regression).
 """
 from __future__ import annotations
 
@@ -10,13 +13,12 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from streamscore.legacy import features
-
+from streamscore.clickhouse.store import Store
 from streamscore.learning import training
 from streamscore.learning.registry import ModelRegistry, ModelVersion, registration_event
-from streamscore.settings import Settings
-from streamscore.clickhouse.store import Store
 from streamscore.learning.training_set import TrainingSet, load_training_set
+from streamscore.settings import Settings
+from streamscore.spec.model import FeatureSpec
 
 log = logging.getLogger("streamscore.retraining")
 
@@ -30,44 +32,58 @@ class RetrainOutcome:
     events_replayed: int
     seconds: float
     events: list[dict] = field(default_factory=list)  # ModelUpdate records to publish
+    rows_read: int = 0
 
 
-def train_and_register(store: Store, registry: ModelRegistry, settings: Settings, reason: str,
-                       since_ms: int | None = None, num_boost_round: int = 200,
-                       training_set: TrainingSet | None = None) -> RetrainOutcome:
+def train_and_register(store: Store, registry: ModelRegistry, settings: Settings, spec: FeatureSpec, reason: str,
+                       since_ms: int | None = None, training_set: TrainingSet | None = None) -> RetrainOutcome:
     """Build the point-in-time training set, train, compare with production on the
     candidate's own recent holdout, register, then promote or reject."""
     started = time.monotonic()
-    data = training_set or load_training_set(store, since_ms=since_ms)
+    data = training_set or load_training_set(store, spec, since_ms=since_ms)
     order = data.event_times.argsort(kind="stable")  # time-ordered split: validate on the most recent
     X, y, times = data.X[order], data.y[order], data.event_times[order]
-    trained = training.train_model(X, y, features.FEATURE_NAMES, features.CATEGORICAL_FEATURES,
-                                   num_boost_round=num_boost_round)
-    holdout = slice(trained.train_rows, None)
-    production = registry.production(settings.model_name)
+    objective = spec.objective
+    trained = training.train_model(X, y, spec.feature_names, spec.categorical_features,
+                                   params=spec.model.params or None,
+                                   num_boost_round=settings.train_num_boost_round,
+                                   validation_fraction=settings.train_validation_fraction,
+                                   alert_rate=settings.train_alert_rate, objective=objective)
+    holdout = order[trained.train_rows:]
+    model_name = settings.model_name or spec.model.name
+    production = registry.production(model_name)
     production_metrics = None
-    if production is not None and production.feature_set == features.FEATURE_SET_HASH:
-        booster = registry.load_booster(settings.model_name, production.version)
-        production_metrics = training.evaluate(booster, X[holdout], y[holdout], production.threshold)
-    verdict = training.gate(trained.metrics, production_metrics)
+    if production is not None and production.feature_set == spec.feature_set:
+        booster = registry.load_booster(model_name, production.version)
+        X_production = data.encoded_with(production.vocabularies, spec.feature_names)[holdout]
+        production_metrics = (training.evaluate_regression(booster, X_production, data.y[holdout])
+                              if objective == "regression" else
+                              training.evaluate(booster, X_production, data.y[holdout], production.threshold))
+    if objective == "regression":
+        verdict = training.gate_regression(trained.metrics, production_metrics, settings.gate_max_rmse_increase)
+    else:
+        verdict = training.gate(trained.metrics, production_metrics, min_auc=settings.gate_min_auc,
+                                max_auc_drop=settings.gate_max_auc_drop)
     version = registry.register(
-        settings.model_name, trained.booster, feature_set=features.FEATURE_SET_HASH,
-        feature_names=features.FEATURE_NAMES, categorical_features=features.CATEGORICAL_FEATURES,
+        model_name, trained.booster, feature_set=spec.feature_set,
+        feature_names=spec.feature_names, categorical_features=spec.categorical_features,
         train_rows=trained.train_rows, metrics=trained.metrics, baseline=trained.baseline,
         threshold=trained.threshold, params=trained.params, reason=reason,
         train_start=int(times[0]) if len(times) else None, train_end=int(times[-1]) if len(times) else None,
+        objective=objective, vocabularies=data.vocabularies, spec_name=spec.name,
     )
     events = [registration_event(version)]
     if verdict.passed:
-        events.append(registry.promote(settings.model_name, version.version, reason=verdict.reason).event)
+        events.append(registry.promote(model_name, version.version, reason=verdict.reason).event)
     else:
-        events.append(registry.reject(settings.model_name, version.version, verdict.reason).event)
-    log.info("model %s v%d %s: %s", settings.model_name, version.version,
+        events.append(registry.reject(model_name, version.version, verdict.reason).event)
+    headline = "rmse" if objective == "regression" else "auc"
+    log.info("model %s v%d %s: %s", model_name, version.version,
              "promoted" if verdict.passed else "rejected", verdict.reason,
-             extra={"model_name": settings.model_name, "model_version": version.version,
+             extra={"model_name": model_name, "model_version": version.version,
                     "parent_version": version.parent_version, "action": "promote" if verdict.passed else "reject",
-                    "auc": version.metrics.get("auc"), "train_rows": data.rows, "reason": reason,
-                    "seconds": round(time.monotonic() - started, 2)})
+                    headline: version.metrics.get(headline), "train_rows": data.rows, "reason": reason,
+                    "rows_read": data.rows_read, "seconds": round(time.monotonic() - started, 2)})
     return RetrainOutcome(version=version, promoted=verdict.passed, gate_reason=verdict.reason,
                           training_rows=data.rows, events_replayed=data.events_replayed,
-                          seconds=time.monotonic() - started, events=events)
+                          seconds=time.monotonic() - started, events=events, rows_read=data.rows_read)

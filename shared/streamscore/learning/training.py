@@ -65,7 +65,7 @@ class TrainingDataError(ValueError):
 class TrainedModel:
     booster: lightgbm.Booster
     metrics: dict[str, float]  # on the time-ordered validation holdout (see evaluate)
-    threshold: float
+    threshold: float | None  # None for regression
     params: dict[str, Any]  # everything needed to reproduce: LightGBM params + num_boost_round + split
     feature_names: list[str]
     categorical_features: list[str]
@@ -304,12 +304,19 @@ def train_model(
     seed: int = 0,
     validation_fraction: float = 0.2,
     alert_rate: float | None = None,
+    objective: str = "binary",
 ) -> TrainedModel:
     """Train on the oldest rows, validate on the most recent `validation_fraction`.
 
-    Rows must be in event-time order. `params` override DEFAULT_PARAMS.
-    The threshold maximises F1 on the holdout, or flags the top `alert_rate` of it.
+    Rows must be in event-time order. `params` override DEFAULT_PARAMS. `objective` is "binary" (labels
+    0/1; the threshold maximises F1 on the holdout, or flags the top `alert_rate` of it) or "regression"
+    (numeric labels, L2 loss; no threshold: RMSE, MAE and R² on the holdout).
     """
+    if objective == "regression":
+        return _train_regression(X, y, feature_names, categorical_features, params, num_boost_round, seed,
+                                 validation_fraction)
+    if objective != "binary":
+        raise ValueError(f"objective must be 'binary' or 'regression', got {objective!r}")
     feature_names = [str(n) for n in feature_names]
     if len(set(feature_names)) != len(feature_names):
         raise ValueError(f"duplicate feature names in {feature_names}")
@@ -432,3 +439,89 @@ def gate(
                 )
             reasons.append(f"average_precision {candidate_ap:.4f} vs {production_ap:.4f}")
     return GateResult(True, "passed: " + "; ".join(reasons))
+
+
+# --- regression -----------------------------------------------------------------
+
+def _check_numeric_labels(y: Any, what: str) -> np.ndarray:
+    y = np.asarray(y, dtype=np.float64)
+    if y.ndim != 1:
+        raise TrainingDataError(f"{what}: labels must be 1-D, got shape {y.shape}")
+    if y.size == 0:
+        raise TrainingDataError(f"{what} is empty (0 rows)")
+    bad = np.flatnonzero(~np.isfinite(y))
+    if bad.size:
+        raise TrainingDataError(f"{what} has {bad.size} non-finite labels (first at row {bad[0]}: {y[bad[0]]})")
+    return y
+
+
+def regression_metrics(y: Any, predictions: Any) -> dict[str, float]:
+    """RMSE, MAE, R² (1 - SSE/SST; 0 when the labels are constant), mean label and prediction, rows."""
+    y = _check_numeric_labels(y, "evaluation set")
+    predictions = np.asarray(predictions, dtype=np.float64)
+    if predictions.shape != y.shape:
+        raise TrainingDataError(f"predictions shape {predictions.shape} does not match labels shape {y.shape}")
+    error = predictions - y
+    sse = float(np.sum(error * error))
+    sst = float(np.sum((y - y.mean()) ** 2))
+    return {
+        "rmse": math.sqrt(sse / y.size),
+        "mae": float(np.mean(np.abs(error))),
+        "r2": 1.0 - sse / sst if sst > 0 else 0.0,
+        "mean_label": float(y.mean()),
+        "mean_prediction": float(predictions.mean()),
+        "rows": float(y.size),
+    }
+
+
+def evaluate_regression(booster: lightgbm.Booster, X: Any, y: Any) -> dict[str, float]:
+    y = _check_numeric_labels(y, "evaluation set")
+    X = _check_features(X, booster.feature_name(), y.size, "evaluation set")
+    return regression_metrics(y, booster.predict(X))
+
+
+REGRESSION_PARAMS: dict[str, Any] = {**DEFAULT_PARAMS, "objective": "regression"}
+
+
+def _train_regression(X, y, feature_names, categorical_features, params, num_boost_round, seed,
+                      validation_fraction) -> TrainedModel:
+    feature_names = [str(n) for n in feature_names]
+    if not 0 < validation_fraction < 1:
+        raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction}")
+    y = _check_numeric_labels(y, "training set")
+    X = _check_features(X, feature_names, y.size, "training set")
+    split = int(round(y.size * (1 - validation_fraction)))
+    if split < 1 or split >= y.size:
+        raise TrainingDataError(
+            f"training set of {y.size} rows is too small to hold out {validation_fraction:.0%} for validation")
+    full_params = {**REGRESSION_PARAMS, "seed": seed, **(params or {})}
+    dataset = lightgbm.Dataset(X[:split], label=y[:split], feature_name=feature_names,
+                               categorical_feature=list(categorical_features) or "auto", params=full_params,
+                               free_raw_data=True)
+    booster = lightgbm.train(full_params, dataset, num_boost_round=num_boost_round)
+    valid = booster.predict(X[split:])
+    return TrainedModel(
+        booster=booster, metrics=regression_metrics(y[split:], valid), threshold=None,
+        params={**full_params, "num_boost_round": num_boost_round, "validation_fraction": validation_fraction},
+        feature_names=feature_names, categorical_features=list(categorical_features), train_rows=int(split),
+        validation_rows=int(y.size - split),
+        baseline=compute_baseline(X[split:], feature_names, valid, categorical_features),
+    )
+
+
+def gate_regression(candidate_metrics: dict[str, float], production_metrics: dict[str, float] | None,
+                    max_rmse_increase: float = 0.02) -> GateResult:
+    """Should a regression candidate replace production? Both metric dicts from the SAME recent holdout:
+    passes when the candidate's RMSE is finite and at most `max_rmse_increase` (relative) above production's."""
+    candidate = candidate_metrics.get("rmse")
+    if candidate is None or not math.isfinite(float(candidate)):
+        return GateResult(False, f"candidate rmse is missing or not finite ({candidate!r})")
+    if production_metrics is None or production_metrics.get("rmse") is None:
+        return GateResult(True, f"no production model to compare; candidate rmse {candidate:.4f}")
+    production = float(production_metrics["rmse"])
+    limit = production * (1 + max_rmse_increase)
+    if candidate > limit:
+        return GateResult(False, f"candidate rmse {candidate:.4f} is above production rmse {production:.4f} "
+                                 f"+ {max_rmse_increase:.0%} ({limit:.4f})")
+    return GateResult(True, f"passed: candidate rmse {candidate:.4f} vs production rmse {production:.4f} "
+                            f"(max increase {max_rmse_increase:.0%})")

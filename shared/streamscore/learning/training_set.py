@@ -1,23 +1,42 @@
-"""The offline feature path: logged raw events in ClickHouse -> point-in-time training set.
+"""The offline feature path: logged events in ClickHouse -> the point-in-time training set.
 
-Events are read back from `predictions` (which keeps every scored event's raw
-inputs) in the order the scorer saw them — per entity, by Kafka offset — and
-replayed through the same `features.offline_features` code the scorer runs.
-Each vector therefore uses only what was known when its event was scored:
-no leakage from later events, and no training/serving skew by construction
-(tests/test_skew.py checks it against the vectors the scorer actually logged).
+Events are read back from `predictions` (which keeps every scored event's input fields) in the order
+the scorer saw them (per partition, by Kafka offset) and replayed through the same compiled engine the
+scorer runs (spec.engine), with fresh states. Each vector therefore uses only what was known when its
+event was scored: no leakage from later events, and no training/serving skew by construction
+(tests/integration/test_skew.py checks the vectors against the ones the scorer logged, bit for bit).
+
+The read is bounded: a training window of `since_ms` onwards needs, before it, only the history the
+state retains (the spec's lateness plus its longest window), so the query reads that span and
+nothing older, however long the table is (`TrainingSet.rows_read` says how many rows it read).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from streamscore.legacy import features
+from streamscore.avro.scanner import columns_from_values
 from streamscore.clickhouse.store import Store
+from streamscore.clickhouse.tables import input_columns
+from streamscore.spec.engine import FeatureEngine
+from streamscore.spec.model import FeatureSpec
+from streamscore.spec.text import Vocabulary, learn_vocabulary
 
-EVENT_FIELDS = ["event_id", "entity_id", "event_time", "amount", "currency", "merchant_category", "channel",
-                "country", "device_id", "event_partition", "event_offset"]
+
+@dataclass
+class LoggedEvents:
+    """Logged events in the scorer's processing order, as columns of the spec's event layout."""
+
+    columns: dict[str, list]
+    partitions: np.ndarray
+    offsets: np.ndarray
+    times: np.ndarray  # ms
+    event_ids: list[str]
+    rows_read: int = 0
+
+    def __len__(self) -> int:
+        return len(self.event_ids)
 
 
 @dataclass
@@ -27,40 +46,114 @@ class TrainingSet:
     event_times: np.ndarray  # ms, for time-ordered validation splits
     event_ids: list[str]
     events_replayed: int
+    vocabularies: dict[str, list[str]] = field(default_factory=dict)  # learned encodings, to freeze in the model
+    rows_read: int = 0
+    learned_values: dict[int, list] = field(default_factory=dict)  # column of a learned encoding -> raw values
 
     @property
     def rows(self) -> int:
         return len(self.y)
 
+    def encoded_with(self, vocabularies: dict[str, list[str]], names: tuple[str, ...]) -> np.ndarray:
+        """X with its learned encodings recomputed from another vocabulary (another model version's), so a
+        model is evaluated on the vectors it would have been served."""
+        X = self.X.copy()
+        for column, values in self.learned_values.items():
+            vocabulary = Vocabulary(vocabularies.get(names[column], ()))
+            X[:, column] = [vocabulary.code(value) for value in values]
+        return X
 
-def load_logged_events(store: Store, until_ms: int | None = None) -> list[dict]:
-    """Every logged event (deduplicated), in the scorer's processing order."""
-    where = "" if until_ms is None else f"WHERE event_time < fromUnixTimestamp64Milli({int(until_ms)}, 'UTC')"
+
+def load_logged_events(store: Store, spec: FeatureSpec, since_ms: int | None = None,
+                       until_ms: int | None = None) -> LoggedEvents:
+    """Logged events with event_time >= since_ms minus the spec's history (all when None) and < until_ms."""
+    event = spec.event
+    fields = [name for name, _ in input_columns(spec)]
+    conditions = []
+    if since_ms is not None:
+        conditions.append(f"event_time >= fromUnixTimestamp64Milli({int(since_ms - spec.history_ms)}, 'UTC')")
+    if until_ms is not None:
+        conditions.append(f"event_time < fromUnixTimestamp64Milli({int(until_ms)}, 'UTC')")
+    where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
+    selected = ", ".join(f"`{name}`" for name in fields)
     result = store.query(
-        "SELECT event_id, entity_id, toUnixTimestamp64Milli(event_time), amount, currency, merchant_category, "
-        f"channel, country, device_id, event_partition, event_offset FROM predictions FINAL {where} "
-        "ORDER BY event_partition, event_offset")
-    return [dict(zip(EVENT_FIELDS, row)) for row in result.rows]
+        f"SELECT event_id, entity_id, toUnixTimestamp64Milli(event_time), event_partition, event_offset"
+        f"{', ' + selected if selected else ''} FROM predictions FINAL {where} ORDER BY event_partition, event_offset")
+    rows = result.rows
+    by_column = list(zip(*rows)) if rows else [()] * (5 + len(fields))
+    times = np.array(by_column[2], dtype=np.int64)
+    columns = {name: list(values) for name, values in zip(fields, by_column[5:])}
+    columns[event.id_field] = list(by_column[0])
+    columns[event.entity_field] = list(by_column[1])
+    columns[event.time_field] = (times * event.time_divisor).tolist()
+    return LoggedEvents(columns=columns, partitions=np.array(by_column[3], dtype=np.int64),
+                        offsets=np.array(by_column[4], dtype=np.int64), times=times, event_ids=list(by_column[0]),
+                        rows_read=result.read_rows)
 
 
-def load_labels(store: Store) -> dict[str, int]:
-    result = store.query("SELECT event_id, label FROM labels FINAL")
-    return {event_id: int(label) for event_id, label in result.rows}
+def load_labels(store: Store, since_ms: int | None = None) -> dict[str, float]:
+    """Labels of the events logged since `since_ms` (all when None)."""
+    where = "" if since_ms is None else (
+        "WHERE event_id IN (SELECT event_id FROM predictions "
+        f"WHERE event_time >= fromUnixTimestamp64Milli({int(since_ms)}, 'UTC'))")
+    result = store.query(f"SELECT event_id, label FROM labels FINAL {where}")
+    return {event_id: float(label) for event_id, label in result.rows}
 
 
-def build_training_set(events: list[dict], labels: dict[str, int], since_ms: int | None = None) -> TrainingSet:
-    """Replay all `events` (so entity state is warm) and keep the labelled ones at or after `since_ms`."""
-    matrix = features.offline_features(events)
-    keep = [i for i, e in enumerate(events)
-            if e["event_id"] in labels and (since_ms is None or e["event_time"] >= since_ms)]
+def offline_features(spec: FeatureSpec, logged: LoggedEvents,
+                     vocabularies: dict[str, Vocabulary] | None = None) -> np.ndarray:
+    """Replay `logged` through the scorer's engine with fresh states: the training-time feature matrix."""
+    engine = FeatureEngine(spec)
+    n = len(logged)
+    batch = columns_from_values(spec.event.layout, logged.columns, n)
+    matrix = np.empty((n, engine.n_features), dtype=np.float64)
+    for partition in np.unique(logged.partitions).tolist():
+        rows = np.flatnonzero(logged.partitions == partition)
+        inputs = engine.inputs(batch, rows, logged.offsets[rows])
+        part, _, _ = engine.compute(engine.new_state(), inputs)
+        engine.encode(part, inputs, vocabularies)
+        matrix[rows] = part
+    return matrix
+
+
+def learned_vocabularies(spec: FeatureSpec, logged: LoggedEvents, since_ms: int | None) -> dict[str, list[str]]:
+    """The vocabulary of each `learned` encoding, from the events of the training window."""
+    window = np.flatnonzero(logged.times >= since_ms) if since_ms is not None else np.arange(len(logged))
+    out = {}
+    for feature in spec.features:
+        if feature.is_learned:
+            values = logged.columns[feature.field]
+            out[feature.name] = list(learn_vocabulary([values[i] for i in window.tolist()], feature.max_size,
+                                                      feature.min_count))
+    return out
+
+
+def build_training_set(spec: FeatureSpec, logged: LoggedEvents, labels: dict[str, float],
+                       since_ms: int | None = None, vocabularies: dict[str, list[str]] | None = None) -> TrainingSet:
+    """Replay every logged event (so entity state is warm) and keep the labelled ones at or after `since_ms`.
+
+    Learned encodings use `vocabularies` (a served model's, to reproduce its vectors) or are learned here."""
+    if vocabularies is None:
+        vocabularies = learned_vocabularies(spec, logged, since_ms)
+    matrix = offline_features(spec, logged, {name: Vocabulary(values) for name, values in vocabularies.items()})
+    ids = logged.event_ids
+    keep = [i for i, event_id in enumerate(ids)
+            if event_id in labels and (since_ms is None or logged.times[i] >= since_ms)]
+    learned = {column: [logged.columns[feature.field][i] for i in keep]
+               for column, feature in enumerate(spec.features) if feature.is_learned}
     return TrainingSet(
-        X=matrix[keep] if keep else np.empty((0, len(features.FEATURE_NAMES))),
-        y=np.asarray([labels[events[i]["event_id"]] for i in keep], dtype=np.float64),
-        event_times=np.asarray([events[i]["event_time"] for i in keep], dtype=np.int64),
-        event_ids=[events[i]["event_id"] for i in keep],
-        events_replayed=len(events),
+        learned_values=learned,
+        X=matrix[keep] if keep else np.empty((0, len(spec.features))),
+        y=np.asarray([labels[ids[i]] for i in keep], dtype=np.float64),
+        event_times=logged.times[keep] if keep else np.empty(0, dtype=np.int64),
+        event_ids=[ids[i] for i in keep],
+        events_replayed=len(logged),
+        vocabularies=vocabularies,
+        rows_read=logged.rows_read,
     )
 
 
-def load_training_set(store: Store, since_ms: int | None = None, until_ms: int | None = None) -> TrainingSet:
-    return build_training_set(load_logged_events(store, until_ms), load_labels(store), since_ms)
+def load_training_set(store: Store, spec: FeatureSpec, since_ms: int | None = None, until_ms: int | None = None,
+                      vocabularies: dict[str, list[str]] | None = None) -> TrainingSet:
+    logged = load_logged_events(store, spec, since_ms, until_ms)
+    return build_training_set(spec, logged, load_labels(store, since_ms), since_ms, vocabularies)

@@ -614,7 +614,7 @@ def _compute_and_update(states: dict[str, EntityState], event: Mapping,
 def compute_and_update(states: dict[str, EntityState], event: Mapping, offset: int | None = None) -> list[float]:
     """The event's feature vector from its entity's state BEFORE it, then the event applied to the state.
 
-    `event` must have passed validation (streamscore.scoring.validation). A replay
+    `event` must have passed validation (streamscore.legacy.validation). A replay
     (offset <= the entity's last applied offset) is scored from the events that
     arrived before it and not applied again; so is a re-send of an applied
     event_id (see `is_duplicate`), which gets its first arrival's vector (see

@@ -35,7 +35,8 @@ from numba import njit
 from streamscore.legacy import features
 from streamscore.avro.codec import AvroCodec
 from streamscore.legacy.prediction_encoding import avro_long, avro_string
-from streamscore.clickhouse.rows import DATETIME64_MAX_MS, DATETIME64_MIN_MS, PREDICTION_COLUMNS
+from streamscore.clickhouse.rows import DATETIME64_MAX_MS, DATETIME64_MIN_MS
+from streamscore.legacy.rows import PREDICTION_COLUMNS
 
 # Native types this block declares per column; ClickHouse converts them to the table's types
 # (String -> LowCardinality(String), Nullable(String) -> LowCardinality(Nullable(String))).

@@ -21,7 +21,8 @@ import struct
 from streamscore.legacy import features
 from streamscore.avro.codec import CONFLUENT_HEADER_LEN, SINGLE_OBJECT_HEADER_LEN, AvroCodec, DecodeError
 from streamscore.legacy.prediction_encoding import avro_long, avro_string
-from streamscore.clickhouse.rows import checked_ms, prediction_row
+from streamscore.clickhouse.rows import checked_ms
+from streamscore.legacy.rows import prediction_row
 
 _DOUBLE = struct.Struct("<d")
 

@@ -22,6 +22,7 @@ class ServiceStats:
         self.errors = 0
         self.model_version = 0
         self.model_swaps = 0
+        self.generic_decodes = 0  # messages the compiled readers left to the generic Avro decoder
         self.running = False
         self.rejections: TallyCounter[str] = TallyCounter()
         self._latencies_ms: deque[float] = deque(maxlen=keep_latencies)
@@ -45,6 +46,10 @@ class ServiceStats:
                                 labelnames=["service"], registry=self.registry).labels(**labels)
         self.m_lag = Gauge("streamscore_consumer_lag", "Messages behind the end of each partition",
                            labelnames=["service", "topic", "partition"], registry=self.registry)
+        self._m_generic = Counter("streamscore_generic_decodes",
+                                  "Messages the compiled readers left to the generic Avro decoder (another writer "
+                                  "schema, registry framing, unusual encodings, bad bytes)",
+                                  labelnames=["service"], registry=self.registry).labels(**labels)
         self._m_drift_statistic = Gauge("streamscore_drift_statistic",
                                         "Latest windowed drift statistic (PSI, mean shift, ...) vs the training baseline",
                                         labelnames=["service", "feature", "statistic"], registry=self.registry)
@@ -63,6 +68,12 @@ class ServiceStats:
         for value in latencies_ms:
             self._m_latency.observe(value)
         self._m_version.set(self.model_version)
+
+    def count_generic_decodes(self, n: int) -> None:
+        if n:
+            with self._lock:
+                self.generic_decodes += n
+            self._m_generic.inc(n)
 
     def count_rejection(self, reason: str) -> None:
         with self._lock:

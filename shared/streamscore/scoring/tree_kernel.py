@@ -1,4 +1,4 @@
-"""LightGBM binary-classifier prediction as one compiled loop, with exactly LightGBM's results.
+"""LightGBM prediction (binary classifier or regression) as one compiled loop, with exactly LightGBM's results.
 
 `booster.predict` costs ~10 us a row for the 200-tree model, ~20 % of the scorer's batch
 step: per row LightGBM builds a sparse (index, value) vector, copies it into a dense
@@ -16,7 +16,8 @@ binary_objective.hpp):
   x86's cvttsd2si gives INT_MIN there); negative goes right; else left iff the category
   is in the node's set;
 - the raw score adds the trees' leaf values in tree order from 0.0, then the binary
-  objective's 1 / (1 + exp(-sigmoid * raw)) with the same libm exp.
+  objective's 1 / (1 + exp(-sigmoid * raw)) with the same libm exp; regression objectives whose
+  output is the raw score (regression, regression_l1, huber, fair, quantile) return it as it is.
 
 Models it does not cover (other objectives, multiclass, linear trees, ...) get no kernel
 (`TreeKernel.for_booster` returns None) and are served by LightGBM. A kernel is built only
@@ -35,6 +36,9 @@ _MISSING_NONE, _MISSING_ZERO, _MISSING_NAN = 0, 1, 2
 _MISSING_TYPES = {"None": _MISSING_NONE, "Zero": _MISSING_ZERO, "NaN": _MISSING_NAN}
 _PLAIN, _CATEGORICAL, _ZERO_MISSING = 0, 1, 2  # node kinds in `kind` (see TreeKernel._node_arrays)
 _PROBE_ROWS = 2000
+IDENTITY = 0.0  # `sigmoid` of a regression model: the output is the raw score
+# regression objectives whose prediction is the raw score (poisson, gamma, tweedie exponentiate it: not covered)
+IDENTITY_OBJECTIVES = ("regression", "regression_l1", "huber", "fair", "quantile")
 
 
 @njit(cache=True, nogil=True)
@@ -88,7 +92,7 @@ def _predict(matrix, feature, threshold, kind, left, right, nan_child, cat_start
                     node = right[node]
             raw[r] += leaf_value[~node]
     for r in range(n_rows):
-        out[r] = 1.0 / (1.0 + math.exp(-sigmoid * raw[r]))
+        out[r] = raw[r] if sigmoid == IDENTITY else 1.0 / (1.0 + math.exp(-sigmoid * raw[r]))
 
 
 class _Unsupported(Exception):
@@ -109,7 +113,7 @@ class TreeKernel:
         if "\naverage_output" in header:  # a flag line without "=": random forest, trees are averaged
             raise _Unsupported("averaged output (random forest)")
         self.n_features = int(fields["max_feature_idx"]) + 1
-        self.sigmoid = _binary_sigmoid(fields)
+        self.sigmoid = _output_transform(fields)
         trees[-1] = trees[-1].split("\nend of trees", 1)[0]
         columns: dict[str, list[np.ndarray]] = {name: [] for name in (
             "feature", "threshold", "categorical", "default_left", "missing", "left", "right", "cat_start", "cat_end",
@@ -234,14 +238,20 @@ def _numbers(text: str, dtype) -> np.ndarray:
     return np.array([float(v) if dtype is np.float64 else int(v) for v in text.split()], dtype=dtype)
 
 
-def _binary_sigmoid(fields: dict[str, str]) -> float:
-    """The sigmoid parameter of a single-output binary model (objective 'binary sigmoid:1'), else unsupported."""
+def _output_transform(fields: dict[str, str]) -> float:
+    """The sigmoid parameter of a single-output binary model (objective 'binary sigmoid:1'), IDENTITY for a
+    regression whose output is the raw score; anything else is unsupported."""
     if int(fields.get("num_class", "1")) != 1 or int(fields.get("num_tree_per_iteration", "1")) != 1:
         raise _Unsupported("more than one output")
     objective = fields.get("objective", "").split()
+    if objective and objective[0] in IDENTITY_OBJECTIVES:
+        return IDENTITY
     if not objective or objective[0] != "binary":
         raise _Unsupported(f"objective {fields.get('objective')!r}")
     for part in objective[1:]:
         if part.startswith("sigmoid:"):
-            return float(part.split(":", 1)[1])
+            sigmoid = float(part.split(":", 1)[1])
+            if sigmoid == IDENTITY:
+                raise _Unsupported("binary objective with sigmoid 0")
+            return sigmoid
     raise _Unsupported("binary objective without a sigmoid")

@@ -11,7 +11,7 @@ from streamscore.legacy import features as F
 from streamscore.avro.codec import AvroCodec, DecodeError
 from streamscore.settings import Settings
 from streamscore.dev.simulator import DriftSpec, Simulator
-from streamscore.scoring.validation import InvalidEvent, validate_event
+from streamscore.legacy.validation import InvalidEvent, validate_event
 
 N = 20_000
 
@@ -131,25 +131,6 @@ def test_drift_and_arguments_are_checked():
         DriftSpec("concept", -1)
     with pytest.raises(ValueError, match="n_entities"):
         Simulator(1, n_entities=0)
-
-
-def test_bad_events_are_rejected_with_the_announced_reason():
-    codec = AvroCodec()
-    settings = Settings()
-    now = 1_767_225_600_000
-    bad = list(Simulator(1).bad_events())
-    assert {b.reason for b in bad} >= {"null_entity", "missing_field", "non_finite", "out_of_range",
-                                       "future_event_time", "stale_event_time", "invalid_value", "undecodable"}
-    for case in bad:
-        if case.event is None:
-            with pytest.raises(DecodeError) as decode_error:
-                codec.decode(case.value, "event")
-            assert decode_error.value.reason == case.reason, case.description
-            continue
-        event = codec.decode(case.value, "event")
-        with pytest.raises(InvalidEvent) as invalid:
-            validate_event(event, settings, now)
-        assert (invalid.value.reason, invalid.value.field) == (case.reason, case.field), case.description
 
 
 def auc(labels: np.ndarray, scores: np.ndarray) -> float:

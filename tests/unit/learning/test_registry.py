@@ -291,3 +291,25 @@ def test_models_cli_list_promote_rollback(tmp_path, booster, monkeypatch):
     missing = runner.invoke(app, ["models", "show", "9"])
     assert missing.exit_code == 1
     assert registry.read_production_version(MODEL) == 1
+
+
+def test_a_model_whose_columns_differ_from_the_feature_names_is_refused_naming_the_first_difference(tmp_path):
+    import lightgbm
+
+    from streamscore.learning.registry import FeatureNamesMismatch
+
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(300, 3)), rng.integers(0, 2, 300)
+    booster = lightgbm.train({"objective": "binary", "verbose": -1},
+                             lightgbm.Dataset(X, y, feature_name=["a", "c", "b"]), num_boost_round=2)
+    registry = ModelRegistry(tmp_path)
+    with pytest.raises(FeatureNamesMismatch, match=r"the model's feature 1 is 'c' but the feature set's is 'b'"):
+        registry.register("m", booster, feature_set="fs", feature_names=["a", "b", "c"], train_rows=1,
+                          metrics={}, baseline={}, threshold=0.5)
+    with pytest.raises(FeatureNamesMismatch, match="feature 3 \\('d'\\) is in the feature set only"):
+        registry.register("m", booster, feature_set="fs", feature_names=["a", "c", "b", "d"], train_rows=1,
+                          metrics={}, baseline={}, threshold=0.5)
+    version = registry.register("m", booster, feature_set="fs", feature_names=["a", "c", "b"], train_rows=1,
+                                metrics={}, baseline={}, threshold=None, objective="binary",
+                                vocabularies={"c": ["x", "y"]})
+    assert registry.get("m", version.version).vocabularies == {"c": ["x", "y"]}

@@ -7,6 +7,7 @@ import lightgbm
 import numpy as np
 import pytest
 
+from streamscore.learning import training
 from streamscore.learning.training import (
     BASELINE_QUANTILES,
     TrainingDataError,
@@ -263,3 +264,27 @@ def test_gate_optional_average_precision_rule_and_nan():
                 max_average_precision_drop=0.05).passed
     nan = gate({"auc": float("nan")}, {"auc": 0.9})
     assert not nan.passed and "not finite" in nan.reason
+
+
+# --- regression -----------------------------------------------------------------------------
+def test_regression_metrics_against_hand_computed_values():
+    metrics = training.regression_metrics([1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 6.0])
+    assert metrics["rmse"] == 1.0 and metrics["mae"] == 0.5
+    assert metrics["r2"] == pytest.approx(1 - 4.0 / 5.0)
+    with pytest.raises(training.TrainingDataError, match="non-finite labels"):
+        training.regression_metrics([1.0, float("nan")], [1.0, 1.0])
+
+
+def test_a_regression_learns_and_is_gated_on_rmse():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(4000, 3))
+    y = 3.0 * X[:, 0] - X[:, 1] + rng.normal(0, 0.1, 4000)
+    trained = training.train_model(X, y, ["a", "b", "c"], objective="regression", num_boost_round=100)
+    assert trained.threshold is None and trained.metrics["rmse"] < 0.5 and trained.metrics["r2"] > 0.95
+    assert "score" in trained.baseline and trained.params["objective"] == "regression"
+    assert training.gate_regression(trained.metrics, None).passed
+    worse = {"rmse": trained.metrics["rmse"] * 1.05}
+    assert not training.gate_regression(worse, trained.metrics, max_rmse_increase=0.02).passed
+    assert training.gate_regression(worse, trained.metrics, max_rmse_increase=0.1).passed
+    with pytest.raises(ValueError, match="objective must be"):
+        training.train_model(X, y, ["a", "b", "c"], objective="poisson")

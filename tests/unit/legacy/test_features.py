@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings as hypothesis_settings, stra
 
 from streamscore.legacy import features as F
 from streamscore.settings import Settings
-from streamscore.scoring.validation import validate_event
+from streamscore.legacy.validation import validate_event
 from streamscore.legacy.features import (
     ALLOWED_LATENESS_MS, DAY_MS, FEATURE_NAMES, HOUR_MS, EntityState, compute_and_update, compute_batch,
     offline_features,

@@ -11,7 +11,7 @@ import pytest
 from streamscore.legacy import features
 
 from streamscore.learning import training
-from streamscore.scoring.pipeline import ServedModel
+from streamscore.legacy.pipeline import ServedModel
 from streamscore.dev.simulator import Simulator
 from streamscore.scoring.tree_kernel import TreeKernel
 
@@ -76,9 +76,24 @@ def test_missing_value_and_categorical_variants(simulated, params):
     assert_same(kernel, booster, adversarial(matrix, seed=2))
 
 
+def test_regression_models_predict_exactly_like_lightgbm(simulated):
+    """The raw score is the output (no sigmoid); categorical splits and NaN holes included."""
+    matrix, labels = simulated
+    target = matrix[:, 0] * 0.1 + labels * 3.0  # a numeric label
+    holes = matrix.copy()
+    holes[np.random.default_rng(5).random(holes.shape) < 0.1] = math.nan
+    for objective in ("regression", "regression_l1", "huber"):
+        booster = lightgbm.train({"objective": objective, "verbose": -1, "num_threads": 1, "min_data_in_leaf": 20},
+                                 lightgbm.Dataset(holes, target, categorical_feature=[matrix.shape[1] - 1]),
+                                 num_boost_round=30)
+        kernel = TreeKernel.for_booster(booster)
+        assert kernel is not None, objective
+        assert_same(kernel, booster, adversarial(matrix, seed=4))
+
+
 def test_models_it_does_not_reproduce_get_no_kernel(simulated):
     matrix, labels = simulated
-    for params in ({"objective": "regression"}, {"objective": "multiclass", "num_class": 3},
+    for params in ({"objective": "poisson"}, {"objective": "multiclass", "num_class": 3},
                    {"objective": "binary", "boosting": "rf", "bagging_freq": 1, "bagging_fraction": 0.5}):
         target = (matrix[:, 0] > 50).astype(int) + labels if params["objective"] == "multiclass" else labels
         booster = lightgbm.train({**params, "verbose": -1, "num_threads": 1},
