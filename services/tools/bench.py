@@ -2,12 +2,14 @@
 
 Sections (each printed as a table; every figure also as a ratio to a baseline):
 
-1. scorer in process: raw Avro bytes (prepared up front) -> ScoringPipeline.score (decode,
-   validate, features, 200-tree LightGBM predict, Prediction encode), by batch size; events/s
-   and per-batch latency p50/p99. The model is trained on simulated offline features and
-   registered in the bench's own registry, so it is exactly what a scorer would load.
-2. naive baseline in the same run: per message json.loads -> validate -> features -> predict
-   one row -> json.dumps, no batching, no Avro.
+1. scorer in process, payments spec: raw Avro bytes (prepared up front) -> ScoringPipeline.score
+   (scan, validate, compiled features, 200-tree LightGBM predict, Prediction encode), by batch
+   size; events/s and per-batch latency p50/p99. The same run times the hard-coded payments path
+   it replaced (legacy/, while it exists), interleaved with it, as the old-vs-new ratio. The model
+   is trained on the spec's offline features and registered in the bench's own registry, so it is
+   exactly what a scorer would load.
+2. naive baseline in the same run: per message json.loads -> validate -> features (the spec's
+   reference interpreter, spec/oracle.py) -> predict one row -> json.dumps, no batching, no Avro.
 3. end to end through the real broker: a scorer SUBPROCESS (`streamscore run scorer`, as deployed)
    consumes events this process produces at fixed offered rates; this process consumes the
    predictions. Latency = time this process RECEIVED the prediction minus the time it handed
@@ -16,9 +18,9 @@ Sections (each printed as a table; every figure also as a ratio to a baseline):
    Max sustained throughput = drain rate of a backlog produced as fast as possible.
 4. logger: rows/s of real scored Prediction messages into `predictions` (embedded chDB; and the
    server when CLICKHOUSE_URL is set): the logger's batch path (one Native block per flush, inserted by
-   the writer thread while the next batch is read) vs the per-message path (decode to rows,
-   clickhouse-connect encodes them) as its baseline.
-5. memory: RSS growth of a fresh subprocess building N EntityStates through compute_batch.
+   the writer thread while the next batch is read) vs the per-message path (the generic decoder,
+   clickhouse-connect encodes the rows) as its baseline, and the legacy block writer (while it exists).
+5. memory: RSS growth of a fresh subprocess building N entity states (and of the legacy states).
 
 Namespace: topics `bench.*`, database `streamscore_bench`, data dir <data_dir>/bench (its own
 chDB dir, so it runs beside `streamscore run`), wiped at the start. The machine is shared and
@@ -42,15 +44,21 @@ from pathlib import Path
 
 import numpy as np
 
-from streamscore.legacy import features
-
+from streamscore.avro.codec import AvroCodec, SchemaCatalog
+from streamscore.dev.generators import generator_ending_now, load_generator
 from streamscore.learning import training
-from streamscore.avro.codec import AvroCodec
 from streamscore.learning.registry import ModelRegistry
-from streamscore.scoring.pipeline import InputMessage, ScoringPipeline, ServedModel, load_production_model
-from streamscore.settings import TOPIC_EVENTS, TOPIC_PREDICTIONS, Settings
-from streamscore.dev.simulator import Simulator
-from streamscore.scoring.validation import validate_event
+from streamscore.clickhouse.tables import inserted_columns
+from streamscore.learning.training_set import LoggedEvents, offline_features
+from streamscore.scoring.pipeline import InputMessage, ScoringPipeline
+from streamscore.scoring.served_model import ServedModel, load_production_model
+from streamscore.scoring.validation import EventValidator
+from streamscore.settings import TOPIC_PREDICTIONS, Settings
+from streamscore.spec import default_spec_path, load_spec
+from streamscore.spec.model import FeatureSpec
+from streamscore.spec.oracle import Oracle
+
+PAYMENTS = load_spec(default_spec_path())  # the bench measures the payments example (and its legacy path)
 
 BENCH_TOPIC_PREFIX = "bench."
 BENCH_DATABASE = "streamscore_bench"
@@ -86,7 +94,8 @@ def bench_settings(settings: Settings) -> Settings:
     data_dir = settings.data_dir / "bench"
     return settings.model_copy(update={
         "topic_prefix": BENCH_TOPIC_PREFIX, "clickhouse_database": BENCH_DATABASE, "data_dir": data_dir,
-        "model_dir": data_dir / "models", "consumer_group_prefix": "streamscore-bench"})
+        "model_dir": data_dir / "models", "consumer_group_prefix": "streamscore-bench",
+        "model_name": PAYMENTS.model.name, "spec": default_spec_path()})
 
 
 def percentiles(values, qs=(50, 99)) -> list[float]:
@@ -105,29 +114,46 @@ def rss_bytes() -> int:
 
 # --- the model and the streams ------------------------------------------------------------
 
+def events_matrix(spec: FeatureSpec, events: list[dict]):
+    """The spec's features of raw events, replayed offline as one partition in the given order."""
+    columns = {f.name: [e.get(f.name) for e in events] for f in spec.event.layout.fields}
+    logged = LoggedEvents(columns=columns, partitions=np.zeros(len(events), dtype=np.int64),
+                          offsets=np.arange(len(events)), times=np.array([e[spec.event.time_field] for e in events]),
+                          event_ids=[e[spec.event.id_field] for e in events])
+    return offline_features(spec, logged)
+
+
 def train_bench_model(settings: Settings, seed: int, history_events: int) -> tuple[ServedModel, float]:
-    """A 200-tree model trained on simulated offline features, registered and promoted in the bench registry."""
+    """A 200-tree model trained on the payments spec's offline features, registered and promoted in the bench
+    registry."""
     shutil.rmtree(settings.registry_dir, ignore_errors=True)
-    pairs = list(Simulator(seed, n_entities=2_000).events(history_events))
+    pairs = list(load_generator(PAYMENTS).make_generator(seed, 2_000).events(history_events))
     events = [event for event, _ in pairs]
     labels = np.array([label["label"] for _, label in pairs])
-    matrix = features.offline_features(events)
+    matrix = events_matrix(PAYMENTS, events)
     started = time.perf_counter()
-    trained = training.train_model(matrix, labels, features.FEATURE_NAMES, features.CATEGORICAL_FEATURES,
+    trained = training.train_model(matrix, labels, PAYMENTS.feature_names, PAYMENTS.categorical_features,
                                    num_boost_round=200)
     seconds = time.perf_counter() - started
     registry = ModelRegistry(settings.registry_dir)
     version = registry.register(
-        settings.model_name, trained.booster, feature_set=features.FEATURE_SET_HASH,
-        feature_names=features.FEATURE_NAMES, categorical_features=features.CATEGORICAL_FEATURES,
+        settings.model_name, trained.booster, feature_set=PAYMENTS.feature_set,
+        feature_names=PAYMENTS.feature_names, categorical_features=PAYMENTS.categorical_features,
         train_rows=trained.train_rows, metrics=trained.metrics, baseline=trained.baseline,
         threshold=trained.threshold, params=trained.params, reason="bench")
     registry.promote(settings.model_name, version.version, reason="bench")
-    return load_production_model(registry, settings.model_name), seconds
+    return load_production_model(registry, PAYMENTS, settings.model_name), seconds
 
 
 def scoring_stream(seed: int, n_events: int, n_entities: int) -> list[dict]:
-    return [event for event, _ in Simulator(seed, n_entities=n_entities).events(n_events)]
+    return [event for event, _ in load_generator(PAYMENTS).make_generator(seed, n_entities).events(n_events)]
+
+
+def legacy_available() -> bool:
+    """Whether the hard-coded payments path is still in the tree (it goes once its figures are recorded)."""
+    import importlib.util
+
+    return importlib.util.find_spec("streamscore.legacy.pipeline") is not None
 
 
 # --- 1. scorer in process -------------------------------------------------------------------
@@ -142,8 +168,22 @@ class InProcessFigure:
     events_per_cpu_s: float = float("nan")  # per CPU second of this process (less sensitive to a loaded machine)
 
 
-def _warm_pipeline(settings, codec, model, raw: list[bytes], now_ms: int) -> ScoringPipeline:
-    pipeline = ScoringPipeline(settings, codec, model)
+def _new_pipeline(settings, codec, model) -> ScoringPipeline:
+    return ScoringPipeline(PAYMENTS, codec, model)
+
+
+def _legacy_pipeline(settings, codec, model):
+    """The hard-coded path with the same booster (its 17 features are the payments spec's, in order)."""
+    from streamscore.legacy.pipeline import ScoringPipeline as LegacyPipeline, ServedModel as LegacyModel
+    from streamscore.scoring.tree_kernel import TreeKernel
+
+    served = LegacyModel(name=model.name, version=model.version, booster=model.booster, threshold=model.threshold,
+                         kernel=TreeKernel.for_booster(model.booster))
+    return LegacyPipeline(settings, codec, served)
+
+
+def _warm_pipeline(make, settings, codec, model, raw: list[bytes], now_ms: int):
+    pipeline = make(settings, codec, model)
     for start in range(0, len(raw), 2000):
         pipeline.score([InputMessage(value, 0, start + i) for i, value in enumerate(raw[start:start + 2000])],
                        now_ms=now_ms)
@@ -151,10 +191,11 @@ def _warm_pipeline(settings, codec, model, raw: list[bytes], now_ms: int) -> Sco
 
 
 def scorer_in_process(settings: Settings, codec: AvroCodec, model: ServedModel, warm: list[bytes],
-                      timed: list[bytes], now_ms: int, batch_size: int, max_seconds: float) -> InProcessFigure:
+                      timed: list[bytes], now_ms: int, batch_size: int, max_seconds: float,
+                      make=_new_pipeline) -> InProcessFigure:
     """Score `timed` (after `warm` built realistic state) in batches; the clock covers score() only,
     which includes decode, validation, features, predict and the Prediction bytes."""
-    pipeline = _warm_pipeline(settings, codec, model, warm, now_ms)
+    pipeline = _warm_pipeline(make, settings, codec, model, warm, now_ms)
     base = len(warm)
     batches = [[InputMessage(value, 0, base + start + i) for i, value in enumerate(timed[start:start + batch_size])]
                for start in range(0, len(timed), batch_size)]
@@ -178,27 +219,32 @@ def scorer_in_process(settings: Settings, codec: AvroCodec, model: ServedModel, 
 
 # --- 2. naive baseline -----------------------------------------------------------------------
 
-def naive_baseline(settings: Settings, model: ServedModel, warm: list[dict], timed: list[bytes], now_ms: int,
-                   max_seconds: float) -> InProcessFigure:
-    """Per message: JSON decode -> validate -> features -> predict one row -> JSON encode. No batching."""
-    states: dict[str, features.EntityState] = {}
+def naive_baseline(settings: Settings, model: ServedModel, warm: list[dict], timed: list[bytes],
+                   now_ms: int, max_seconds: float) -> InProcessFigure:
+    """Per message: JSON decode -> validate -> features (the spec's reference interpreter) -> predict one row
+    -> JSON encode. No batching, no Avro, no compiled code of streamscore's."""
+    from streamscore.avro.scanner import columns_from_records
+
+    oracle = Oracle(PAYMENTS)
     for i, event in enumerate(warm):
-        features.compute_and_update(states, event, i)
+        oracle.features(event, 0, i)
+    validator = EventValidator(PAYMENTS)
+    layout = PAYMENTS.event.layout
     booster = model.booster
-    names = features.FEATURE_NAMES
+    names = PAYMENTS.feature_names
     latencies = []
     cpu_started = time.process_time()
     started = time.perf_counter()
     for i, data in enumerate(timed):
         t0 = time.perf_counter()
         event = json.loads(data)
-        validate_event(event, settings, now_ms)
-        vector = features.compute_and_update(states, event, len(warm) + i)
+        passed, _ = validator.check(columns_from_records(layout, [event]), np.zeros(1, dtype=np.int64), now_ms)
+        vector = oracle.features(event, 0, len(warm) + i)
         score = float(booster.predict(np.asarray([vector]), num_threads=1)[0])
         json.dumps({"event_id": event["event_id"], "entity_id": event["entity_id"],
                     "event_time": event["event_time"], "scored_at": int(time.time() * 1000),
                     "model_name": model.name, "model_version": model.version, "score": score,
-                    "feature_set": features.FEATURE_SET_HASH, "features": dict(zip(names, vector)),
+                    "feature_set": PAYMENTS.feature_set, "features": dict(zip(names, vector)),
                     "event": event, "event_partition": 0, "event_offset": len(warm) + i})
         latencies.append(time.perf_counter() - t0)
         if time.perf_counter() - started > max_seconds:
@@ -350,7 +396,7 @@ def _produce_paced(producer, topic: str, messages: list[tuple[bytes, bytes, str]
 
 def end_to_end_run(settings: Settings, producer, watcher: PredictionWatcher, messages, rate: float | None,
                    label: str, meter: CpuMeter | None = None) -> EndToEndFigure:
-    topic = settings.topic(TOPIC_EVENTS)
+    topic = settings.topic(PAYMENTS.event.topic)
     sent_at: dict[str, float] = {}
     ids = [event_id for _, _, event_id in messages]
     lags: list[int] = []
@@ -426,9 +472,7 @@ def end_to_end(settings: Settings, codec: AvroCodec, options: BenchOptions, serv
     # warm-up, untimed: the scorer's assignment and state restore, and a freshly started broker JVM's JIT
     warmup_events = 500 + int(max(options.rates) * options.warmup_s)
     total = warmup_events + sum(per_rate) + options.backlog_events
-    from streamscore.services.tools.simulate import simulator_ending_now
-
-    events = [e for e, _ in simulator_ending_now(options.seed + 1, 20_000, total).events(total)]
+    events = [e for e, _ in generator_ending_now(PAYMENTS, options.seed + 1, 20_000, total).events(total)]
     tag = f"{services.replace(' ', '+')}-{int(time.time())}"
     stream = _encoded_stream(codec, events, tag)
     producer = make_producer(settings)  # the event source batches like any producer (linger.ms 5)
@@ -441,12 +485,13 @@ def end_to_end(settings: Settings, codec: AvroCodec, options: BenchOptions, serv
     figures = []
     try:
         sent: dict[str, float] = {}
-        _produce_paced(producer, settings.topic(TOPIC_EVENTS), stream[:500], None, sent)
+        _produce_paced(producer, settings.topic(PAYMENTS.event.topic), stream[:500], None, sent)
         missing = watcher.wait_for([e for _, _, e in stream[:500]], timeout_s=120)
         if missing:
             raise RuntimeError(f"the scorer subprocess did not score the warm-up events ({missing} missing)")
         progress(f"  e2e [{services}]: warm-up, {warmup_events - 500:,} events at {max(options.rates):,.0f}/s (untimed)")
-        _produce_paced(producer, settings.topic(TOPIC_EVENTS), stream[500:warmup_events], max(options.rates), sent)
+        _produce_paced(producer, settings.topic(PAYMENTS.event.topic), stream[500:warmup_events], max(options.rates),
+                       sent)
         watcher.wait_for([e for _, _, e in stream[500:warmup_events]], timeout_s=120)
         position = warmup_events
         for rate, n in zip(options.rates, per_rate):
@@ -478,6 +523,15 @@ class LoggerFigure:
     rows_per_cpu_s: float = float("nan")
 
 
+def _per_message_row(spec: FeatureSpec, codec: AvroCodec, value: bytes) -> list:
+    """The baseline's row of one Prediction message: the generic decoders, a dict per row."""
+    prediction = codec.decode(value, "prediction")
+    event = codec.decode(prediction["event"], "event")
+    row = {**event, **{k: v for k, v in prediction.items() if k not in ("event", "features")},
+           "features": dict(zip(spec.feature_names, prediction["features"]))}
+    return [row[name] for name in inserted_columns(spec)]
+
+
 def logger_bench(settings: Settings, codec: AvroCodec, encoded: list[bytes], n_rows: int,
                  label: str) -> list[LoggerFigure]:
     """Rows/s of Prediction messages into `predictions`, in logger_batch_rows inserts, each path doing the
@@ -486,21 +540,21 @@ def logger_bench(settings: Settings, codec: AvroCodec, encoded: list[bytes], n_r
     - 'batch': what the logger runs, LoggerService.handle_batch per consumed batch, then start_write: one
       Native block per flush (PredictionBlockWriter), inserted by the writer thread while the next batch
       is read (timed until the last insert finished);
-    - 'per message' (the baseline): PredictionReader.row per message -> clickhouse-connect's Native
-      encoding of the rows (the logger before the batch path; now only for leftovers)."""
+    - 'per message' (the baseline): the generic decoders per message (Prediction, then its event) -> a row
+      -> clickhouse-connect's Native encoding of the rows."""
     from confluent_kafka import Message
 
-    from streamscore.legacy.prediction_decoding import PredictionReader
-    from streamscore.services.logger.service import LoggerService, PredictionSink
     from streamscore.clickhouse.store import open_store
+    from streamscore.clickhouse.tables import ensure_spec_tables
+    from streamscore.services.logger.service import LoggerService
 
     store = open_store(settings)
     store.migrate()
+    ensure_spec_tables(store, PAYMENTS)
     store.command("TRUNCATE TABLE IF EXISTS predictions")
     topic = settings.topic(TOPIC_PREDICTIONS)
-    service = LoggerService(settings, store=store, codec=codec)
-    sink = PredictionSink(store)
-    read_row = PredictionReader(codec).row
+    service = LoggerService(settings, store=store, codec=codec, spec=PAYMENTS)
+    columns = inserted_columns(PAYMENTS)
     batch_rows = settings.logger_batch_rows
     figures = []
     for path in ("per message", "batch"):
@@ -519,57 +573,80 @@ def logger_bench(settings: Settings, codec: AvroCodec, encoded: list[bytes], n_r
                 if written + take >= n_rows:
                     service.finish_write()
             else:
-                for msg in messages:
-                    sink.add("predictions", read_row(msg.value()), msg)
-                sink.flush()
+                rows = [_per_message_row(PAYMENTS, codec, msg.value()) for msg in messages]
+                store.insert("predictions", rows, columns)
             seconds += time.perf_counter() - started
             cpu_seconds += time.process_time() - cpu_started
             written += take
-        service.close()
         figures.append(LoggerFigure(label, path, written, written / seconds, written / cpu_seconds))
+    service.close()
     store.close()
     return figures
 
 
 # --- 5. memory -----------------------------------------------------------------------------------
 
-def memory_child(n_entities: int, events_per_entity: int) -> dict:
-    """Runs in a fresh process: RSS growth from building `n_entities` states through compute_batch and
-    writing each once (as a checkpoint does)."""
+def _memory_events(n_entities: int, events_per_entity: int):
+    """Chunks of payments events: entity i gets events_per_entity events a few hours apart, interleaved."""
     rng = np.random.default_rng(0)
     start_ms = 1_700_000_000_000
-    mccs = features.MERCHANT_CATEGORIES
-    states: dict[str, features.EntityState] = {}
-    gc.collect()
-    before = rss_bytes()
+    categories = ("grocery", "fuel", "restaurants", "travel", "electronics", "online_services")
     chunk = 50_000
-    offset = 0
-    # entity i gets events_per_entity events a few hours apart, interleaved across entities
     for round_ in range(events_per_entity):
         for lo in range(0, n_entities, chunk):
             ids = range(lo, min(lo + chunk, n_entities))
             amounts = np.round(rng.lognormal(3.5, 0.6, len(ids)), 2).tolist()
-            codes = rng.integers(0, len(mccs), len(ids)).tolist()
-            batch = [{"event_id": f"m{round_}-{i}", "entity_id": f"card-{i:07d}",
-                      "event_time": start_ms + round_ * 3 * 3_600_000 + i, "amount": amounts[k],
-                      "currency": "EUR", "merchant_category": mccs[codes[k]], "channel": "pos", "country": "DE",
-                      "device_id": None} for k, i in enumerate(ids)]
-            features.compute_batch(states, batch, list(range(offset, offset + len(batch))))
-            offset += len(batch)
-            del batch
-    # a scorer writes every changed state at its checkpoints and keeps each one's encoding (to_bytes)
-    serialized = [len(state.to_bytes()) for state in states.values()]
+            codes = rng.integers(0, len(categories), len(ids)).tolist()
+            yield [{"event_id": f"m{round_}-{i}", "entity_id": f"card-{i:07d}",
+                    "event_time": start_ms + round_ * 3 * 3_600_000 + i, "amount": amounts[k],
+                    "currency": "EUR", "merchant_category": categories[codes[k]], "channel": "pos",
+                    "country": "DE", "device_id": None} for k, i in enumerate(ids)]
+
+
+def memory_child(n_entities: int, events_per_entity: int, path: str = "spec") -> dict:
+    """Runs in a fresh process: RSS growth from building `n_entities` states (one partition) and encoding each
+    once (as a changelog write does). path 'spec' = the spec engine's arena; 'legacy' = the per-entity objects
+    of the hard-coded path it replaced."""
+    from streamscore.avro.scanner import RecordReader
+    from streamscore.spec.engine import FeatureEngine
+
+    codec = AvroCodec(SchemaCatalog.for_spec(PAYMENTS))
+    encode = codec.encoder("event")
+    reader = RecordReader(codec, "event")
+    engine = FeatureEngine(PAYMENTS)
+    state = engine.new_state()
+    legacy_states: dict = {}
+    gc.collect()
+    before = rss_bytes()
+    offset = 0
+    for batch in _memory_events(n_entities, events_per_entity):
+        offsets = np.arange(offset, offset + len(batch))
+        if path == "legacy":
+            from streamscore.legacy import features
+
+            features.compute_batch(legacy_states, batch, offsets.tolist())
+        else:
+            scanned = reader.read_batch([encode(e) for e in batch])
+            engine.compute(state, engine.inputs(scanned, np.arange(len(batch)), offsets))
+        offset += len(batch)
+        del batch
+    if path == "legacy":
+        serialized = [len(s.to_bytes()) for s in legacy_states.values()]
+        entities = len(legacy_states)
+    else:
+        serialized = [len(value) for _, value in state.encode(list(state.slot_of.values()))]
+        entities = len(state)
     gc.collect()
     after = rss_bytes()
-    return {"entities": len(states), "events_per_entity": events_per_entity, "rss_before": before,
-            "rss_after": after, "bytes_per_entity": (after - before) / max(len(states), 1),
+    return {"path": path, "entities": entities, "events_per_entity": events_per_entity, "rss_before": before,
+            "rss_after": after, "bytes_per_entity": (after - before) / max(entities, 1),
             "serialized_bytes_per_entity": statistics.mean(serialized)}
 
 
-def memory_bench(n_entities: int, events_per_entity: int) -> dict:
+def memory_bench(n_entities: int, events_per_entity: int, path: str = "spec") -> dict:
     code = ("import json, sys; from streamscore.services.tools.bench import memory_child; "
-            "print(json.dumps(memory_child(int(sys.argv[1]), int(sys.argv[2]))))")
-    out = subprocess.run([sys.executable, "-c", code, str(n_entities), str(events_per_entity)],
+            "print(json.dumps(memory_child(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])))")
+    out = subprocess.run([sys.executable, "-c", code, str(n_entities), str(events_per_entity), path],
                          check=True, capture_output=True, text=True, timeout=1800)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -581,6 +658,7 @@ class BenchReport:
     machine: dict = field(default_factory=dict)
     model: dict = field(default_factory=dict)
     in_process: list[InProcessFigure] = field(default_factory=list)
+    legacy_in_process: list[InProcessFigure] = field(default_factory=list)  # same batch sizes, interleaved
     naive: InProcessFigure | None = None
     end_to_end: list[EndToEndFigure] = field(default_factory=list)
     logger: list[LoggerFigure] = field(default_factory=list)
@@ -619,7 +697,8 @@ def run_bench(base: Settings, options: BenchOptions, progress=print,
     settings = bench_settings(base)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     report = BenchReport(machine=machine_description())
-    codec = AvroCodec(registry_url=settings.schema_registry_url)
+    codec = AvroCodec(SchemaCatalog.for_spec(PAYMENTS), registry_url=settings.schema_registry_url)
+    legacy = legacy_available()
     history = 30_000 if options.quick else 60_000
     progress(f"training the bench model (200 trees) on {history:,} simulated events ...")
     model, train_seconds = train_bench_model(settings, options.seed, history)
@@ -638,9 +717,17 @@ def run_bench(base: Settings, options: BenchOptions, progress=print,
     if "scorer" in options.sections:
         for batch_size in options.batch_sizes:
             progress(f"scorer in process: batch {batch_size} ...")
-            runs = [scorer_in_process(settings, codec, model, warm, timed, now_ms, batch_size, max_seconds)
-                    for _ in range(options.repeats)]
+            runs, legacy_runs = [], []
+            for _ in range(options.repeats):  # old and new interleaved: both see the same machine load
+                runs.append(scorer_in_process(settings, codec, model, warm, timed, now_ms, batch_size, max_seconds))
+                if legacy:
+                    from streamscore.legacy import legacy_codec
+
+                    legacy_runs.append(scorer_in_process(settings, legacy_codec(), model, warm, timed, now_ms,
+                                                         batch_size, max_seconds, make=_legacy_pipeline))
             report.in_process.append(_median_figure(runs))
+            if legacy_runs:
+                report.legacy_in_process.append(_median_figure(legacy_runs))
         progress("naive baseline (JSON, per message) ...")
         json_timed = [json.dumps(e).encode() for e in events[half:]]
         runs = [naive_baseline(settings, model, events[:half], json_timed, now_ms, max_seconds)
@@ -663,7 +750,7 @@ def run_bench(base: Settings, options: BenchOptions, progress=print,
             ensure_topics(settings)
 
     if "logger" in options.sections:
-        pipeline = _warm_pipeline(settings, codec, model, warm, now_ms)
+        pipeline = _warm_pipeline(_new_pipeline, settings, codec, model, warm, now_ms)
         encoded_predictions = pipeline.score([InputMessage(v, 0, half + i) for i, v in enumerate(timed)],
                                              now_ms=now_ms).encoded
         progress("logger: embedded chDB ...")
@@ -685,7 +772,8 @@ def run_bench(base: Settings, options: BenchOptions, progress=print,
     if "memory" in options.sections:
         for n in options.memory_entities:
             progress(f"memory: {n:,} entities x {options.events_per_entity} events in a fresh process ...")
-            report.memory.append(memory_bench(n, options.events_per_entity))
+            for path in ("spec", "legacy") if legacy else ("spec",):
+                report.memory.append(memory_bench(n, options.events_per_entity, path))
     return report
 
 
@@ -706,13 +794,17 @@ def print_report(report: BenchReport, options: BenchOptions, console) -> None:
         table = Table(title="1. scorer in process: Avro bytes -> decode, validate, features, predict, "
                             "Prediction bytes (1 thread)", title_justify="left")
         for column in ("batch", "events/s", "x naive", "events/CPU-s", "x naive", "CPU us/event", "batch p50 ms",
-                       "batch p99 ms", "target 50k/s"):
+                       "batch p99 ms", "old path events/s", "x old", "target 50k/s"):
             table.add_column(column, justify="right")
+        old_by_batch = {f.batch_size: f for f in report.legacy_in_process}
         for f in report.in_process:
             ratio = f"{f.events_per_s / naive.events_per_s:.1f}x" if naive else "-"
             cpu_ratio = f"{f.events_per_cpu_s / naive.events_per_cpu_s:.1f}x" if naive else "-"
+            old = old_by_batch.get(f.batch_size)
             table.add_row(str(f.batch_size), f"{f.events_per_s:,.0f}", ratio, f"{f.events_per_cpu_s:,.0f}", cpu_ratio,
                           f"{1e6 / f.events_per_cpu_s:.1f}", f"{f.batch_p50_ms:.2f}", f"{f.batch_p99_ms:.2f}",
+                          f"{old.events_per_s:,.0f}" if old else "-",
+                          f"{f.events_per_s / old.events_per_s:.2f}x" if old else "-",
                           "ok" if f.events_per_s >= 50_000 else ("CPU ok" if f.events_per_cpu_s >= 50_000 else "miss"))
         if naive:
             table.add_row("naive", f"{naive.events_per_s:,.0f}", "1.0x", f"{naive.events_per_cpu_s:,.0f}", "1.0x",
@@ -720,7 +812,9 @@ def print_report(report: BenchReport, options: BenchOptions, console) -> None:
                           f"{naive.batch_p99_ms:.3f}", "baseline")
         console.print(table)
         console.print("naive = per message json.loads -> validate -> features -> predict 1 row -> json.dumps "
-                      "(no batching, no Avro); batch latency = one ScoringPipeline.score call", highlight=False)
+                      "(no batching, no Avro); batch latency = one ScoringPipeline.score call; old path = the "
+                      "hard-coded payments pipeline the spec engine replaced, same model, runs interleaved",
+                      highlight=False)
     if report.end_to_end:
         table = Table(title="2. end to end through the broker: event produced -> prediction received "
                             "(scorer in its own process)", title_justify="left")
@@ -756,24 +850,25 @@ def print_report(report: BenchReport, options: BenchOptions, console) -> None:
         console.print(table)
         console.print("batch = the logger's path: LoggerService.handle_batch, then one Native block per "
                       "flush (PredictionBlockWriter, a numba loop), inserted by the writer thread while the next "
-                      "batch is read; per message = PredictionReader.row "
-                      "per message and clickhouse-connect's Native encoding of the rows (the baseline; still "
-                      "used for the messages the batch path leaves over). rows/CPU-s counts this process's "
-                      "CPU, which includes the embedded ClickHouse engine.", highlight=False)
+                      "batch is read; per message = the generic decoders per message (Prediction, then its event) "
+                      "and clickhouse-connect's Native encoding of the rows (the baseline). rows/CPU-s counts this "
+                      "process's CPU, which includes the embedded ClickHouse engine.", highlight=False)
     if report.memory:
-        table = Table(title="4. memory: RSS growth of a fresh process building entity states via compute_batch",
+        table = Table(title="4. memory: RSS growth of a fresh process building entity states (spec = the "
+                            "engine's arena; legacy = the old per-entity objects)",
                       title_justify="left")
-        for column in ("entities", "events/entity", "RSS delta MiB", "bytes/entity", "marginal bytes/entity",
+        for column in ("path", "entities", "events/entity", "RSS delta MiB", "bytes/entity", "marginal bytes/entity",
                        "serialized bytes/entity"):
             table.add_column(column, justify="right")
-        previous = None
+        previous: dict[str, tuple[int, int]] = {}
         for r in report.memory:
             delta = r["rss_after"] - r["rss_before"]
             marginal = "-"
-            if previous is not None and r["entities"] > previous[0]:
-                marginal = f"{(delta - previous[1]) / (r['entities'] - previous[0]):,.0f}"
-            previous = (r["entities"], delta)
-            table.add_row(f"{r['entities']:,}", str(r["events_per_entity"]), f"{delta / 2**20:,.0f}",
+            before = previous.get(r["path"])
+            if before is not None and r["entities"] > before[0]:
+                marginal = f"{(delta - before[1]) / (r['entities'] - before[0]):,.0f}"
+            previous[r["path"]] = (r["entities"], delta)
+            table.add_row(r["path"], f"{r['entities']:,}", str(r["events_per_entity"]), f"{delta / 2**20:,.0f}",
                           f"{r['bytes_per_entity']:,.0f}", marginal, f"{r['serialized_bytes_per_entity']:,.0f}")
         console.print(table)
         console.print("linear = the marginal bytes/entity (slope between rows) is what each further entity costs; "
