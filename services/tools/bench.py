@@ -584,6 +584,55 @@ def logger_bench(settings: Settings, codec: AvroCodec, encoded: list[bytes], n_r
     return figures
 
 
+def block_writers_bench(settings: Settings, codec: AvroCodec, encoded: list[bytes], legacy_encoded: list[bytes],
+                        n_rows: int, label: str, repeats: int) -> list[LoggerFigure]:
+    """The block writer alone, new (spec-derived table) vs old (the hard-coded v1 table), same batches of
+    logger_batch_rows, interleaved batch by batch: Prediction bytes -> Native block -> insert_native."""
+    from streamscore.clickhouse.blocks import PredictionBlockWriter
+    from streamscore.clickhouse.store import open_store
+    from streamscore.clickhouse.tables import ensure_spec_tables, feature_names_of
+    from streamscore.legacy import LEGACY_PREDICTIONS_DDL, legacy_codec
+    from streamscore.legacy.prediction_block import PredictionBlockWriter as LegacyBlockWriter
+
+    store = open_store(settings)
+    store.migrate()
+    ensure_spec_tables(store, PAYMENTS)
+    store.command(LEGACY_PREDICTIONS_DDL.format(db=settings.clickhouse_database))
+    new_writer = PredictionBlockWriter(PAYMENTS, codec, lambda feature_set: feature_names_of(store, feature_set))
+    old_writer = LegacyBlockWriter(legacy_codec())
+    batch_rows = settings.logger_batch_rows
+    timings = {"new block writer": [], "old block writer": []}
+    for repeat in range(repeats):
+        store.command("TRUNCATE TABLE IF EXISTS predictions")
+        store.command("TRUNCATE TABLE IF EXISTS legacy_predictions")
+        totals = {name: [0.0, 0.0] for name in timings}
+        for start in range(0, n_rows, batch_rows):
+            take = min(batch_rows, n_rows - start)
+            for name in timings:
+                source = encoded if name.startswith("new") else legacy_encoded
+                messages = [source[(start + i) % len(source)] for i in range(take)]
+                token = f"{repeat}-{start}"
+                t0, c0 = time.perf_counter(), time.process_time()
+                if name.startswith("new"):
+                    block = new_writer.encode(messages)
+                    store.insert_native("predictions", block.data, block.rows, dedup_token=token)
+                else:
+                    data, rows, _ = old_writer.encode(messages)
+                    store.insert_native("legacy_predictions", data, rows, dedup_token=token)
+                totals[name][0] += time.perf_counter() - t0
+                totals[name][1] += time.process_time() - c0
+        for name, (seconds, cpu) in totals.items():
+            timings[name].append((n_rows / seconds, n_rows / cpu))
+    store.command("DROP TABLE IF EXISTS legacy_predictions")
+    store.close()
+    figures = []
+    for name, runs in timings.items():
+        wall = statistics.median(r[0] for r in runs)
+        cpu = statistics.median(r[1] for r in runs)
+        figures.append(LoggerFigure(label, name, n_rows, wall, cpu))
+    return figures
+
+
 # --- 5. memory -----------------------------------------------------------------------------------
 
 def _memory_events(n_entities: int, events_per_entity: int):
@@ -756,6 +805,15 @@ def run_bench(base: Settings, options: BenchOptions, progress=print,
         progress("logger: embedded chDB ...")
         embedded = settings.model_copy(update={"clickhouse_url": None})
         report.logger += logger_bench(embedded, codec, encoded_predictions, options.logger_rows, "embedded chDB")
+        if legacy:
+            from streamscore.legacy import legacy_codec
+
+            old = _warm_pipeline(_legacy_pipeline, settings, legacy_codec(), model, warm, now_ms)
+            legacy_predictions = old.score([InputMessage(v, 0, half + i) for i, v in enumerate(timed)],
+                                           now_ms=now_ms).encoded
+            progress("logger: new vs old block writer (embedded chDB) ...")
+            report.logger += block_writers_bench(embedded, codec, encoded_predictions, legacy_predictions,
+                                                 options.logger_rows, "embedded chDB", options.repeats)
         if settings.clickhouse_url:
             progress("logger: ClickHouse server ...")
             report.logger += logger_bench(settings, codec, encoded_predictions, options.logger_rows,

@@ -190,12 +190,15 @@ class ScannedBatch:
     status: np.ndarray  # (n,) uint8
     errors: dict[int, DecodeError | None]
     generic_rows: int
-    message_ends: np.ndarray | None = None  # (n,) int64: message i is raw[message_ends[i - 1]:message_ends[i]]
+    message_ends: np.ndarray | None = None  # (n,) int64: where message i ends in `raw`
+    message_starts: np.ndarray | None = None  # (n,) int64: where it starts (None: where message i - 1 ends)
 
     def message_span(self) -> tuple[np.ndarray, np.ndarray]:
         """(start, length) of each whole framed message in `raw` (what the Prediction carries as `event`)."""
         ends = self.message_ends
-        starts = np.concatenate(([0], ends[:-1])) if len(ends) else ends
+        starts = self.message_starts
+        if starts is None:
+            starts = np.concatenate(([0], ends[:-1])) if len(ends) else ends
         return starts, ends - starts
 
     def __len__(self) -> int:
@@ -241,6 +244,22 @@ class ScannedBatch:
         return {f.name: self.value(row, j) for j, f in enumerate(self.layout.fields)}
 
 
+@njit(cache=True, nogil=True)
+def match_prefix(buf, starts, sizes, prefix, out):
+    """out[i] = message i (buf[starts[i]:starts[i] + sizes[i]]) starts with `prefix`."""
+    m = len(prefix)
+    for i in range(len(starts)):
+        if sizes[i] < m:
+            continue
+        s = starts[i]
+        same = True
+        for k in range(m):
+            if buf[s + k] != prefix[k]:
+                same = False
+                break
+        out[i] = same
+
+
 class RecordReader:
     """Reads framed messages of one record (`name` in the codec's catalog) into a ScannedBatch; see module doc."""
 
@@ -277,54 +296,71 @@ class RecordReader:
         return len(header) if self._header_is_current(header) else -1
 
     def read_batch(self, values: Sequence[bytes | None]) -> ScannedBatch:
-        n, n_fields = len(values), len(self.layout.fields)
+        n = len(values)
+        if None in values:
+            raw = b"".join([b"" if value is None else value for value in values])
+            sizes = np.fromiter((0 if value is None else len(value) for value in values), dtype=np.int64, count=n)
+        else:
+            raw = b"".join(values)  # any bytes-like value
+            sizes = np.fromiter(map(len, values), dtype=np.int64, count=n)
+        ends = np.cumsum(sizes)
+        return self.read_spans(raw, ends - sizes, sizes)
+
+    def read_spans(self, raw: bytes, message_starts: np.ndarray, sizes: np.ndarray) -> ScannedBatch:
+        """Like read_batch, for messages that already lie in one buffer: message i is
+        raw[message_starts[i]:message_starts[i] + sizes[i]] (e.g. the events nested in a batch of Predictions,
+        read where they are, without a slice and a join each). A size of 0 is an empty message."""
+        n, n_fields = len(sizes), len(self.layout.fields)
+        message_starts = np.asarray(message_starts, dtype=np.int64)
+        sizes = np.asarray(sizes, dtype=np.int64)
+        ends = message_starts + sizes
+        buffer = np.frombuffer(raw, dtype=np.uint8)
         starts = np.full(n, -1, dtype=np.int64)
-        ends = np.zeros(n, dtype=np.int64)
-        position = 0
-        header, header_len = None, -1  # the last current header: a batch's messages usually share it
-        for i, value in enumerate(values):
-            if value is None:
-                ends[i] = position
-                continue
-            if not self.enabled:
-                pass
-            elif header is not None and type(value) is bytes and value.startswith(header):
-                starts[i] = position + header_len
-            else:
-                start = self.body_start(value)
+        if self.enabled and n:
+            # A batch's messages usually share one framing header: check the first's in Python, then every
+            # message's prefix against it in one compiled loop (a Python startswith per message cost ~0.4 us,
+            # a fifth of the logger's block time); the others go through body_start one by one.
+            present = np.flatnonzero(sizes > 0)
+            header_len = -1
+            if len(present):
+                first = int(present[0])
+                header_len = self.body_start(raw[message_starts[first]:ends[first]])
+            matched = np.zeros(n, dtype=np.bool_)
+            if header_len > 0:
+                first = int(present[0])
+                header = buffer[message_starts[first]:message_starts[first] + header_len]
+                match_prefix(buffer, message_starts, sizes, header, matched)
+                starts[matched] = message_starts[matched] + header_len
+            for i in np.flatnonzero(~matched & (sizes > 0)).tolist():
+                start = self.body_start(raw[message_starts[i]:ends[i]])
                 if start >= 0:
-                    starts[i] = position + start
-                    header, header_len = value[:start], start
-            position += len(value)
-            ends[i] = position
-        raw = b"".join([b"" if value is None else bytes(value) for value in values])
+                    starts[i] = message_starts[i] + start
         ints = np.zeros((n, n_fields), dtype=np.int64)
         lengths = np.zeros((n, n_fields), dtype=np.int64)
         floats = np.zeros((n, n_fields), dtype=np.float64)
         nulls = np.zeros((n, n_fields), dtype=np.uint8)
         status = np.zeros(n, dtype=np.uint8)
         if n:
-            scan_records(np.frombuffer(raw, dtype=np.uint8), starts, ends, self._kinds, self._null_branches,
-                         ints, lengths, floats, nulls, status)
+            scan_records(buffer, starts, ends, self._kinds, self._null_branches, ints, lengths, floats, nulls, status)
         errors: dict[int, DecodeError | None] = {}
         side = bytearray()
         generic_rows = 0
         for i in np.flatnonzero(status == ROW_FAILED).tolist():
-            value = values[i]
-            if value is None or len(value) == 0:
+            if sizes[i] == 0:
                 errors[i] = None
                 continue
             generic_rows += 1
-            try:
-                record = self.generic(value)  # decodes, or raises the DecodeError naming the reason and field
+            try:  # decodes, or raises the DecodeError naming the reason and field
+                record = self.generic(bytes(raw[message_starts[i]:ends[i]]))
             except DecodeError as exc:
                 errors[i] = exc.with_traceback(None)  # a kept error holds no frames
                 continue
             fill_row(self.layout, record, i, len(raw), side, ints, lengths, floats, nulls)
             status[i] = ROW_GENERIC
         if side:
-            raw += bytes(side)
-        return ScannedBatch(self.layout, raw, ints, lengths, floats, nulls, status, errors, generic_rows, ends)
+            raw = bytes(raw) + bytes(side)
+        return ScannedBatch(self.layout, raw, ints, lengths, floats, nulls, status, errors, generic_rows, ends,
+                            message_starts)
 
 
 def fill_row(layout: RecordLayout, record: dict, row: int, base: int, side: bytearray, ints, lengths, floats,

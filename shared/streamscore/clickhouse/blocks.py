@@ -27,7 +27,7 @@ import numpy as np
 from numba import njit
 
 from streamscore.avro.codec import AvroCodec
-from streamscore.avro.scanner import ROW_FAILED, RecordReader, ScannedBatch
+from streamscore.avro.scanner import ROW_FAILED, RecordReader, ScannedBatch, match_prefix
 from streamscore.clickhouse.rows import DATETIME64_MAX_MS, DATETIME64_MIN_MS
 from streamscore.clickhouse.tables import inserted_columns, input_columns
 from streamscore.kafka.io import Rejection
@@ -127,6 +127,7 @@ class PredictionBlockWriter:
         self._e = spec.event.layout
         self._feature_names = list(spec.feature_names)
         self._known: dict[str, list[str] | None] = {spec.feature_set: self._feature_names}
+        self._own_feature_set = np.frombuffer(spec.feature_set.encode(), dtype=np.uint8)
 
     def encode(self, messages: Sequence[bytes | None]) -> Block:
         n = len(messages)
@@ -151,20 +152,28 @@ class PredictionBlockWriter:
                                                                              "does not fit UInt32"))
         self._reject(rejected, ok & (ints[:, p["event_offset"]] < 0),
                      lambda i: Rejection("out_of_range", "event_offset", "event_offset is negative"))
-        rows = [i for i in range(n) if ok[i] and i not in rejected]
-        names = self._names(predictions, rows, rejected)
-        rows = [i for i in rows if i not in rejected]
-        events = self.events.read_batch(predictions.texts(p["event"], rows))
+        candidates = ok.copy()
+        candidates[list(rejected)] = False
+        rows = np.flatnonzero(candidates).tolist()
+        names, looked_up = self._names(predictions, rows, rejected)
+        if len(names) < len(rows):
+            rows = [i for i in rows if i in names]
+        at = np.asarray(rows, dtype=np.int64)
+        events = self.events.read_spans(predictions.raw, predictions.ints[at, p["event"]],
+                                        predictions.lengths[at, p["event"]])
         for k, error in events.errors.items():
             rejected[rows[k]] = (Rejection("undecodable", "event", "the prediction's event is empty") if error is None
                                  else Rejection(error.reason, f"event.{error.field}" if error.field else "event",
                                                 f"the prediction's event: {error}"))
-        keep = np.array([k for k in range(len(rows)) if events.status[k] != ROW_FAILED], dtype=np.int64)
-        rows_kept = np.array(rows, dtype=np.int64)[keep] if len(keep) else np.empty(0, dtype=np.int64)
+        keep = np.flatnonzero(events.status != ROW_FAILED)
+        rows_kept = at[keep]
         generic = predictions.generic_rows + events.generic_rows
         if not len(rows_kept):
             return Block(None, 0, sorted(rejected.items()), generic)
-        data = self._block(predictions, rows_kept, events, keep, [names[i] for i in rows_kept.tolist()])
+        # None: every row has the spec's own names (the usual batch: no list of lists to build and check)
+        own = all(names is self._feature_names for names in map(names.get, looked_up))
+        row_names = None if own else [names[i] for i in rows_kept.tolist()]
+        data = self._block(predictions, rows_kept, events, keep, row_names)
         return Block(data, len(rows_kept), sorted(rejected.items()), generic)
 
     @staticmethod
@@ -172,12 +181,22 @@ class PredictionBlockWriter:
         for i in np.flatnonzero(mask).tolist():
             rejected.setdefault(i, make(i))
 
-    def _names(self, predictions: ScannedBatch, rows: list[int], rejected: dict) -> dict[int, list[str]]:
+    def _names(self, predictions: ScannedBatch, rows: list[int],
+               rejected: dict) -> tuple[dict[int, list[str]], list[int]]:
         """The feature names of each row's feature set (rows of an unknown one, or of the wrong length, are
-        rejected)."""
+        rejected), and the rows not of the spec's own feature set (looked up one by one)."""
         p = self._p
-        out = {}
-        for i, feature_set in zip(rows, predictions.texts(p["feature_set"], rows)):
+        # the spec's own feature set, with its feature count, checked for all rows in one compiled loop;
+        # only the others (an earlier spec's, a corrupted one) are looked at one by one
+        at = np.asarray(rows, dtype=np.int64)
+        mine = self._own_feature_set
+        starts, lengths = predictions.ints[at, p["feature_set"]], predictions.lengths[at, p["feature_set"]]
+        matched = np.zeros(len(at), dtype=np.bool_)
+        match_prefix(predictions.buffer, starts, lengths, mine, matched)
+        own = matched & (lengths == len(mine)) & (predictions.lengths[at, p["features"]] == len(self._feature_names))
+        out = dict.fromkeys(at[own].tolist(), self._feature_names)
+        others = at[~own]
+        for i, feature_set in zip(others.tolist(), predictions.texts(p["feature_set"], others)):
             key = feature_set.decode(errors="replace")
             if key not in self._known:
                 names = self.names_of(key)
@@ -193,10 +212,10 @@ class PredictionBlockWriter:
                                         f"{count} features for feature set {key!r}, which has {len(names)}")
             else:
                 out[i] = names
-        return out
+        return out, others.tolist()
 
     def _block(self, predictions: ScannedBatch, rows: np.ndarray, events: ScannedBatch, event_rows: np.ndarray,
-               names: list[list[str]]) -> bytes:
+               names: list[list[str]] | None) -> bytes:
         p = self._p
         n = len(rows)
         pbuf = predictions.buffer
@@ -243,7 +262,7 @@ class PredictionBlockWriter:
             block += [_native_name(name), _native_name(kind), data]
         return b"".join(block)
 
-    def _features(self, predictions: ScannedBatch, rows: np.ndarray, names: list[list[str]]) -> bytes:
+    def _features(self, predictions: ScannedBatch, rows: np.ndarray, names: list[list[str]] | None) -> bytes:
         """Map(LowCardinality(String), Float64): offsets, then the keys as a LowCardinality column (a dictionary
         of the names, one index per entry), then the values."""
         p = self._p
@@ -251,7 +270,7 @@ class PredictionBlockWriter:
         total = int(counts.sum())
         values = np.empty(8 * total, dtype=np.uint8)
         _gather_doubles(predictions.buffer, predictions.ints[rows, p["features"]], counts, values)
-        if all(entry is self._feature_names for entry in names):
+        if names is None:
             dictionary = self._feature_names
             indexes = np.tile(np.arange(len(dictionary), dtype=np.uint16), len(rows))
         else:
