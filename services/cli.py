@@ -559,9 +559,10 @@ def demo(ctx: typer.Context,
          seed: int = typer.Option(7, "--seed", help="Simulator seed."),
          drift: bool = typer.Option(False, "--drift", help="Also run drift + trainer, inject a drift in the live "
                                     "phase and show detection, retrain, the gate's verdict and v1 vs v2 metrics."),
-         drift_kind: str = typer.Option("concept", "--drift-kind",
-                                        help="With --drift: a drift of the spec's generator (payments: concept = "
-                                        "the fraud pattern changes, covariate = amounts x3, new_categories)."),
+         drift_kind: str | None = typer.Option(None, "--drift-kind",
+                                               help="With --drift: a drift of the spec's generator, default its "
+                                               "first (payments: concept = the fraud pattern changes, covariate = "
+                                               "amounts x3, new_categories; rides: traffic, distance, new_zones)."),
          spec_path: Path | None = _SPEC_OPTION) -> None:
     """The end-to-end demo: infra, history, train v1, hot swap, live traffic, figures and SQL answers."""
     from streamscore.dev.generators import GeneratorError, drift_kinds
@@ -573,6 +574,7 @@ def demo(ctx: typer.Context,
     except GeneratorError as error:
         raise fail(str(error)) from error
     if drift:
+        drift_kind = drift_kind or (kinds[0] if kinds else None)
         if drift_kind not in kinds:
             raise fail(f"--drift-kind {drift_kind!r}: spec {spec.name!r}'s generator has {', '.join(kinds) or 'none'}")
         options = drift_options(seed=seed, rate=rate, kind=drift_kind, history=history, live=events)

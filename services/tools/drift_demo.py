@@ -28,6 +28,7 @@ from streamscore.avro.codec import AvroCodec
 from streamscore.learning.model_updates import publish_model_updates
 from streamscore.learning.registry import ModelRegistry
 from streamscore.learning.retraining import train_and_register
+from streamscore.ops.report import metric_columns
 from streamscore.services.runner import ServiceGroup
 from streamscore.dev.generators import Drift, generator_ending_now
 from streamscore.settings import Settings
@@ -81,7 +82,9 @@ def run_drift_phases(console: Console, settings: Settings, spec: FeatureSpec, st
         v1 = train_and_register(store, registry, settings, spec, reason="demo: initial model")
         publish_model_updates(settings, codec, v1.events)
         _wait(lambda: scorer.pipeline.model.version == v1.version.version and drift.tracker.model_version == 1)
-        console.print(f"v1 trained on {v1.training_rows} labelled events, AUC {v1.version.metrics['auc']:.3f}, "
+        headline = "rmse" if spec.objective == "regression" else "auc"
+        console.print(f"v1 trained on {v1.training_rows} labelled events, holdout {headline.upper()} "
+                      f"{v1.version.metrics.get(headline, float('nan')):.3f}, "
                       f"{'promoted' if v1.promoted else 'rejected'}; scorer and drift monitor follow v1")
 
         # --- live, with the drift injected at live event drift_at -------------------------------
@@ -112,7 +115,7 @@ def run_drift_phases(console: Console, settings: Settings, spec: FeatureSpec, st
         "fromUnixTimestamp64Milli({since:Int64}, 'UTC') AND event_time <= fromUnixTimestamp64Milli({at:Int64}, 'UTC')",
         {"since": drifted_since, "at": request["detected_at"]}).rows[0][0])
     figures.update(
-        drift_kind=options.drift_kind, detector=request["detector"], drift_reason=request["reason"],
+        objective=spec.objective, drift_kind=options.drift_kind, detector=request["detector"], drift_reason=request["reason"],
         request_id=request["request_id"], detection_delay_events=delay_events,
         detection_delay_s=detected_wall - injected_at, retrain_action=outcome.action,
         retrain_reason=outcome.reason, retrain_seconds=outcome.seconds, retrain_rows=outcome.training_rows,
@@ -148,12 +151,10 @@ def _print_drift_summary(console: Console, store: Store, figures: dict, drifted_
         table.add_row(f"rows in {name}", f"{n:,}")
     console.print(table)
     _sql_table(console, store, "post-drift labelled events, by the model version that scored them",
-               "SELECT p.model_version, count() AS labelled, sum(l.label) AS frauds, "
-               "round(arrayAUC(groupArray((assumeNotNull(p.score), l.label)).1, groupArray((assumeNotNull(p.score), l.label)).2), 4) "
-               "AS auc, "
-               "round(avg(-(l.label * log(greatest(p.score, 1e-15)) + (1 - l.label) * log(greatest(1 - p.score, 1e-15)))), 4) "
-               "AS log_loss FROM predictions AS p FINAL INNER JOIN labels AS l FINAL ON p.event_id = l.event_id "
-               f"WHERE p.model_version > 0 AND p.event_time >= fromUnixTimestamp64Milli({drifted_since}, 'UTC') "
+               f"SELECT p.model_version, {metric_columns(figures['objective'])} "
+               "FROM predictions AS p FINAL INNER JOIN labels AS l FINAL ON p.event_id = l.event_id "
+               f"WHERE p.model_version > 0 AND p.score IS NOT NULL AND "
+               f"p.event_time >= fromUnixTimestamp64Milli({drifted_since}, 'UTC') "
                "GROUP BY p.model_version ORDER BY p.model_version")
     _sql_table(console, store, "drift_events (kind = 'drift')",
                "SELECT model_version, detector, feature, statistic, round(value, 4) AS value, "

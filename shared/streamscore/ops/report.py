@@ -29,6 +29,8 @@ from matplotlib.figure import Figure
 from streamscore.learning.registry import ModelRegistry, ModelVersion
 from streamscore.settings import Settings
 from streamscore.clickhouse.store import QueryResult, Store
+from streamscore.spec import resolve
+from streamscore.spec.model import FeatureSpec
 
 # Time buckets are chosen so a run of minutes or of weeks both give a readable number of points.
 BUCKET_CHOICES_S = (60, 300, 900, 3600, 3 * 3600, 6 * 3600, 86400, 7 * 86400)
@@ -281,11 +283,28 @@ def _drift_from_feature_means(store: Store, registry: ModelRegistry, model_name:
 
 # AUC pairs each score with its label inside ONE groupArray of tuples: two separate groupArray calls
 # over a JOIN came back in different orders (AUC 0.62 instead of 0.9995 on the demo's data).
-def online_metrics_sql(bucket_s: int) -> list[str]:
-    body = """count() AS labelled, sum(l.label) AS positives,
+_BINARY_METRICS = """count() AS labelled, sum(l.label) AS positives,
        arrayAUC(groupArray((assumeNotNull(p.score), l.label)).1, groupArray((assumeNotNull(p.score), l.label)).2) AS auc,
        avg(-(l.label * log(greatest(assumeNotNull(p.score), 1e-15))
-             + (1 - l.label) * log(greatest(1 - assumeNotNull(p.score), 1e-15)))) AS log_loss
+             + (1 - l.label) * log(greatest(1 - assumeNotNull(p.score), 1e-15)))) AS log_loss"""
+_REGRESSION_METRICS = """count() AS labelled, avg(l.label) AS mean_label,
+       sqrt(avg(pow(assumeNotNull(p.score) - l.label, 2))) AS rmse,
+       avg(abs(assumeNotNull(p.score) - l.label)) AS mae"""
+# (metric columns after `labelled`, the two plotted, their axis labels) per objective
+_OBJECTIVE_METRICS = {
+    "binary": (_BINARY_METRICS, ("auc", "log_loss"), ("AUC", "log loss")),
+    "regression": (_REGRESSION_METRICS, ("rmse", "mae"), ("RMSE", "MAE")),
+}
+
+
+def metric_columns(objective: str) -> str:
+    """The SELECT expressions of the online metrics of `objective` over `predictions AS p JOIN labels AS l`."""
+    return _OBJECTIVE_METRICS[objective][0]
+
+
+def online_metrics_sql(bucket_s: int, objective: str = "binary") -> list[str]:
+    metrics = metric_columns(objective)
+    body = f"""{metrics}
 FROM predictions AS p FINAL
 INNER JOIN labels AS l FINAL ON p.event_id = l.event_id
 WHERE p.score IS NOT NULL"""
@@ -303,40 +322,46 @@ def _auc_if_defined(labelled, positives, auc) -> float | None:
     return _finite(auc) if 0 < int(positives) < int(labelled) else None
 
 
-def online_metrics_section(store: Store, bucket_s: int) -> Section:
+def _metric_values(objective: str, labelled, second, first, third) -> dict[str, Any]:
+    """One result row's metrics by name (`second` is positives or the mean label)."""
+    if objective == "binary":
+        return {"labelled": int(labelled), "positives": int(second), "auc": _auc_if_defined(labelled, second, first),
+                "log_loss": _finite(third)}
+    return {"labelled": int(labelled), "mean_label": _finite(second), "rmse": _finite(first), "mae": _finite(third)}
+
+
+def online_metrics_section(store: Store, bucket_s: int, objective: str = "binary") -> Section:
     bucket_s = max(bucket_s, MIN_METRICS_BUCKET_S)
-    over_time_sql, per_version_sql = online_metrics_sql(bucket_s)
+    over_time_sql, per_version_sql = online_metrics_sql(bucket_s, objective)
+    _, plotted, axis_labels = _OBJECTIVE_METRICS[objective]
+    what = ("AUC and log loss" if objective == "binary" else "RMSE and MAE")
     section = Section("online_metrics", "Online metrics from delayed labels",
-                      f"Scored predictions joined with their labels: AUC and log loss per {bucket_label(bucket_s)} "
-                      "of event time and model version (AUC only where both classes occur).",
+                      f"Scored predictions joined with their labels: {what} per {bucket_label(bucket_s)} "
+                      "of event time and model version" + (" (AUC only where both classes occur)."
+                                                            if objective == "binary" else "."),
                       [over_time_sql, per_version_sql])
     series: dict[int, dict[str, list]] = defaultdict(lambda: defaultdict(list))
-    for bucket, version, labelled, positives, auc, log_loss in store.query(over_time_sql).rows:
+    for bucket, version, *values in store.query(over_time_sql).rows:
         s = series[int(version)]
         s["bucket"].append(bucket)
-        s["labelled"].append(int(labelled))
-        s["positives"].append(int(positives))
-        s["auc"].append(_auc_if_defined(labelled, positives, auc))
-        s["log_loss"].append(_finite(log_loss))
+        for name, value in _metric_values(objective, *values).items():
+            s[name].append(value)
     section.table = store.query(per_version_sql)
     section.data = {
+        "objective": objective,
         "series": {v: dict(s) for v, s in sorted(series.items())},
-        "per_version": {int(v): {"labelled": int(n), "positives": int(pos), "auc": _auc_if_defined(n, pos, auc),
-                                 "log_loss": _finite(loss)}
-                        for v, n, pos, auc, loss in section.table.rows},
+        "per_version": {int(v): _metric_values(objective, *values) for v, *values in section.table.rows},
     }
     if not series:
         section.note = "no scored prediction has a label yet"
         return section
     figure = Figure(figsize=(11, 3.5))
-    auc_ax, loss_ax = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
+    axes = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
     for version, s in section.data["series"].items():
-        auc_ax.plot(s["bucket"], [math.nan if v is None else v for v in s["auc"]], marker="o", label=f"v{version}")
-        loss_ax.plot(s["bucket"], [math.nan if v is None else v for v in s["log_loss"]], marker="o",
-                     label=f"v{version}")
-    auc_ax.set_ylabel("AUC")
-    loss_ax.set_ylabel("log loss")
-    for ax in (auc_ax, loss_ax):
+        for ax, name in zip(axes, plotted):
+            ax.plot(s["bucket"], [math.nan if v is None else v for v in s[name]], marker="o", label=f"v{version}")
+    for ax, label in zip(axes, axis_labels):
+        ax.set_ylabel(label)
         ax.set_xlabel("event time (UTC)")
         ax.legend(fontsize=8)
         _time_axis(ax)
@@ -374,10 +399,12 @@ def _sum_by_first(rows) -> dict[str, int]:
     return dict(totals)
 
 
-MODEL_HISTORY_SQL = """SELECT recorded_at, version, action, stage, parent_version, train_rows,
-       metrics['auc'] AS auc, reason
+def model_history_sql(metric: str = "auc") -> str:
+    return f"""SELECT recorded_at, version, action, stage, parent_version, train_rows,
+       metrics['{metric}'] AS {metric}, reason
 FROM model_versions
 ORDER BY recorded_at, version"""
+
 
 DRIFT_DETECTIONS_SQL = """SELECT detected_at, model_version, detector, feature, statistic, value, threshold,
        retrain_requested
@@ -385,17 +412,19 @@ FROM drift_events WHERE kind = 'drift'
 ORDER BY detected_at"""
 
 
-def retrain_section(store: Store) -> Section:
+def retrain_section(store: Store, objective: str = "binary") -> Section:
+    metric, metric_label = ("auc", "AUC") if objective == "binary" else ("rmse", "RMSE")
+    history_sql = model_history_sql(metric)
     section = Section("retrains", "Retrain history",
-                      "Registry actions logged in model_versions (validation AUC of each version) and drift "
-                      "detections (vertical lines; solid = retrain requested).", [MODEL_HISTORY_SQL, DRIFT_DETECTIONS_SQL])
-    section.table = store.query(MODEL_HISTORY_SQL)
+                      f"Registry actions logged in model_versions (validation {metric_label} of each version) and "
+                      "drift detections (vertical lines; solid = retrain requested).", [history_sql, DRIFT_DETECTIONS_SQL])
+    section.table = store.query(history_sql)
     detections = store.query(DRIFT_DETECTIONS_SQL)
     actions: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
-    for recorded_at, version, action, _stage, _parent, _rows, auc, _reason in section.table.rows:
+    for recorded_at, version, action, _stage, _parent, _rows, value, _reason in section.table.rows:
         actions[action]["time"].append(recorded_at)
         actions[action]["version"].append(int(version))
-        actions[action]["auc"].append(_finite(auc))
+        actions[action]["metric"].append(_finite(value))
     section.data = {"actions": {a: dict(s) for a, s in actions.items()},
                     "detections": [{"time": r[0], "detector": r[2], "feature": r[3], "retrain": bool(r[7])}
                                    for r in detections.rows]}
@@ -406,14 +435,14 @@ def retrain_section(store: Store) -> Section:
     ax = figure.add_subplot(1, 1, 1)
     markers = {"register": "o", "promote": "^", "reject": "x", "rollback": "v"}
     for action, s in section.data["actions"].items():
-        ax.scatter(s["time"], [math.nan if v is None else v for v in s["auc"]], marker=markers.get(action, "s"),
+        ax.scatter(s["time"], [math.nan if v is None else v for v in s["metric"]], marker=markers.get(action, "s"),
                    s=60, label=action)
-        for t, v, auc in zip(s["time"], s["version"], s["auc"]):
-            if auc is not None:
-                ax.annotate(f"v{v}", (t, auc), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        for t, v, value in zip(s["time"], s["version"], s["metric"]):
+            if value is not None:
+                ax.annotate(f"v{v}", (t, value), textcoords="offset points", xytext=(4, 4), fontsize=8)
     for d in section.data["detections"]:
         ax.axvline(d["time"], color="red", alpha=0.5, linestyle="-" if d["retrain"] else ":")
-    ax.set_ylabel("validation AUC")
+    ax.set_ylabel(f"validation {metric_label}")
     ax.set_xlabel("recorded at (UTC)")
     ax.legend(fontsize=8)
     _time_axis(ax)
@@ -425,7 +454,10 @@ def retrain_section(store: Store) -> Section:
 
 
 # --- the report ---------------------------------------------------------------------
-def build_report(store: Store, settings: Settings, registry: ModelRegistry | None = None) -> Report:
+def build_report(store: Store, settings: Settings, registry: ModelRegistry | None = None,
+                 spec: FeatureSpec | None = None) -> Report:
+    if spec is None:
+        settings, spec = resolve(settings)
     registry = registry or ModelRegistry(settings.registry_dir)
     low, high, _n = store.query("SELECT min(event_time), max(event_time), count() FROM predictions FINAL").rows[0]
     span_s = (high - low).total_seconds() if _n else 0.0
@@ -433,9 +465,9 @@ def build_report(store: Store, settings: Settings, registry: ModelRegistry | Non
     sections = [
         score_section(store, bucket_s),
         drift_section(store, registry, settings.model_name, bucket_s),
-        online_metrics_section(store, bucket_s),
+        online_metrics_section(store, bucket_s, spec.objective),
         rejected_section(store),
-        retrain_section(store),
+        retrain_section(store, spec.objective),
     ]
     return Report(generated_at=datetime.now(timezone.utc), database=settings.clickhouse_database,
                   topic_prefix=settings.topic_prefix, model_name=settings.model_name, bucket_s=bucket_s,
@@ -485,8 +517,9 @@ def render_html(report: Report) -> str:
     return "\n".join(parts)
 
 
-def write_report(store: Store, settings: Settings, path: Path, registry: ModelRegistry | None = None) -> Report:
-    report = build_report(store, settings, registry)
+def write_report(store: Store, settings: Settings, path: Path, registry: ModelRegistry | None = None,
+                 spec: FeatureSpec | None = None) -> Report:
+    report = build_report(store, settings, registry, spec)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(render_html(report), encoding="utf-8")
