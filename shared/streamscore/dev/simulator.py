@@ -38,7 +38,33 @@ from itertools import accumulate
 
 import numpy as np
 
-from streamscore.legacy.features import COUNTRIES, MERCHANT_CATEGORIES
+# What the simulator generates; examples/payments/spec.yaml encodes the same lists (tests/unit/dev/test_simulator.py)
+MERCHANT_CATEGORIES: tuple[str, ...] = (
+    "5411",  # grocery stores, supermarkets
+    "5812",  # restaurants
+    "5814",  # fast food
+    "5541",  # service stations
+    "5542",  # automated fuel dispensers
+    "5311",  # department stores
+    "5912",  # drug stores, pharmacies
+    "5999",  # miscellaneous retail
+    "5732",  # electronics stores
+    "5691",  # clothing stores
+    "4111",  # commuter transport
+    "4121",  # taxis, limousines
+    "4814",  # telecommunication services
+    "7011",  # hotels, lodging
+    "4511",  # airlines
+    "5967",  # direct marketing, inbound teleservices
+    "7995",  # betting, casino gambling
+    "6011",  # ATM cash disbursement
+    "6051",  # quasi cash (crypto, money orders)
+    "4829",  # wire transfers, money orders
+)
+COUNTRIES: tuple[str, ...] = (
+    "DE", "FR", "NL", "BE", "ES", "IT", "PT", "AT", "CH", "GB",
+    "IE", "SE", "NO", "DK", "PL", "FI", "LU", "US", "CA", "JP",
+)
 
 DRIFT_KINDS = ("covariate", "new_categories", "concept")
 DAY_MS = 86_400_000

@@ -7,11 +7,13 @@ import lightgbm as lgb
 import numpy as np
 import pytest
 
-from streamscore.legacy import features as F
 from streamscore.avro.codec import AvroCodec, DecodeError
-from streamscore.settings import Settings
-from streamscore.dev.simulator import DriftSpec, Simulator
-from streamscore.legacy.validation import InvalidEvent, validate_event
+from streamscore.avro.scanner import columns_from_records
+from streamscore.dev.simulator import COUNTRIES, MERCHANT_CATEGORIES, DriftSpec, Simulator
+from streamscore.scoring.validation import EventValidator
+from tests.conftest import example_spec, offline_matrix
+
+PAYMENTS = example_spec("payments")
 
 N = 20_000
 
@@ -30,16 +32,18 @@ def test_same_seed_same_stream_and_calls_continue_the_stream():
 
 
 def test_events_follow_the_contract_and_validate(stream):
-    settings = Settings()
     now = max(e["event_time"] for e, _ in stream) + 1
     ids = set()
     for event, _ in stream:
         assert set(event) == {"event_id", "entity_id", "event_time", "amount", "currency", "merchant_category",
                               "channel", "country", "device_id"}
         assert type(event["event_time"]) is int and type(event["amount"]) is float
-        validate_event(event, settings, now)
         ids.add(event["event_id"])
     assert len(ids) == len(stream)
+    events = [event for event, _ in stream]
+    rows = np.arange(len(events))
+    passed, rejected = EventValidator(PAYMENTS).check(columns_from_records(PAYMENTS.event.layout, events), rows, now)
+    assert rejected == [] and len(passed) == len(events)  # the payments spec's checks accept every event
     # some optional fields are null, as from real acquirers
     assert any(e["merchant_category"] is None for e, _ in stream)
 
@@ -108,10 +112,10 @@ def test_new_categories_drift_brings_values_outside_the_vocabularies():
     def unseen_share(chunk, field, vocabulary):
         return sum(e[field] is not None and e[field] not in vocabulary for e in chunk) / len(chunk)
 
-    assert unseen_share(events[:at], "merchant_category", F.MERCHANT_CATEGORIES) == 0
-    assert unseen_share(events[:at], "country", F.COUNTRIES) == 0
-    assert 0.25 < unseen_share(events[at:], "merchant_category", F.MERCHANT_CATEGORIES) < 0.35
-    assert 0.25 < unseen_share(events[at:], "country", F.COUNTRIES) < 0.35
+    assert unseen_share(events[:at], "merchant_category", MERCHANT_CATEGORIES) == 0
+    assert unseen_share(events[:at], "country", COUNTRIES) == 0
+    assert 0.25 < unseen_share(events[at:], "merchant_category", MERCHANT_CATEGORIES) < 0.35
+    assert 0.25 < unseen_share(events[at:], "country", COUNTRIES) < 0.35
 
 
 def test_concept_drift_turns_fraud_into_small_domestic_pos_payments():
@@ -142,16 +146,22 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float:
 
 def test_simulated_fraud_is_learnable_from_the_features(stream):
     """The simulator and the features make a learnable problem (held-out, later in time)."""
-    X = F.offline_features([event for event, _ in stream])
+    X = offline_matrix(PAYMENTS, [event for event, _ in stream])
     y = np.array([label["label"] for _, label in stream])
     cut = int(len(y) * 0.7)
     booster = lgb.train(
         {"objective": "binary", "num_leaves": 15, "learning_rate": 0.1, "verbose": -1, "num_threads": 1,
          "seed": 1},
-        lgb.Dataset(X[:cut], y[:cut], feature_name=list(F.FEATURE_NAMES),
-                    categorical_feature=list(F.CATEGORICAL_FEATURES)),
+        lgb.Dataset(X[:cut], y[:cut], feature_name=list(PAYMENTS.feature_names),
+                    categorical_feature=list(PAYMENTS.categorical_features)),
         num_boost_round=30,
     )
     held_out_auc = auc(y[cut:], booster.predict(X[cut:]))
     print(f"held-out AUC {held_out_auc:.3f} on {len(y) - cut} events, {int(y[cut:].sum())} fraud")
     assert held_out_auc > 0.8
+
+
+def test_the_payments_spec_encodes_the_categories_the_simulator_generates():
+    values = {f.field: tuple(f.values) for f in PAYMENTS.features if f.kind == "encode" and f.values}
+    assert values["merchant_category"] == MERCHANT_CATEGORIES
+    assert values["country"] == COUNTRIES

@@ -8,24 +8,26 @@ import lightgbm
 import numpy as np
 import pytest
 
-from streamscore.legacy import features
 
 from streamscore.learning import training
-from streamscore.legacy.pipeline import ServedModel
+from streamscore.scoring.served_model import ServedModel
 from streamscore.dev.simulator import Simulator
 from streamscore.scoring.tree_kernel import TreeKernel
+from tests.conftest import example_spec, offline_matrix
+
+PAYMENTS = example_spec("payments")
 
 
 @pytest.fixture(scope="module")
 def simulated():
     pairs = list(Simulator(21, n_entities=300).events(6000))
-    matrix = features.offline_features([event for event, _ in pairs])
+    matrix = offline_matrix(PAYMENTS, [event for event, _ in pairs])
     labels = np.array([label["label"] for _, label in pairs])
     return matrix, labels
 
 
 def train(matrix, labels, rounds=60, **params):
-    return training.train_model(matrix, labels, features.FEATURE_NAMES, features.CATEGORICAL_FEATURES,
+    return training.train_model(matrix, labels, PAYMENTS.feature_names, PAYMENTS.categorical_features,
                                 num_boost_round=rounds, params=params or None).booster
 
 
