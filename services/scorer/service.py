@@ -30,11 +30,12 @@ import threading
 import time
 from collections import deque
 
-from confluent_kafka import Consumer, KafkaError, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
+from streamscore.kafka.config import schema_registry_config
 from streamscore.avro.codec import AvroCodec, SchemaCatalog
 from streamscore.kafka.io import (AckBatch, DeliveryFailed, commit, dead_letter, log_commit_errors, make_consumer,
-                                  make_producer)
+                                  make_producer, make_reader, produce)
 from streamscore.learning.registry import ModelRegistry
 from streamscore.ops.service_stats import ServiceStats
 from streamscore.scoring.pipeline import InputMessage, ScoringPipeline
@@ -61,8 +62,7 @@ def read_changelogs(settings: Settings, engine: FeatureEngine, partitions: list[
     states = {partition: engine.new_state() for partition in partitions}
     if not partitions:
         return states, 0
-    reader = Consumer({"bootstrap.servers": settings.bootstrap_servers, "group.id": "unused",
-                       "enable.auto.commit": False, "enable.partition.eof": True})
+    reader = make_reader(settings, **{"enable.partition.eof": True})
     refused = 0
     try:
         todo: dict[int, int] = {}  # partition -> high watermark still to reach
@@ -141,7 +141,8 @@ class ScorerService:
             settings, spec = resolve(settings)
         self.settings = settings
         self.spec = spec
-        self.codec = codec or AvroCodec(SchemaCatalog.for_spec(spec), registry_url=settings.schema_registry_url)
+        self.codec = codec or AvroCodec(SchemaCatalog.for_spec(spec), registry_url=settings.schema_registry_url,
+                                        registry_config=schema_registry_config(settings))
         self.registry = ModelRegistry(settings.registry_dir)
         self.pipeline = ScoringPipeline(spec, self.codec,
                                         load_production_model(self.registry, spec, settings.model_name),
@@ -234,14 +235,14 @@ class ScorerService:
             if state is None:
                 continue
             if slot is None:  # dropped past retention: a tombstone compacts the changelog too
-                producer.produce(state_topic, key=entity, value=None, partition=partition, on_delivery=acks)
+                produce(producer, state_topic, None, entity, partition=partition, on_delivery=acks)
                 acks.produced += 1
             elif slot < len(state.entity_ids) and state.entity_ids[slot] == entity:  # (a dropped slot is reused)
                 by_partition.setdefault(partition, []).append(slot)
         for partition, slots in by_partition.items():
             # the state now (maybe ahead of the checkpoint's offsets: replayed offsets are not re-applied)
             for entity, value in self.pipeline.states[partition].encode(slots):
-                producer.produce(state_topic, key=entity, value=value, partition=partition, on_delivery=acks)
+                produce(producer, state_topic, value, entity, partition=partition, on_delivery=acks)
                 acks.produced += 1
         if not self._state_queue:
             acks.seal(self._checkpointing)
@@ -336,7 +337,10 @@ class ScorerService:
                     result = self.pipeline.score(inputs)
                     acks = self._acks
                     for key, value in zip(result.keys, result.encoded):
-                        producer.produce(predictions_topic, key=key, value=value, on_delivery=acks)
+                        try:  # the hot path calls the client directly; a full queue or a retriable error
+                            producer.produce(predictions_topic, key=key, value=value, on_delivery=acks)
+                        except (BufferError, KafkaException):  # ... goes through the shared produce path
+                            produce(producer, predictions_topic, value, key, on_delivery=acks)
                     for index, rejection, event_id in result.rejected:
                         dead_letter(producer, settings, messages[index], rejection, SERVICE, event_id=event_id,
                                     on_delivery=acks)

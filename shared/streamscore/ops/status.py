@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from confluent_kafka.admin import AdminClient
 
+from streamscore.kafka.config import admin_config
 from streamscore.kafka.lag import GroupStatus, consumer_groups_status
 from streamscore.learning.registry import ModelRegistry
 from streamscore.settings import Settings
@@ -62,7 +63,7 @@ def collect_status(settings: Settings, services: Iterable[str], store: Store | N
     status = OpsStatus()
     # Quiet client (failures surface as exceptions below), and a quick probe so a
     # stopped broker costs seconds, not one timeout per request.
-    admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers, "log_level": 0})
+    admin = AdminClient(admin_config(settings, log_level=0))
     try:
         admin.list_topics(timeout=5)
         status.groups = consumer_groups_status(settings, services, admin=admin)
