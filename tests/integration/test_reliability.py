@@ -28,6 +28,7 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from streamscore.avro.codec import AvroCodec
+from streamscore.kafka.config import admin_config, reader_config
 from streamscore.kafka.io import admin_result
 from streamscore.dev.generators import generator_ending_now
 from streamscore.services.tools.simulate import SimulationReport, produce_simulation
@@ -58,8 +59,7 @@ def wait_until(condition, timeout_s: float, what: str, interval_s: float = 0.25)
 def positions(settings: Settings, group: str, topic: str) -> tuple[list[int], list[int]]:
     """(committed offset, end offset) per partition of `topic` for consumer group `group`
     (a never-committed partition counts as 0)."""
-    reader = Consumer({"bootstrap.servers": settings.bootstrap_servers, "group.id": group,
-                       "enable.auto.commit": False})
+    reader = Consumer(reader_config(settings, **{"group.id": group}))
     try:
         partitions = reader.list_topics(topic, timeout=10).topics[topic].partitions
         tps = [TopicPartition(topic, p) for p in sorted(partitions)]
@@ -80,7 +80,7 @@ def wait_services_ready(settings: Settings, services=("scorer", "logger"), timeo
     from confluent_kafka import ConsumerGroupState
     from confluent_kafka.admin import AdminClient
 
-    admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers})
+    admin = AdminClient(admin_config(settings))
 
     def ready() -> bool:
         groups = [settings.group(service) for service in services]
