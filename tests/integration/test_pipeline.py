@@ -257,9 +257,15 @@ def test_events_scored_and_logged_exactly_once_poison_dead_lettered_then_trained
         assert len(live) == 1 and live[0][:3] == (version, n_live, 0)
         if spec.objective == "binary":
             assert 0 <= live[0][3] <= live[0][4] <= 1
-        else:  # a duration in seconds, near the labels' scale
-            mean_label = float(np.mean([lbl[spec.label.value_field] for lbl in labels]))
-            assert 0.2 * mean_label < live[0][3] < live[0][4] < 10 * mean_label
+        else:  # a duration in seconds: the served v1 beats predicting the mean (a per-row bound is
+            # fragile: short trips are legitimately scored far below the mean, CI saw 238 s vs 1,255 s)
+            truth = {lbl[spec.label.id_field]: float(lbl[spec.label.value_field]) for lbl in labels}
+            served = store.query("SELECT event_id, score FROM predictions FINAL WHERE event_id IN %(ids)s",
+                                 parameters={"ids": ids(events[n_history:])}).rows
+            y = np.array([truth[event_id] for event_id, _ in served])
+            score = np.array([s for _, s in served])
+            assert live[0][3] > 0
+            assert np.sqrt(np.mean((score - y) ** 2)) < np.std(y)
         # the served vectors of the live phase are the offline recomputation with v1's frozen vocabularies
         assert_no_skew(store, ids(events[n_history:]), spec, outcome.version.vocabularies)
         assert scalar(store, "SELECT count() FROM predictions FINAL WHERE model_version = 0") == n_history
