@@ -223,18 +223,29 @@ class OutputFormat(str, Enum):
 def query(
     ctx: typer.Context,
     sql: str = typer.Argument(..., help="SQL to run; unqualified tables are in STREAMSCORE_CLICKHOUSE_DATABASE."),
-    output: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help="table, csv or json."),
+    output: OutputFormat | None = typer.Option(
+        None, "--format", "-f",
+        help="table (default), csv or json. SQL ending in ClickHouse's own FORMAT clause is printed as ClickHouse "
+             "writes it instead."),
     demo: bool = typer.Option(False, "--demo", help="Query the demo's database (streamscore_demo)."),
     spec_path: Path | None = _SPEC_OPTION,
 ) -> None:
     """Run SQL against the ClickHouse store (e.g. streamscore query "SELECT count() FROM predictions FINAL")."""
-    from streamscore.clickhouse.store import StoreError, open_store
+    from streamscore.clickhouse.store import StoreError, open_store, own_output_format
     from streamscore.services.tools.demo import demo_settings
 
     settings: Settings = demo_settings(ctx.obj) if demo else ctx.obj
+    own_format = own_output_format(sql)
+    if own_format and output is not None:
+        raise fail(f"the SQL names its output format (FORMAT {own_format}) and --format {output.value} was given: "
+                   "keep one")
     try:
         store = open_store(settings)
         try:
+            if own_format:
+                sys.stdout.buffer.write(store.query_formatted(sql))
+                sys.stdout.flush()
+                return
             result = store.query(sql)
         finally:
             store.close()
