@@ -649,7 +649,13 @@ def demo(ctx: typer.Context,
 
     # librdkafka's transient start-up notices ("coordinator load in progress") are not news in a demo.
     logging.getLogger("streamscore.kafka").setLevel(logging.ERROR)
-    run_demo(settings, options, console, spec=spec)
+    from streamscore.clickhouse.store import StoreError
+    from streamscore.dev.kafka_broker import KafkaBrokerError
+
+    try:
+        run_demo(settings, options, console, spec=spec)
+    except (KafkaBrokerError, StoreError) as error:  # the message says what to do; a traceback would bury it
+        raise fail(str(error)) from error
 
 
 # --- operations ---------------------------------------------------------------------
