@@ -51,9 +51,13 @@ def run_with_restarts(name: str, service, rebuild: Callable[[], object], stop: t
     while True:
         started = time.monotonic()
         try:
+            if service is None:  # after a crash; building it can fail too (store or broker away), same policy
+                service = rebuild()
+                log.info("service %s restarted", name, extra={"service": name})
             service.run(stop)
             return
         except Exception as exc:
+            service = None
             if stop.is_set():
                 raise
             if time.monotonic() - started >= policy.healthy_s:
@@ -70,5 +74,3 @@ def run_with_restarts(name: str, service, rebuild: Callable[[], object], stop: t
                 on_restart(in_a_row, exc)
         if stop.wait(delay):
             return
-        service = rebuild()
-        log.info("service %s restarted", name, extra={"service": name})

@@ -28,7 +28,7 @@ import pytest
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
 from streamscore.avro.codec import AvroCodec
-from streamscore.kafka.config import admin_config, reader_config
+from streamscore.kafka.config import admin_config, client_config, reader_config
 from streamscore.kafka.io import admin_result, is_retriable
 from streamscore.dev.generators import generator_ending_now
 from streamscore.services.tools.simulate import SimulationReport, produce_simulation
@@ -665,7 +665,7 @@ def poison_messages(settings: Settings) -> list[tuple[bytes | None, str]]:
 
 def produce_backlog(settings: Settings, n_good: int, poison_every: int, seed: int) -> tuple[int, list]:
     """n_good simulated events, a poison message after every `poison_every`-th; returns (good, poison sent)."""
-    producer = Producer({"bootstrap.servers": settings.bootstrap_servers, "linger.ms": 5})
+    producer = Producer(client_config(settings, **{"linger.ms": 5}))
     encode = CODEC.encoder("event")
     topic = settings.topic(PAYMENTS.event.topic)
     cases = poison_messages(settings)
@@ -723,8 +723,7 @@ def test_poison_is_dead_lettered_with_reasons_and_does_not_slow_good_events(make
     assert poisoned_rate > 0.35 * clean_rate
 
     # Every poison message is in the dead-letter topic with its reason and original bytes ...
-    dlq = Consumer({"bootstrap.servers": poisoned.bootstrap_servers, "group.id": "test-dlq-reader",
-                    "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    dlq = Consumer(reader_config(poisoned, **{"group.id": "test-dlq-reader", "auto.offset.reset": "earliest"}))
     dlq.subscribe([poisoned.topic(TOPIC_DEAD_LETTER)])
     dead: list[tuple[bytes, dict]] = []
     deadline = time.monotonic() + 60

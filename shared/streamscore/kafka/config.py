@@ -122,9 +122,11 @@ def explain_client_error(settings: Settings, error: KafkaError | str) -> str | N
     lowered = text.lower()
     where = f"Kafka at {settings.bootstrap_servers}"
     if "sasl authentication" in lowered or "invalid credentials" in lowered or "authentication failed" in lowered:
+        props = settings.client_properties
+        mechanism = (settings.kafka_sasl_mechanism or props.get("sasl.mechanisms") or props.get("sasl.mechanism")
+                     or "GSSAPI (librdkafka's default)")
         return (f"{where} rejected the SASL login: check {_setting(settings, 'kafka_sasl_username', 'sasl.username')}"
-                f" and {_setting(settings, 'kafka_sasl_password', 'sasl.password')} (mechanism "
-                f"{settings.kafka_sasl_mechanism or settings.client_properties.get('sasl.mechanisms') or settings.client_properties.get('sasl.mechanism') or 'GSSAPI (default)'}). "
+                f" and {_setting(settings, 'kafka_sasl_password', 'sasl.password')} (mechanism {mechanism}). "
                 f"Broker said: {text}")
     if "certificate verify failed" in lowered or "unable to get local issuer" in lowered or "self-signed" in lowered \
             or "self signed" in lowered:
@@ -133,7 +135,7 @@ def explain_client_error(settings: Settings, error: KafkaError | str) -> str | N
         ca += f" (now {value})" if value else " (unset: the system trust store)"
         return (f"{where}: the broker's TLS certificate is not trusted: {ca} must name the PEM file of the CA that "
                 f"signed it. librdkafka said: {text}")
-    if "ssl handshake failed" in lowered or "wrong version number" in lowered or "ssl" in lowered and code == KafkaError._SSL:
+    if "ssl handshake failed" in lowered or "wrong version number" in lowered or code == KafkaError._SSL:
         return (f"{where}: TLS handshake failed: check {_setting(settings, 'kafka_security_protocol', 'security.protocol')}"
                 f" (SSL / SASL_SSL need a TLS listener at that address) and the ssl.* settings. librdkafka said: {text}")
     if code == KafkaError._AUTHENTICATION:

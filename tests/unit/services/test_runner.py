@@ -147,3 +147,26 @@ def test_a_service_that_ran_healthy_long_enough_starts_its_count_again():
     run_with_restarts("x", SlowThenCrash(), SlowThenCrash, stop,
                       RestartPolicy(max_restarts=2, backoff_s=0.01, healthy_s=0.02))
     assert len(runs) == 7, "crashes after a healthy run must not add up to giving up"
+
+
+def test_a_rebuild_that_fails_counts_as_a_crash_and_is_retried():
+    stop = threading.Event()
+    attempts = []
+
+    class Works:
+        def run(self, stop_event):
+            attempts.append("ran")
+
+    def rebuild():
+        attempts.append("build")
+        if attempts.count("build") == 1:
+            raise ConnectionError("store not reachable yet")
+        return Works()
+
+    class CrashOnce:
+        def run(self, stop_event):
+            attempts.append("crash")
+            raise ConnectionError("broker restarted")
+
+    run_with_restarts("x", CrashOnce(), rebuild, stop, RestartPolicy(max_restarts=3, backoff_s=0.01))
+    assert attempts == ["crash", "build", "build", "ran"]
