@@ -9,10 +9,11 @@ no request and no drift rows. A restart test checks the drift checkpoint.
 
 Sizes: 200 entities make ~2000 events a simulated day, so 16k history events
 cover the 7-day feature windows (a younger stream drifts by itself as entity
-histories fill up) and a 2000-event window is about a day (no diurnal swing).
-The per-event score detectors are off: on a 3k-row training baseline the
-bursty fraud score trips them; the windowed and label detectors are what
-this loop exercises (bench/drift_quality.py measures all of them).
+histories fill up) and a 2000-event window is about a day.
+The drift service runs with its default detectors and thresholds (only the
+windows, cool-down and checkpoint interval are sized for the test): feature
+drift is recorded in drift_events, and only evidence of harm (labels, the
+label-free estimate, importance-weighted drift) requests a retrain.
 """
 from __future__ import annotations
 
@@ -46,8 +47,8 @@ HISTORY = 16_000
 LIVE = 10_000
 DRIFT_AT = 3_000  # live index of the first drifted event
 LOOP_SETTINGS = dict(
-    drift_detectors="windowed,performance", drift_window=2000, drift_min_events=2000, drift_perf_window=2000,
-    drift_logloss_ratio_threshold=3.0, drift_cooldown_events=100_000, drift_checkpoint_interval_s=1.0,
+    drift_window=2000, drift_min_events=2000, drift_perf_window=2000,
+    drift_cooldown_events=100_000, drift_checkpoint_interval_s=1.0,
     logger_flush_interval_s=0.5, train_num_boost_round=100,
     # Retrain on ~2.5 simulated days (features still replay the whole history) once 2500 post-detection
     # labels are in: the candidate learns the new regime and the gate's holdout is mostly post-drift.
@@ -104,6 +105,10 @@ def retrain_messages(settings) -> list[dict]:
 
 def drift_rows(store) -> int:
     return int(store.query("SELECT count() FROM drift_events WHERE kind = 'drift'").rows[0][0])
+
+
+def requested_rows(store) -> int:
+    return int(store.query("SELECT count() FROM drift_events WHERE retrain_requested = 1").rows[0][0])
 
 
 def run_history_and_v1(settings, store, group, simulator):
@@ -195,7 +200,7 @@ def test_the_same_stream_without_drift_requests_no_retrain(loop_settings, store)
         assert monitor.windows_completed >= LIVE // settings.drift_window - 1
         assert not drift.requests_sent
     assert retrain_messages(settings) == []
-    assert drift_rows(store) == 0
+    assert requested_rows(store) == 0  # feature drift may be recorded (kind='drift'), never acted on
     statistics = int(store.query("SELECT count() FROM drift_events WHERE kind = 'statistic'").rows[0][0])
     assert statistics > 0
     assert ModelRegistry(settings.registry_dir).read_production_version(settings.model_name) == 1
