@@ -206,6 +206,34 @@ def test_the_same_stream_without_drift_requests_no_retrain(loop_settings, store)
     assert ModelRegistry(settings.registry_dir).read_production_version(settings.model_name) == 1
 
 
+LONG_HEALTHY = 200_000  # live events: 100 simulated days of daily cycles at 200 cards
+
+
+def test_a_long_healthy_cycling_stream_requests_no_retrain(loop_settings, store):
+    """200k live events (100 simulated days, each with its quiet night) through scorer, logger and drift with
+    the drift defaults: feature drift may be recorded, but nothing is evidence of harm, so no request."""
+    settings = loop_settings.model_copy(update={"trainer_window_days": 6.0, "drift_cooldown_events": 50_000,
+                                                "drift_checkpoint_interval_s": 5.0})
+    simulator = generator_ending_now(PAYMENTS, 13, ENTITIES, HISTORY + LONG_HEALTHY)
+    with ServiceGroup(settings, ["scorer", "logger", "drift"], store=store) as group:
+        run_history_and_v1(settings, store, group, simulator)
+        drift = group.services["drift"]
+        started = time.monotonic()
+        produce_simulation(settings, PAYMENTS, CODEC, simulator, LONG_HEALTHY)  # as fast as the broker takes them
+        monitor = drift.tracker.monitor
+        wait_until(lambda: monitor.predictions_seen >= LONG_HEALTHY - 50, "drift service saw the live stream", group,
+                   timeout_s=900)
+        wait_until(lambda: monitor.labels_seen >= LONG_HEALTHY * 0.95, "labels joined", group, timeout_s=300)
+        print(f"\n{LONG_HEALTHY} healthy events monitored in {time.monotonic() - started:.0f} s; "
+              f"{monitor.windows_completed} windows; {drift_status(drift)}")
+        assert monitor.windows_completed >= LONG_HEALTHY // settings.drift_window - 1
+        assert not drift.requests_sent, drift.requests_sent
+    assert retrain_messages(settings) == []
+    assert requested_rows(store) == 0
+    recorded = store.query("SELECT detector, count() FROM drift_events WHERE kind = 'drift' GROUP BY detector").rows
+    print(f"recorded detections (no action): {sorted(recorded)}")
+
+
 def register_offline_v1(settings, simulator, n: int) -> None:
     """A production v1 trained in process on simulator events (no history through Kafka needed)."""
     pairs = list(simulator.events(n))

@@ -28,8 +28,9 @@ Evidence of harm (a retrain request cites one, with all channels' latest figures
   holdout's, beyond `estimated_auc_drop_threshold` / `estimated_mae_ratio_threshold` and beyond the
   worst healthy holdout chunk, for `persist_windows` consecutive windows.
 - covariate (family "windowed"): the importance-weighted PSI (sum over features of gain share x
-  PSI) above `weighted_psi_threshold` and above 2x the healthy chunks' maximum, for
-  `persist_windows` consecutive windows: a drift of what the model relies on, before labels come.
+  PSI) above `weighted_psi_threshold` and above 2x the healthy chunks' maximum, corroborated by the
+  estimated channel (at least half its threshold), for `persist_windows` consecutive windows: a drift
+  of what the model relies on that reaches its scores, before labels come.
 
 Warm-up (`min_events`) suppresses everything right after a model swap. The cool-down turns one
 harmful shift into ONE request: none for `cooldown_events` predictions AND `cooldown_s` of event
@@ -41,6 +42,7 @@ pickle): windows, label window, streaks and cool-down are kept, river detectors 
 from __future__ import annotations
 
 import math
+import operator
 from bisect import bisect_left
 from collections import deque
 from dataclasses import asdict, dataclass, field, replace
@@ -63,6 +65,7 @@ MEASURED, ESTIMATED, COVARIATE = "measured", "estimated", "covariate"
 CHANNEL_RANK = {MEASURED: 0, ESTIMATED: 1, COVARIATE: 2}  # which evidence a request cites first
 SEASONAL_MARGIN = 1.5  # x the highest healthy-chunk PSI of a feature: its lowest PSI threshold
 WEIGHTED_MARGIN = 2.0  # x the highest healthy-chunk weighted PSI: the covariate channel's lowest threshold
+CORROBORATION = 0.5  # share of the estimated channel's threshold that makes a covariate drift evidence of harm
 Z = 3.0  # standard errors a measured change must exceed (one-sided, ~0.1% false positive per check)
 
 _EPS = 1e-4  # floor of a bin fraction in PSI (an empty bin would be infinite)
@@ -573,6 +576,7 @@ class DriftMonitor:
         self._references = references
         self._score_column = self.monitored.index(SCORE) if SCORE in references else None
         self._feature_columns = [n for n in self.monitored if n != SCORE]
+        self._take = _row_getter(self._feature_columns)
 
         chunks = self.monitoring.get("chunks") or {}
         psi_max = chunks.get("psi_max") or {}
@@ -618,6 +622,7 @@ class DriftMonitor:
         self._latest: dict[str, str] = {}  # channel -> its latest figures, for a request's evidence
         self._last_request: dict[str, Any] | None = None  # {"ms", "event", "channel"}
         self._cited_quiet = 0  # consecutive evaluations in which the cited channel did not fire
+        self._estimated_excess: float | None = None  # this window's estimated value / its threshold
 
     # -- updates -------------------------------------------------------------------------
 
@@ -626,7 +631,10 @@ class DriftMonitor:
         self.predictions_seen += 1
         self._last_event_ms = event_time_ms
         get = features.get
-        row = [get(name, math.nan) for name in self._feature_columns]
+        try:
+            row = list(self._take(features)) if self._take is not None else []
+        except KeyError:  # a feature missing from this prediction: NaN (counted in nan_fraction)
+            row = [get(name, math.nan) for name in self._feature_columns]
         if self._score_column is not None:
             row.append(math.nan if score is None else score)
         self._window_rows.append(row)
@@ -802,10 +810,11 @@ class DriftMonitor:
                 if windowed and unknown - ref.unknown_fraction > config.unknown_rate_threshold:
                     signals.append(DriftSignal("unknown_rate", name, "unknown_rate", unknown,
                                                config.unknown_rate_threshold, n, at_ms, ref.unknown_fraction))
-        if windowed and self.monitoring.get("importance"):
-            signals += self._covariate_evidence(feature_psi, n, at_ms, warmed_up, stats)
+        self._estimated_excess = None
         if "estimated" in config.detectors and self._score_column is not None:
             signals += self._estimated_evidence(table[:, self._score_column], n, at_ms, warmed_up, stats)
+        if windowed and self.monitoring.get("importance"):
+            signals += self._covariate_evidence(feature_psi, n, at_ms, warmed_up, stats)
         self._last_window = stats
         return signals
 
@@ -826,8 +835,13 @@ class DriftMonitor:
         self._latest[COVARIATE] = (f"importance-weighted psi {weighted:.3f} (threshold {threshold:.3f}; top "
                                    + ", ".join(f"{k} psi {feature_psi[k]:.2f} x share {self._importance.get(k, 0):.2f}"
                                                for k, _ in top) + ")")
+        # Corroboration: a drift of important features requests a retrain only when the model's own scores
+        # show it too (the estimated channel at least CORROBORATION of its threshold), or when there is no
+        # estimate. Measured: amounts x3 and 30% unseen categories move the weighted PSI far above any
+        # threshold while the AUC stays within 0.01 (docs/drift.md).
+        corroborated = self._estimated_excess is None or self._estimated_excess >= CORROBORATION
         firing = weighted > threshold
-        harmful = self._persisted(COVARIATE, firing, warmed_up)
+        harmful = self._persisted(COVARIATE, firing and corroborated, warmed_up)
         if not firing:
             return []
         return [DriftSignal("weighted_psi", None, "importance_weighted_psi", weighted, threshold, n, at_ms,
@@ -851,6 +865,8 @@ class DriftMonitor:
             self._latest[ESTIMATED] = (f"estimated auc {estimate:.4f} vs holdout estimate {reference:.4f} "
                                        f"(drop {value:.4f}, threshold {threshold:.4f})")
         firing = value > threshold
+        self._estimated_excess = ((value - 1.0) / (threshold - 1.0) if self.objective == "regression"
+                                  else value / threshold)
         harmful = self._persisted(ESTIMATED, firing, warmed_up)
         if not firing:
             return []
@@ -1027,6 +1043,16 @@ class DriftMonitor:
 MONITOR_STATE_FORMAT = "streamscore.drift.monitor"
 BREAKTHROUGH_MARK = "cool-down breakthrough"  # in a request's reason (the trainer does not take it for a replay)
 MONITOR_STATE_VERSION = 2
+
+
+def _row_getter(names: list[str]):
+    """features -> tuple of the named values (a KeyError if one is missing); None for no features."""
+    if not names:
+        return None
+    if len(names) == 1:
+        single = operator.itemgetter(names[0])
+        return lambda features: (single(features),)
+    return operator.itemgetter(*names)
 
 
 def _json_safe(value: Any) -> Any:

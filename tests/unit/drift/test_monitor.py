@@ -73,6 +73,13 @@ def monitored_baseline():
     return baseline
 
 
+@pytest.fixture(scope="module")
+def importance_only_baseline(monitored_baseline):
+    """A monitoring reference without calibration: no label-free estimate to corroborate (or veto) with."""
+    reference = {k: v for k, v in monitored_baseline[MONITORING_KEY].items() if k != "calibration"}
+    return {**monitored_baseline, MONITORING_KEY: reference}
+
+
 def run(monitor, X, score, start=0, stop=None, step_ms=10):
     """Feed predictions; returns [(index, signal)]."""
     stop = len(X) if stop is None else stop
@@ -203,9 +210,20 @@ def test_feature_drift_is_recorded_but_requests_nothing_without_evidence_of_harm
     assert monitor.should_request_retrain([s for _, s in found], now_ms=10**9) is None
 
 
-def test_important_feature_drift_requests_once_it_persists(monitored_baseline):
+def test_important_feature_drift_is_not_harm_while_the_scores_do_not_move(monitored_baseline):
+    # the scores of this stream do not depend on the features: the estimated AUC stays put, so the
+    # weighted PSI is recorded but not corroborated
+    X, score, _ = make_stream(20_000, seed=10, zscore_shift_at=10_000, zscore_shift=1.5)
+    monitor = DriftMonitor(config(), monitored_baseline, "fraud", 1)
+    found = [s for _, s in run(monitor, X, score)]
+    assert any(s.detector == "weighted_psi" for s in found)
+    assert not any(s.harm for s in found)
+    assert "estimated auc" in monitor.evidence()
+
+
+def test_important_feature_drift_requests_once_it_persists(importance_only_baseline):
     X, score, _ = make_stream(40_000, seed=10, zscore_shift_at=10_000, zscore_shift=1.5)
-    monitor = DriftMonitor(config(cooldown_events=100_000), monitored_baseline, "fraud", 1)
+    monitor = DriftMonitor(config(cooldown_events=100_000), importance_only_baseline, "fraud", 1)
     requests, recorded = [], []
     rows, scores = X.tolist(), score.tolist()
     for i in range(len(rows)):
@@ -233,14 +251,14 @@ def test_cooldown_needs_both_events_and_time(baseline):
     assert monitor.should_request_retrain([recorded_only], now_ms=10**12) is None
 
 
-def test_cooldown_breaks_through_once_the_cited_evidence_has_cleared(monitored_baseline):
+def test_cooldown_breaks_through_once_the_cited_evidence_has_cleared(importance_only_baseline):
     # a transient shift (3 windows) requests; the stream recovers; a later real shift must not wait out
     # the 100k-event cool-down
     X, score, _ = make_stream(40_000, seed=18)
     X[10_000:16_000, 2] += 1.5
     X[26_000:, 2] += 1.5
     monitor = DriftMonitor(config(cooldown_events=100_000, cooldown_s=10**6, clear_windows=3),
-                           monitored_baseline, "fraud", 1)
+                           importance_only_baseline, "fraud", 1)
     requests = []
     rows, scores = X.tolist(), score.tolist()
     for i in range(len(rows)):
