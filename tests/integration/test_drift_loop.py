@@ -277,6 +277,47 @@ def test_drift_state_survives_a_restart_without_reprocessing(loop_settings, stor
         assert monitor.windows_completed == (first_part + second_part) // 500
 
 
+class _ShellPayload:
+    """A pickle that runs a shell command when unpickled (what a hostile drift-state record would hold)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_hostile_checkpoint_on_the_topic_is_ignored_and_the_service_starts_fresh(loop_settings, store, tmp_path):
+    import pickle
+
+    from streamscore.kafka.io import flush_or_raise, make_producer, DeliveryTracker
+    from streamscore.settings import TOPIC_DRIFT_STATE
+
+    settings = loop_settings.model_copy(update={"drift_window": 500, "drift_min_events": 500})
+    register_offline_v1(settings, generator_ending_now(PAYMENTS, 5, ENTITIES, 4000), 4000)
+    marker = tmp_path / "exploit-ran"
+    payload = pickle.dumps(_ShellPayload(marker))
+    producer, delivered = make_producer(settings), DeliveryTracker()
+    for value in (b"streamscore.drift.tracking.DriftTracker\n\x00\x01" + payload, payload):  # old layout, raw
+        producer.produce(settings.topic(TOPIC_DRIFT_STATE), key=settings.model_name.encode(), value=value,
+                         on_delivery=delivered)
+    flush_or_raise(producer, delivered)
+    simulator = generator_ending_now(PAYMENTS, 5, ENTITIES, 2000)
+    with ServiceGroup(settings, ["scorer", "drift"], store=store) as group:
+        drift = group.services["drift"]
+        wait_until(lambda: drift.tracker.model_version == 1, "drift monitor on v1 (fresh)", group)
+        assert not drift.restored and drift.stats.rejections["drift_checkpoint"] == 1
+        produce_simulation(settings, PAYMENTS, CODEC, simulator, 1000, label_delay_s=0.0)
+        wait_until(lambda: drift.tracker.monitor.predictions_seen >= 1000, "a fresh monitor at work", group)
+    assert not marker.exists(), "the pickle in the drift-state record was executed"
+    # the fresh service wrote a valid checkpoint: the next start restores it
+    with ServiceGroup(settings, ["drift"], store=store) as group:
+        drift = group.services["drift"]
+        wait_until(lambda: drift.tracker.monitor is not None, "drift state restored", group)
+        assert drift.restored and drift.tracker.monitor.predictions_seen >= 1000
+
+
 def test_trainer_records_a_failed_training_and_skips_duplicates_across_restarts(loop_settings, store):
     from streamscore.drift.monitor import DriftSignal
     from streamscore.learning.retrain_requests import retrain_reason, retrain_request
