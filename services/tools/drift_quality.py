@@ -27,8 +27,8 @@ event and everything before it is the same as the healthy stream):
 - river: SEA (variant 0 -> 2) through river.datasets.synth.ConceptDriftStream (width 1000), labels
   with every event; healthy control without the drift.
 
-Per scenario: does the shift harm the model (AUC or MAE on ALL labels, 20k events before the change
-vs everything after), the first retrain request's delay in events from the change and from the first
+Per scenario: does the shift harm the model (on ALL labels, 20k events before the change vs everything
+after: AUC down by more than 0.02 or log loss up by more than 50%; MAE up by more than 10%), the first retrain request's delay in events from the change and from the first
 recorded signal after the change, and false requests (requests before the change, or on healthy
 streams) per 100k healthy events. Detectors: the service defaults; "every detection requests" (the
 round-1 policy: any recorded signal, per-event ADWIN/PageHinkley on the score included, is an action,
@@ -62,6 +62,7 @@ from streamscore.spec.text import Vocabulary
 DAY_MS = 86_400_000
 HOUR_MS = 3_600_000
 HARM_AUC_DROP = 0.02  # a shift "harms" a classifier when its AUC falls by more than this...
+HARM_LOG_LOSS_RATIO = 1.5  # ...or its log loss by more than half (calibration / accuracy, e.g. river SEA)
 HARM_MAE_RATIO = 1.10  # ...a regression when its MAE rises by more than 10%
 
 
@@ -444,12 +445,21 @@ class Harm:
     metric: str
     before: float
     after: float
+    log_loss_before: float | None = None
+    log_loss_after: float | None = None
 
     @property
     def harmful(self) -> bool:
         if self.metric == "auc":
-            return self.before - self.after > HARM_AUC_DROP
+            return (self.before - self.after > HARM_AUC_DROP
+                    or self.log_loss_after > self.log_loss_before * HARM_LOG_LOSS_RATIO)
         return self.after > self.before * HARM_MAE_RATIO
+
+    def describe(self) -> str:
+        text = f"{self.metric} {self.before:.4g} -> {self.after:.4g}"
+        if self.log_loss_before is not None:
+            text += f", log loss {self.log_loss_before:.3g} -> {self.log_loss_after:.3g}"
+        return text
 
 
 def harm_of(prep: Prepared, objective: str) -> Harm | None:
@@ -461,8 +471,9 @@ def harm_of(prep: Prepared, objective: str) -> Harm | None:
     if objective == "regression":
         mae = lambda part: float(np.mean(np.abs(prep.scores[part] - prep.labels[part])))
         return Harm("mae", mae(before), mae(after))
-    from streamscore.learning.training import roc_auc
-    return Harm("auc", roc_auc(prep.labels[before], prep.scores[before]), roc_auc(prep.labels[after], prep.scores[after]))
+    from streamscore.learning.training import log_loss, roc_auc
+    return Harm("auc", roc_auc(prep.labels[before], prep.scores[before]), roc_auc(prep.labels[after], prep.scores[after]),
+                log_loss(prep.labels[before], prep.scores[before]), log_loss(prep.labels[after], prep.scores[after]))
 
 
 @dataclass
@@ -602,8 +613,7 @@ def main(argv: list[str] | None = None) -> int:
     for prep, model in prepared:
         s = results[(prep.stream.name, "service defaults")]
         h = harms[prep.stream.name]
-        harm_text = "-" if h is None else (f"{'**yes**' if h.harmful else 'no'} ({h.metric} {h.before:.4g} -> "
-                                           f"{h.after:.4g})")
+        harm_text = "-" if h is None else f"{'**yes**' if h.harmful else 'no'} ({h.describe()})"
         lines.append(f"| {prep.stream.name} | {len(prep.scores):,} | "
                      f"{'-' if prep.stream.change_at is None else f'{prep.stream.change_at:,}'} | {harm_text} | "
                      f"{'-' if s.detected is None else s.requests_after} | {s.cited or '-'} | {_opt(s.delay)} | "
