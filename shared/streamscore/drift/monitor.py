@@ -34,7 +34,7 @@ Evidence of harm (a retrain request cites one, with all channels' latest figures
 
 Warm-up (`min_events`) suppresses everything right after a model swap. The cool-down turns one
 harmful shift into ONE request: none for `cooldown_events` predictions AND `cooldown_s` of event
-time, unless the evidence the last request cited has CLEARED (below its threshold for
+time, unless the evidence the last request cited has CLEARED (below half its threshold for
 `clear_windows` consecutive evaluations): a false or transient request then cannot hide a real
 shift that follows it. State survives restarts as versioned JSON (`to_state` / `from_state`; no
 pickle): windows, label window, streaks and cool-down are kept, river detectors restart empty.
@@ -65,6 +65,7 @@ MEASURED, ESTIMATED, COVARIATE = "measured", "estimated", "covariate"
 CHANNEL_RANK = {MEASURED: 0, ESTIMATED: 1, COVARIATE: 2}  # which evidence a request cites first
 SEASONAL_MARGIN = 1.5  # x the highest healthy-chunk PSI of a feature: its lowest PSI threshold
 WEIGHTED_MARGIN = 2.0  # x the highest healthy-chunk weighted PSI: the covariate channel's lowest threshold
+CLEAR_LEVEL = 0.5  # the cited evidence has cleared when it stays below this share of its threshold
 CORROBORATION = 0.5  # share of the estimated channel's threshold that makes a covariate drift evidence of harm
 Z = 3.0  # standard errors a measured change must exceed (one-sided, ~0.1% false positive per check)
 
@@ -102,7 +103,7 @@ class DriftConfig:
     logloss_ratio_threshold: float = 1.5
     auc_drop_threshold: float = 0.1
     min_positives: int = 30
-    mae_ratio_threshold: float = 1.3
+    mae_ratio_threshold: float = 1.15
     estimated_auc_drop_threshold: float = 0.05
     estimated_mae_ratio_threshold: float = 1.2
     weighted_psi_threshold: float = 0.5
@@ -720,7 +721,7 @@ class DriftMonitor:
         config, perf = self.config, self._performance
         n = perf.n
         signals: list[DriftSignal] = []
-        firing = False
+        excess = 0.0  # the strongest test's value relative to its threshold (1 = at the threshold)
         figures = []
         if self.objective == "binary":
             positives, negatives = perf.positives, n - perf.positives
@@ -734,8 +735,8 @@ class DriftMonitor:
                     drop = reference_auc - auc
                     figures.append(f"auc {auc:.4f} vs holdout {reference_auc:.4f} (drop {drop:.4f}, "
                                    f"threshold {threshold:.4f})")
+                    excess = max(excess, drop / threshold)
                     if drop > threshold:
-                        firing = True
                         signals.append(DriftSignal("auc_drop", None, "auc_drop", drop, threshold, n, at_ms,
                                                    reference_auc, harm=MEASURED))
             else:
@@ -754,14 +755,14 @@ class DriftMonitor:
             figures.append(f"{name} {mean:.4g} (lower bound {lower:.4g}) vs reference {effective:.4g} "
                            f"(holdout {reference if reference is not None else float('nan'):.4g}, expected from "
                            f"scores {expected if expected is not None else float('nan'):.4g})")
+            excess = max(excess, (value - 1.0) / (ratio_threshold - 1.0))
             if value > ratio_threshold:
-                firing = True
                 signals.append(DriftSignal(f"{name.replace('_', '')}_ratio" if name == "log_loss" else "mae_ratio",
                                            None, f"{name}_ratio_lower_bound", value, ratio_threshold, n, at_ms,
                                            effective, harm=MEASURED))
         self._latest[MEASURED] = (f"measured over {n} labels ({perf.positives} positives): " if self.objective == "binary"
                                   else f"measured over {n} labels: ") + "; ".join(figures)
-        self._note_channel(MEASURED, firing)
+        self._note_channel(MEASURED, excess)
         return signals
 
     # -- windowed comparison --------------------------------------------------------------
@@ -818,10 +819,10 @@ class DriftMonitor:
         self._last_window = stats
         return signals
 
-    def _persisted(self, channel: str, firing: bool, warmed_up: bool) -> bool:
+    def _persisted(self, channel: str, firing: bool, warmed_up: bool, excess: float) -> bool:
         self._streaks[channel] = self._streaks[channel] + 1 if firing and warmed_up else 0
         if warmed_up:
-            self._note_channel(channel, firing)
+            self._note_channel(channel, excess)
         return self._streaks[channel] >= self.config.persist_windows
 
     def _covariate_evidence(self, feature_psi: dict[str, float], n: int, at_ms: int, warmed_up: bool,
@@ -841,7 +842,7 @@ class DriftMonitor:
         # threshold while the AUC stays within 0.01 (docs/drift.md).
         corroborated = self._estimated_excess is None or self._estimated_excess >= CORROBORATION
         firing = weighted > threshold
-        harmful = self._persisted(COVARIATE, firing and corroborated, warmed_up)
+        harmful = self._persisted(COVARIATE, firing and corroborated, warmed_up, weighted / threshold)
         if not firing:
             return []
         return [DriftSignal("weighted_psi", None, "importance_weighted_psi", weighted, threshold, n, at_ms,
@@ -867,7 +868,7 @@ class DriftMonitor:
         firing = value > threshold
         self._estimated_excess = ((value - 1.0) / (threshold - 1.0) if self.objective == "regression"
                                   else value / threshold)
-        harmful = self._persisted(ESTIMATED, firing, warmed_up)
+        harmful = self._persisted(ESTIMATED, firing, warmed_up, self._estimated_excess)
         if not firing:
             return []
         return [DriftSignal(detector, None, statistic, value, threshold, n, at_ms, reference,
@@ -926,11 +927,13 @@ class DriftMonitor:
         self._cited_quiet = 0
         return chosen
 
-    def _note_channel(self, channel: str, firing: bool) -> None:
+    def _note_channel(self, channel: str, excess: float) -> None:
+        """Track whether the evidence the last request cited has cleared: below CLEAR_LEVEL of its threshold
+        (hysteresis: a value hovering around the threshold is the same shift, not a new one)."""
         last = self._last_request
         if last is None or last["channel"] != channel or last.get("cleared"):
             return
-        self._cited_quiet = 0 if firing else self._cited_quiet + 1
+        self._cited_quiet = self._cited_quiet + 1 if excess < CLEAR_LEVEL else 0
         if self._cited_quiet >= self.config.clear_windows:
             last["cleared"] = True  # the cited evidence is gone: the next harm is a new shift
 
