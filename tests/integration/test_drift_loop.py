@@ -53,6 +53,9 @@ LOOP_SETTINGS = dict(
     # Retrain on ~2.5 simulated days (features still replay the whole history) once 2500 post-detection
     # labels are in: the candidate learns the new regime and the gate's holdout is mostly post-drift.
     trainer_window_days=2.5, trainer_min_new_labels=2500,
+    # ...or after 20 s: labels arrive ~1 s (3,000 events) after their event, so a detection late in the live
+    # phase may leave fewer than 2500 to come (the default 300 s wait outlasts the test)
+    trainer_max_wait_s=20.0,
 )
 
 
