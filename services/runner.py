@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from streamscore.clickhouse.shared_store import RemoteStore, StoreServer, socket_path
 from streamscore.clickhouse.store import Store, open_store
 from streamscore.clickhouse.tables import ensure_spec_tables
 from streamscore.settings import Settings
@@ -62,6 +63,16 @@ class ServiceGroup:
         self.services = {name: build_service(name, settings, store, spec) for name in names}
         self.failures: dict[str, BaseException] = {}
         self._threads: list[threading.Thread] = []
+        # chDB has one process per data dir: this one serves it to `streamscore query`, `status`, the trainer's
+        # training process... on a local socket while it runs (clickhouse/shared_store.py)
+        self.store_server: StoreServer | None = None
+        if store is not None and store.is_embedded and not isinstance(store, RemoteStore):
+            self.store_server = StoreServer(store, socket_path(settings), services=self.running_services)
+
+    def running_services(self) -> dict[str, bool]:
+        """name -> running, of the services of this group (what `streamscore status` shows)."""
+        return {name: bool(getattr(getattr(service, "stats", None), "running", False))
+                for name, service in self.services.items()}
 
     def _run_one(self, name: str, service) -> None:
         try:
@@ -72,6 +83,8 @@ class ServiceGroup:
             self.stop.set()
 
     def start(self) -> "ServiceGroup":
+        if self.store_server is not None:
+            self.store_server.start()
         for name, service in self.services.items():
             thread = threading.Thread(target=self._run_one, args=(name, service), name=name, daemon=True)
             thread.start()
@@ -84,6 +97,8 @@ class ServiceGroup:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         for thread in self._threads:
             thread.join(None if deadline is None else max(deadline - time.monotonic(), 0))
+        if self.store_server is not None:
+            self.store_server.stop()
         if self.failures:
             name, exc = next(iter(self.failures.items()))
             raise RuntimeError(f"service {name} failed: {exc}") from exc

@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from streamscore.clickhouse.shared_store import MAX_UNIX_PATH, socket_path, trailing_format
+from streamscore.settings import Settings
+
+
+@pytest.mark.parametrize("sql, expected", [
+    ("SELECT 1 FORMAT JSONEachRow", "JSONEachRow"),
+    ("select 1 format csv;", "csv"),
+    ("SELECT 1\nFORMAT  Pretty  \n", "Pretty"),
+    ("SELECT 1", None),
+    ("SELECT formatDateTime(now(), '%F') AS format", None),
+    ("SELECT 'FORMAT' AS x", None),
+])
+def test_trailing_format_finds_only_a_final_format_clause(sql, expected):
+    assert trailing_format(sql) == expected
+
+
+def test_socket_is_in_the_data_dir_unless_its_path_is_too_long(tmp_path):
+    assert socket_path(Settings(data_dir=tmp_path)) == (tmp_path / "clickhouse.sock").resolve()
+    deep = tmp_path / ("d" * 120)
+    far = socket_path(Settings(data_dir=deep))
+    assert len(str(far)) <= MAX_UNIX_PATH and far != socket_path(Settings(data_dir=tmp_path / ("e" * 120)))
+    assert far == socket_path(Settings(data_dir=Path(str(deep))))  # stable: every process finds the same one
