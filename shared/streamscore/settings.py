@@ -74,6 +74,13 @@ class Settings(BaseSettings):
         description="The scorer waits for acks, writes changed entity state and commits offsets at most this often "
         "(0 = after every batch); a crash replays at most this much (predictions are at-least-once either way).")
 
+    scorer_static_membership: bool = Field(
+        default=True,
+        description="The scorer joins its consumer group with a group.instance.id kept across restarts (host, "
+        "data dir, first free slot: kafka/membership.py): restarted after a crash it gets its partitions back at "
+        "once instead of after the session timeout; stopped for good, its partitions move after the session "
+        "timeout.")
+
     # --- logger -------------------------------------------------------------
     logger_batch_rows: int = Field(default=20_000, ge=1, description="Logger flushes to ClickHouse at this many rows...")
     logger_flush_interval_s: float = Field(default=1.0, gt=0, description="...or after this many seconds, whichever first.")
