@@ -650,12 +650,21 @@ def bench(ctx: typer.Context,
           seconds: float = typer.Option(0, "--seconds", min=0, help="Seconds per offered rate (0 = default)."),
           repeats: int = typer.Option(0, "--repeats", min=0, help="In-process runs per figure, median (0 = default)."),
           memory_entities: str = typer.Option("", "--memory-entities",
-                                              help="Comma list of entity counts (default 100000,1000000).")) -> None:
-    """Performance figures with ratios to a naive baseline: scorer in process, end to end, logger, state memory."""
+                                              help="Comma list of entity counts (default 100000,1000000)."),
+          soak: float = typer.Option(0, "--soak", min=0, help="Instead: soak `run all` for this many minutes "
+                                     "(per-minute latency, memory, retrains, exactly-once counts)."),
+          soak_rate: float = typer.Option(2_500.0, "--soak-rate", min=1, help="Offered events/s of the soak."),
+          soak_retrain_every: float = typer.Option(120.0, "--soak-retrain-every", min=10,
+                                                   help="Seconds between the soak's retrain requests.")) -> None:
+    """Performance figures with ratios to a naive baseline: scorer in process, end to end, logger, state memory;
+    or, with --soak, a long run of `run all`."""
     from streamscore.dev.kafka_broker import LocalKafkaBroker
     from streamscore.services.tools.bench import BenchOptions, print_report, run_bench
 
     settings: Settings = ctx.obj
+    if soak:
+        _soak(settings, soak, soak_rate, soak_retrain_every)
+        return
     chosen = tuple(s.strip() for s in sections.split(",") if s.strip())
     unknown = set(chosen) - {"scorer", "e2e", "logger", "memory"}
     if unknown:
@@ -686,6 +695,26 @@ def bench(ctx: typer.Context,
         for broker in started:
             broker.stop()
     print_report(report, options, Console(width=max(console.width, 160)))
+
+
+def _soak(settings: Settings, minutes: float, rate: float, retrain_every_s: float) -> None:
+    from streamscore.dev.kafka_broker import LocalKafkaBroker
+    from streamscore.services.tools.soak import print_soak, run_soak
+
+    started = None
+    if settings.uses_local_broker:
+        broker = LocalKafkaBroker(settings)
+        broker.install()
+        if not broker.status().running:
+            broker.start()
+            started = broker
+    try:
+        report = run_soak(settings, minutes, rate=rate, retrain_every_s=retrain_every_s,
+                          progress=lambda text: console.print(f"[dim]{text}[/dim]", highlight=False))
+    finally:
+        if started is not None:
+            started.stop()
+    print_soak(report, Console(width=max(console.width, 120)))
 
 
 def main() -> None:

@@ -4,7 +4,7 @@
 its replay through the feature engine, LightGBM) held the GIL for tens of seconds and stalled scoring (p99
 4.8 s in a soak). `TrainingProcess` runs `retraining.train_candidate` in a spawned interpreter with its own
 store access (the embedded store through the socket of the process holding it, shared_store; a ClickHouse
-server directly) and hands back a `Candidate` (plain data, the model as text). Registering and promoting stay
+server directly), at the lowest CPU priority (nice 19), and hands back a `Candidate` (plain data, the model as text). Registering and promoting stay
 with the caller, so a training abandoned at shutdown (`abandon`) leaves nothing in the registry.
 
 Spawned, not forked: the parent runs librdkafka threads and chDB, which a fork would copy mid-flight.
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import time
 
 from streamscore.learning.retraining import Candidate
@@ -29,6 +30,9 @@ def _train(settings: Settings, since_ms: int | None, read_from_ms: int | None, c
     """The training process: resolve the spec, open the store, train, send back ("ok", Candidate) or
     ("error", text)."""
     try:
+        # Lowest CPU priority: the GIL is no longer shared, but the cores are (2 here, with the broker): the
+        # scorer must win them whenever it has events; training takes what is left.
+        os.nice(19)
         from streamscore.clickhouse.shared_store import connect_store
         from streamscore.learning.registry import ModelRegistry
         from streamscore.learning.retraining import train_candidate
