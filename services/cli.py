@@ -240,8 +240,9 @@ def query(
     demo: bool = typer.Option(False, "--demo", help="Query the demo's database (streamscore_demo)."),
     spec_path: Path | None = _SPEC_OPTION,
 ) -> None:
-    """Run SQL against the ClickHouse store (e.g. streamscore query "SELECT count() FROM predictions FINAL"); while
-    `streamscore run` or the demo holds the embedded store, that process answers."""
+    """Run SQL against the ClickHouse store, also while `run`/`demo` holds it (e.g. "SELECT count() FROM predictions").
+
+    While `streamscore run` or the demo holds the embedded store, that process answers (on its store socket)."""
     from streamscore.clickhouse.shared_store import connect_store, trailing_format
     from streamscore.clickhouse.store import StoreError
 
@@ -656,8 +657,10 @@ def bench(ctx: typer.Context,
           soak_rate: float = typer.Option(2_500.0, "--soak-rate", min=1, help="Offered events/s of the soak."),
           soak_retrain_every: float = typer.Option(120.0, "--soak-retrain-every", min=10,
                                                    help="Seconds between the soak's retrain requests.")) -> None:
-    """Performance figures with ratios to a naive baseline: scorer in process, end to end, logger, state memory;
-    or, with --soak, a long run of `run all`."""
+    """Performance figures with ratios to a naive baseline; --soak MINUTES: `run all` per minute (latency, memory).
+
+    Sections: scorer in process, end to end, logger, state memory. --soak instead runs `run all` at a steady
+    rate with retrains and prints per-minute latency, memory, threads and retrains, and exactly-once counts."""
     from streamscore.dev.kafka_broker import LocalKafkaBroker
     from streamscore.services.tools.bench import BenchOptions, print_report, run_bench
 
