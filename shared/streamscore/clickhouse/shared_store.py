@@ -20,7 +20,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import socket
 import struct
 import tempfile
@@ -202,6 +201,9 @@ class RemoteStore(Store):
     def raw_query(self, sql: str, parameters: dict | Sequence | None = None, fmt: str | None = None) -> bytes:
         return self._ask({"op": "raw", "sql": sql, "parameters": parameters, "fmt": fmt})[1]
 
+    def query_formatted(self, sql: str) -> bytes:
+        return self.raw_query(sql)
+
     def native_query(self, sql: str, parameters: dict | Sequence | None = None) -> tuple[bytes, int]:
         header, body = self._ask({"op": "query", "sql": sql, "parameters": parameters})
         return body, int(header.get("read_rows", 0))
@@ -261,12 +263,3 @@ def connect_store(settings: Settings) -> Store:
                 pass  # a socket left by a process that died: the data dir is free
     return open_store(settings)
 
-
-_TRAILING_FORMAT = re.compile(r"\bFORMAT\s+([A-Za-z][A-Za-z0-9_]*)\s*;?\s*$", re.IGNORECASE)
-
-
-def trailing_format(sql: str) -> str | None:
-    """The name in a trailing `FORMAT <name>` clause of `sql` (None without one), so a caller passes the SQL
-    through and prints ClickHouse's output instead of appending a format of its own."""
-    match = _TRAILING_FORMAT.search(sql.strip())
-    return match.group(1) if match else None

@@ -118,6 +118,21 @@ SCHEMA_MIGRATIONS_DDL = """CREATE TABLE IF NOT EXISTS {db}.schema_migrations (
 ORDER BY version"""
 
 
+_OWN_FORMAT = re.compile(r"\bFORMAT\s+([A-Za-z][A-Za-z0-9_]*)\s*;?\s*$", re.IGNORECASE)
+
+
+def own_output_format(sql: str) -> str | None:
+    """The output format a query names at its end (ordinary ClickHouse SQL), else None.
+
+    >>> own_output_format("SELECT 1 FORMAT TSVWithNames;")
+    'TSVWithNames'
+    >>> own_output_format("SELECT 'FORMAT' AS word") is None
+    True
+    """
+    match = _OWN_FORMAT.search(sql)
+    return match.group(1) if match else None
+
+
 class StoreError(RuntimeError):
     """The ClickHouse store cannot be opened or used; the message says what to do."""
 
@@ -262,6 +277,11 @@ class Store:
             if self.is_embedded:
                 return _chdb_native(self._client, sql, parameters)
             return self._client.raw_query(sql, parameters=parameters, fmt="Native"), 0
+
+    def query_formatted(self, sql: str) -> bytes:
+        """Run SQL that names its own output format (`... FORMAT CSVWithNames`); ClickHouse's output as is."""
+        with self._lock:
+            return self._client.raw_query(sql)
 
     def command(self, sql: str, parameters: dict | Sequence | None = None) -> Any:
         with self._lock:

@@ -2,22 +2,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
-from streamscore.clickhouse.shared_store import MAX_UNIX_PATH, socket_path, trailing_format
+from streamscore.clickhouse.shared_store import MAX_UNIX_PATH, socket_path
 from streamscore.settings import Settings
-
-
-@pytest.mark.parametrize("sql, expected", [
-    ("SELECT 1 FORMAT JSONEachRow", "JSONEachRow"),
-    ("select 1 format csv;", "csv"),
-    ("SELECT 1\nFORMAT  Pretty  \n", "Pretty"),
-    ("SELECT 1", None),
-    ("SELECT formatDateTime(now(), '%F') AS format", None),
-    ("SELECT 'FORMAT' AS x", None),
-])
-def test_trailing_format_finds_only_a_final_format_clause(sql, expected):
-    assert trailing_format(sql) == expected
 
 
 def test_socket_is_in_the_data_dir_unless_its_path_is_too_long(tmp_path):
