@@ -30,7 +30,7 @@ import threading
 import time
 from collections import deque
 
-from confluent_kafka import Consumer, KafkaError, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from streamscore.avro.codec import AvroCodec, SchemaCatalog
 from streamscore.kafka.io import (CLIENT_LOG, AckBatch, DeliveryFailed, commit, dead_letter, log_commit_errors,
@@ -51,6 +51,23 @@ SERVICE = "scorer"
 # as many as the batch had events, so a checkpoint keeps up with the entities a backlog dirties); when no
 # event came, all of them (an idle scorer's lag must reach 0 at once, not 128 states per 0.1 s turn).
 STATE_SLICE = 512
+
+
+def _watermarks(reader: Consumer, partition: TopicPartition, timeout_s: float = 30.0) -> tuple[int, int]:
+    """(low, high) of a changelog partition, retried while its leadership settles: a topic just (re)created,
+    as the demo does, answered NOT_LEADER_FOR_PARTITION to a scorer that joined quickly, and crashed it."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return reader.get_watermark_offsets(partition, timeout=10)
+        except KafkaException as exc:
+            retriable = exc.args and getattr(exc.args[0], "retriable", lambda: False)()
+            code = exc.args[0].code() if exc.args and hasattr(exc.args[0], "code") else None
+            transient = code in (KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE,
+                                 KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._TIMED_OUT)
+            if not (retriable or transient) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def read_changelogs(settings: Settings, engine: FeatureEngine, partitions: list[int],
@@ -77,7 +94,7 @@ def read_changelogs(settings: Settings, engine: FeatureEngine, partitions: list[
         todo: dict[int, int] = {}  # partition -> high watermark still to reach
         assignment = []
         for partition in partitions:
-            low, high = reader.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
+            low, high = _watermarks(reader, TopicPartition(topic, partition))
             if high > low:
                 todo[partition] = high
                 assignment.append(TopicPartition(topic, partition, low))
