@@ -85,12 +85,15 @@ class Settings(BaseSettings):
     logger_batch_rows: int = Field(default=20_000, ge=1, description="Logger flushes to ClickHouse at this many rows...")
     logger_flush_interval_s: float = Field(default=1.0, gt=0, description="...or after this many seconds, whichever first.")
 
-    # --- drift (streamscore.drift.monitor; thresholds are justified in bench/drift_quality.py) ---
+    # --- drift (streamscore.drift.monitor; thresholds are measured in services/tools/drift_quality.py, docs/drift.md) ---
     drift_detectors: str = Field(
-        default="adwin,pagehinkley,windowed,performance",
-        description="Comma list of drift detector families: adwin, pagehinkley (per event, on the score), "
-        "windowed (PSI / mean shift / NaN / unknown-category rate per tumbling window vs the training baseline), "
-        "performance (rolling log loss and AUC from delayed labels).",
+        default="windowed,performance,estimated",
+        description="Comma list of drift detector families: windowed (PSI / mean shift / NaN / unknown-category rate "
+        "per tumbling window vs the training baseline, and the importance-weighted PSI), performance (AUC, log loss "
+        "or MAE from delayed labels vs the holdout's), estimated (performance estimated without labels from the "
+        "calibrated scores), adwin and pagehinkley (per event on the score; off by default: see docs/drift.md). "
+        "Every detection is recorded in drift_events; only performance, estimated and the weighted PSI can "
+        "request a retrain.",
     )
     drift_features: str = Field(
         default="",
@@ -113,9 +116,16 @@ class Settings(BaseSettings):
     drift_min_events: int = Field(default=2000, ge=0, description="No drift alarm before this many predictions of a model version (warm-up).")
     drift_cooldown_events: int = Field(default=50_000, ge=0, description="After a retrain request, no new one until this many predictions...")
     drift_cooldown_s: float = Field(default=600.0, ge=0, description="...AND this much event time have passed (one shift -> one retrain).")
-    drift_perf_window: int = Field(default=5000, ge=100, description="Labeled predictions in the rolling log loss / AUC window.")
-    drift_logloss_ratio_threshold: float = Field(default=1.5, gt=1, description="Rolling log loss / reference (validation) log loss above this is drift.")
-    drift_auc_drop_threshold: float = Field(default=0.1, gt=0, lt=1, description="Reference AUC - rolling AUC above this is drift.")
+    drift_perf_window: int = Field(default=5000, ge=100, description="Labelled predictions in the rolling AUC / log loss / MAE window (checked once half of them have arrived).")
+    drift_logloss_ratio_threshold: float = Field(default=1.5, gt=1, description="The lower confidence bound (mean - 3 standard errors) of the rolling log loss / the reference (the holdout log loss, or the loss the calibrated scores expect if higher) above this is evidence of harm.")
+    drift_auc_drop_threshold: float = Field(default=0.1, gt=0, lt=1, description="Holdout AUC - rolling AUC above this, and above 3 standard errors, is evidence of harm.")
+    drift_min_positives: int = Field(default=30, ge=1, description="Measured AUC only from label windows with at least this many positives and as many negatives (a 1.4% fraud rate gives ~70 in 5,000 labels).")
+    drift_mae_ratio_threshold: float = Field(default=1.15, gt=1, description="Regression: the lower confidence bound of the rolling MAE / the holdout MAE above this is evidence of harm.")
+    drift_estimated_auc_drop_threshold: float = Field(default=0.05, gt=0, lt=1, description="Holdout estimated AUC - window estimated AUC (from calibrated scores, no labels) above this (and above the worst healthy holdout chunk) is evidence of harm.")
+    drift_estimated_mae_ratio_threshold: float = Field(default=1.2, gt=1, description="Regression: window estimated MAE (the holdout's loss model, no labels) / holdout estimate above this is evidence of harm.")
+    drift_weighted_psi_threshold: float = Field(default=0.5, gt=0, description="Importance-weighted PSI (sum of gain share x PSI over features) above this (and above 2x the healthy holdout chunks' maximum) is evidence of harm.")
+    drift_persist_windows: int = Field(default=2, ge=1, description="Label-free evidence (estimated, weighted PSI) must hold for this many consecutive windows: a short burst does not retrain.")
+    drift_clear_windows: int = Field(default=3, ge=1, description="Cool-down breakthrough: once the evidence a request cited stays below half its threshold for this many evaluations, the cool-down ends.")
     drift_checkpoint_interval_s: float = Field(default=5.0, gt=0, description="Drift service: save the monitor state (drift-state topic), write drift_events and commit offsets at most this often (at once after a retrain request).")
     drift_label_join_size: int = Field(default=200_000, ge=1, description="Drift service: recent predictions (event_id -> score) kept in memory to join labels; labels of older ones are joined through ClickHouse.")
     drift_label_wait_s: float = Field(default=60.0, ge=0, description="Drift service: a label whose prediction is not found yet is retried for this long, then counted as unmatched.")

@@ -73,7 +73,8 @@ def train_candidate(store: Store, registry: ModelRegistry, settings: Settings, s
                                    params=spec.model.params or None,
                                    num_boost_round=settings.train_num_boost_round,
                                    validation_fraction=settings.train_validation_fraction,
-                                   alert_rate=settings.train_alert_rate, objective=objective)
+                                   alert_rate=settings.train_alert_rate, objective=objective,
+                                   drift_window=settings.drift_window)
     holdout = order[trained.train_rows:]
     model_name = settings.model_name or spec.model.name
     production = registry.production(model_name)
