@@ -2,11 +2,20 @@
 
 Loop: consume one `retrain` request -> skip it if it is a duplicate or stale ->
 wait until `trainer_min_new_labels` labelled events after the detection are
-logged (at most `trainer_max_wait_s`) -> streamscore.learning.retraining.train_and_register (point-in-time training set from
-ClickHouse over the last `trainer_window_days` before the newest logged
-event; gated against production on the candidate's recent holdout) ->
-publish the register + promote/reject ModelUpdate events (scorers hot-swap;
-the logger records them in model_versions) -> commit.
+logged (at most `trainer_max_wait_s`) -> train a candidate in a process of its
+own (learning.training_process: the scorer's GIL and core stay free) on a
+bounded window (the last `trainer_window_days` before the newest logged event,
+at most `trainer_max_events` events plus at most `trainer_max_history_events`
+of warm-up before them: training_set.training_window) and gate it against
+production on its recent holdout -> register it, promote or reject
+(retraining.register_candidate) -> publish the register + promote/reject
+ModelUpdate events (scorers hot-swap; the logger records them in
+model_versions) -> commit.
+
+At a stop, a training in flight gets `trainer_shutdown_grace_s`: finished, it is
+registered, published and committed like any other (the ServiceGroup stops the
+logger only after the trainer, so model_versions records it too); unfinished, it
+is abandoned before anything is registered and the request stays uncommitted.
 
 Duplicates (see streamscore.learning.retrain_requests): the same request_id, or the
 same (model version, detector, feature) inside the drift cool-down. The
@@ -33,7 +42,10 @@ from streamscore.kafka.io import commit, make_consumer
 from streamscore.learning.model_updates import publish_model_updates
 from streamscore.learning.registry import ModelRegistry
 from streamscore.learning.retrain_requests import HandledRequest, HandledRequests, retrain_reason
-from streamscore.learning.retraining import train_and_register
+from streamscore.clickhouse.shared_store import socket_path
+from streamscore.learning.retraining import Candidate, register_candidate, train_candidate
+from streamscore.learning.training_process import TrainingProcess
+from streamscore.learning.training_set import TrainingWindow, training_window
 from streamscore.ops.service_stats import ServiceStats
 from streamscore.settings import TOPIC_RETRAIN, Settings
 from streamscore.clickhouse.store import Store, open_store
@@ -41,6 +53,11 @@ from streamscore.spec import FeatureSpec, resolve
 
 log = logging.getLogger("streamscore.trainer")
 SERVICE = "trainer"
+ABANDONED = "abandoned"  # a request left uncommitted at shutdown: handled at the next start
+
+
+class TrainingAbandoned(RuntimeError):
+    """The service stopped and the training in flight did not finish within its grace period."""
 DAY_MS = 86_400_000
 
 
@@ -49,7 +66,7 @@ class RequestOutcome:
     """What the trainer did with one request (kept in memory for the demo, tests and logs)."""
 
     request_id: str
-    action: str  # promoted | rejected | failed | duplicate | stale
+    action: str  # promoted | rejected | failed | duplicate | stale | abandoned
     reason: str
     version: int | None = None
     seconds: float = 0.0
@@ -72,15 +89,16 @@ class TrainerService:
         self.handled = HandledRequests.from_registry(self.registry, settings.model_name,
                                                      cooldown_ms=int(settings.drift_cooldown_s * 1000))
         self.outcomes: list[RequestOutcome] = []
+        self.training: TrainingProcess | None = None  # the training process in flight
         self._stop = threading.Event()  # run() replaces it with the group's stop event
 
-    def training_since_ms(self) -> int | None:
-        """Start of the training window: `trainer_window_days` before the newest logged event
-        (not the wall clock, so a replay or backfill trains on the data it has)."""
-        newest = self.store.query("SELECT toUnixTimestamp64Milli(max(event_time)), count() FROM predictions").rows[0]
-        if not newest[1]:
-            return None
-        return int(newest[0]) - int(self.settings.trainer_window_days * DAY_MS)
+    def training_window(self) -> TrainingWindow:
+        """The training window: `trainer_window_days` before the newest logged event (not the wall clock, so
+        a replay or backfill trains on the data it has), at most `trainer_max_events` events, replayed from
+        at most `trainer_max_history_events` before it (training_set.training_window)."""
+        settings = self.settings
+        return training_window(self.store, self.spec, int(settings.trainer_window_days * DAY_MS),
+                               settings.trainer_max_events, settings.trainer_max_history_events)
 
     def labelled_since(self, since_ms: int) -> int:
         return int(self.store.query(
@@ -120,11 +138,17 @@ class TrainerService:
                                                      f"production is v{production} now")
         started = time.monotonic()
         new_labels = self.wait_for_new_labels(int(request["detected_at"]))
+        if self._stop.is_set():
+            return self._outcome(request_id, ABANDONED, "stopping before training began: consumed again at the "
+                                 "next start")
         log.info("retraining %s for request %s (%d labelled events since the detection): %s",
                  settings.model_name, request_id, new_labels, request["reason"])
         try:
-            outcome = train_and_register(self.store, self.registry, settings, self.spec,
-                                         reason=retrain_reason(request), since_ms=self.training_since_ms())
+            candidate = self.train(self.training_window())
+            outcome = register_candidate(self.registry, self.spec, candidate, reason=retrain_reason(request),
+                                         started=started)
+        except TrainingAbandoned as exc:
+            return self._outcome(request_id, ABANDONED, str(exc), seconds=time.monotonic() - started)
         except Exception as exc:  # noqa: BLE001 - a failed training must not crash-loop the service
             self.handled.add(key)
             self.stats.errors += 1
@@ -137,6 +161,40 @@ class TrainerService:
         action = "promoted" if outcome.promoted else "rejected"
         return self._outcome(request_id, action, outcome.gate_reason, version=outcome.version.version,
                              seconds=outcome.seconds, training_rows=outcome.training_rows)
+
+    def trains_in_a_process(self) -> bool:
+        """A process of its own needs its own store access: a ClickHouse server, or the embedded store served
+        on its socket by this process (a ServiceGroup serves it); a trainer without either trains here."""
+        return not self.settings.is_embedded_store or socket_path(self.settings).exists()
+
+    def train(self, window: TrainingWindow) -> Candidate:
+        """Train a candidate on `window`, in a process of its own when it can (see trains_in_a_process). Once
+        the service is told to stop, the training gets `trainer_shutdown_grace_s` to finish, then is abandoned
+        (TrainingAbandoned): nothing registered, the request consumed again at the next start."""
+        settings = self.settings
+        if not self.trains_in_a_process():
+            return train_candidate(self.store, self.registry, settings, self.spec, since_ms=window.since_ms,
+                                   read_from_ms=window.read_from_ms)
+        training = self.training = TrainingProcess(settings, window.since_ms, window.read_from_ms)
+        deadline = None
+        try:
+            while True:
+                candidate = training.result(timeout_s=0.2)
+                if candidate is not None:
+                    return candidate
+                if self._stop.is_set():
+                    if deadline is None:
+                        deadline = time.monotonic() + settings.trainer_shutdown_grace_s
+                        log.info("stopping: the training in flight gets %.0f s to finish",
+                                 settings.trainer_shutdown_grace_s)
+                    elif time.monotonic() >= deadline:
+                        raise TrainingAbandoned(
+                            f"the training did not finish within trainer_shutdown_grace_s="
+                            f"{settings.trainer_shutdown_grace_s:g} s of the stop: abandoned, nothing registered; "
+                            "the request is consumed again at the next start")
+        finally:
+            training.abandon()
+            self.training = None
 
     def _outcome(self, request_id: str, action: str, reason: str, **fields) -> RequestOutcome:
         outcome = RequestOutcome(request_id, action, reason, handled_at=time.time(), **fields)
@@ -173,6 +231,8 @@ class TrainerService:
                     self.stats.model_version = self.registry.read_production_version(settings.model_name) or 0
                     if outcome.action == "promoted":
                         self.stats.model_swaps += 1
+                    if outcome.action == ABANDONED:
+                        break  # not committed: the request is handled at the next start
                 commit(consumer, [msg])
                 self.stats.record_batch(n_in=1, n_out=0, seconds=time.perf_counter() - started)
         finally:

@@ -105,6 +105,13 @@ class Settings(BaseSettings):
         description="The scorer waits for acks, writes changed entity state and commits offsets at most this often "
         "(0 = after every batch); a crash replays at most this much (predictions are at-least-once either way).")
 
+    scorer_static_membership: bool = Field(
+        default=True,
+        description="The scorer joins its consumer group with a group.instance.id kept across restarts (host, "
+        "data dir, first free slot: kafka/membership.py): restarted after a crash it gets its partitions back at "
+        "once instead of after the session timeout; stopped for good, its partitions move after the session "
+        "timeout.")
+
     # --- logger -------------------------------------------------------------
     logger_batch_rows: int = Field(default=20_000, ge=1, description="Logger flushes to ClickHouse at this many rows...")
     logger_flush_interval_s: float = Field(default=1.0, gt=0, description="...or after this many seconds, whichever first.")
@@ -162,6 +169,9 @@ class Settings(BaseSettings):
     gate_max_auc_drop: float = Field(default=0.01, ge=0, le=1, description="Promotion gate: candidate AUC may be at most this much below production's on the same holdout.")
     gate_max_rmse_increase: float = Field(default=0.02, ge=0, description="Promotion gate of a regression: candidate RMSE may be at most this share above production's on the same holdout.")
     trainer_window_days: float = Field(default=30.0, gt=0, description="Trainer service: train on labelled events of the last N days, counted back from the newest logged event.")
+    trainer_max_events: int = Field(default=200_000, ge=1_000, description="Trainer service: ...and at most the newest N logged events (plus the history their features need before them), so a retrain's time stays flat however long the table grows.")
+    trainer_max_history_events: int = Field(default=200_000, ge=0, description="Trainer service: events replayed before the window to warm entity state up: the spec's history (lateness + longest window), but at most this many (the window's first events may then see a shorter history).")
+    trainer_shutdown_grace_s: float = Field(default=20.0, ge=0, description="Trainer service: at a stop, a training in flight gets this long to finish (then it is registered, published and recorded like any other); past it, it is abandoned unregistered and its request handled at the next start. Keep it below the shutdown deadline (30 s).")
     trainer_min_new_labels: int = Field(default=1000, ge=0, description="Trainer service: before retraining, wait until this many labelled events newer than the drift detection are logged (the candidate must see the new regime, and the gate's recent holdout must contain it)...")
     trainer_max_wait_s: float = Field(default=300.0, ge=0, description="...but train anyway after waiting this long for them.")
 

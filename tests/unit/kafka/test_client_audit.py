@@ -35,6 +35,12 @@ def test_offsets_are_committed_only_through_the_shared_retrying_path():
     assert not offenders, f"direct consumer.commit calls (use streamscore.kafka.io.commit/commit_offsets): {offenders}"
 
 
+def test_every_registry_client_gets_the_registry_auth_and_tls():
+    offenders = [relative(p) for p in SOURCES if p.read_text().count("registry_url=settings.schema_registry_url")
+                 != p.read_text().count("registry_config=schema_registry_config(settings)")]
+    assert not offenders, f"AvroCodec built without registry_config=schema_registry_config(settings): {offenders}"
+
+
 def test_the_audit_sees_the_services():
     names = {relative(p) for p in SOURCES}
     assert {"services/drift/service.py", "services/scorer/service.py", "services/logger/service.py",

@@ -170,3 +170,21 @@ def test_a_rebuild_that_fails_counts_as_a_crash_and_is_retried():
 
     run_with_restarts("x", CrashOnce(), rebuild, stop, RestartPolicy(max_restarts=3, backoff_s=0.01))
     assert attempts == ["crash", "build", "build", "ran"]
+
+
+class RecordsStop:
+    def __init__(self, name: str, stopped: list, linger_s: float = 0.0):
+        self.name, self.stopped, self.linger_s = name, stopped, linger_s
+
+    def run(self, stop: threading.Event) -> None:
+        stop.wait()
+        threading.Event().wait(self.linger_s)  # e.g. a retrain finishing within its grace period
+        self.stopped.append(self.name)
+
+
+def test_the_logger_stops_after_the_services_whose_output_it_records():
+    stopped: list[str] = []
+    group = group_of(logger=RecordsStop("logger", stopped), trainer=RecordsStop("trainer", stopped, 0.3),
+                     scorer=RecordsStop("scorer", stopped)).start()
+    group.shutdown(timeout_s=5)
+    assert stopped[-1] == "logger" and set(stopped) == {"logger", "trainer", "scorer"}
