@@ -5,7 +5,9 @@ registry; publishing the returned ModelUpdate events to Kafka is the caller's jo
 uses is read here: the training window's holdout (STREAMSCORE_TRAIN_VALIDATION_FRACTION), the
 classifier's threshold policy (STREAMSCORE_TRAIN_ALERT_RATE), the rounds (STREAMSCORE_TRAIN_NUM_BOOST_ROUND)
 and the gate (STREAMSCORE_GATE_MIN_AUC and STREAMSCORE_GATE_MAX_AUC_DROP for a classifier,
-STREAMSCORE_GATE_MAX_RMSE_INCREASE for a regression).
+STREAMSCORE_GATE_MAX_RMSE_INCREASE for a regression). A candidate that passes is promoted, or with
+STREAMSCORE_ROLLOUT_AUTO_SHADOW (and a production version to compare with) put in shadow for the online
+gate (streamscore.learning.rollout).
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ class RetrainOutcome:
     seconds: float
     events: list[dict] = field(default_factory=list)  # ModelUpdate records to publish
     rows_read: int = 0
+    shadowed: bool = False  # passed the offline gate and went into shadow instead of production
 
 
 def train_and_register(store: Store, registry: ModelRegistry, settings: Settings, spec: FeatureSpec, reason: str,
@@ -73,17 +76,23 @@ def train_and_register(store: Store, registry: ModelRegistry, settings: Settings
         objective=objective, vocabularies=data.vocabularies, spec_name=spec.name,
     )
     events = [registration_event(version)]
-    if verdict.passed:
+    shadowed = bool(verdict.passed and settings.rollout_auto_shadow and production is not None)
+    if shadowed:
+        events.append(registry.shadow(model_name, version.version, reason=f"offline gate {verdict.reason}; "
+                                      "in shadow for the online gate").event)
+    elif verdict.passed:
         events.append(registry.promote(model_name, version.version, reason=verdict.reason).event)
     else:
         events.append(registry.reject(model_name, version.version, verdict.reason).event)
     headline = "rmse" if objective == "regression" else "auc"
+    action = "shadow" if shadowed else "promote" if verdict.passed else "reject"
     log.info("model %s v%d %s: %s", model_name, version.version,
-             "promoted" if verdict.passed else "rejected", verdict.reason,
+             {"shadow": "in shadow", "promote": "promoted", "reject": "rejected"}[action], verdict.reason,
              extra={"model_name": model_name, "model_version": version.version,
-                    "parent_version": version.parent_version, "action": "promote" if verdict.passed else "reject",
+                    "parent_version": version.parent_version, "action": action,
                     headline: version.metrics.get(headline), "train_rows": data.rows, "reason": reason,
                     "rows_read": data.rows_read, "seconds": round(time.monotonic() - started, 2)})
-    return RetrainOutcome(version=version, promoted=verdict.passed, gate_reason=verdict.reason,
+    return RetrainOutcome(version=version, promoted=verdict.passed and not shadowed, gate_reason=verdict.reason,
                           training_rows=data.rows, events_replayed=data.events_replayed,
-                          seconds=time.monotonic() - started, events=events, rows_read=data.rows_read)
+                          seconds=time.monotonic() - started, events=events, rows_read=data.rows_read,
+                          shadowed=shadowed)
