@@ -699,8 +699,9 @@ def report(ctx: typer.Context,
 def bench(ctx: typer.Context,
           quick: bool = typer.Option(False, "--quick", help="Shorter runs (~2 min): fewer events, 4 s per rate, "
                                      "memory at 100k and 300k entities."),
-          sections: str = typer.Option("scorer,e2e,logger,memory", "--sections",
-                                       help="Comma list of scorer (with the naive baseline), e2e, logger, memory."),
+          sections: str = typer.Option("scorer,rollout,e2e,logger,memory", "--sections",
+                                       help="Comma list of scorer (with the naive baseline), rollout (the scorer "
+                                       "with shadows / a canary vs production only), e2e, logger, memory."),
           rates: str = typer.Option("1000,5000", "--rates", help="Offered events/s of the end-to-end runs."),
           seconds: float = typer.Option(0, "--seconds", min=0, help="Seconds per offered rate (0 = default)."),
           repeats: int = typer.Option(0, "--repeats", min=0, help="In-process runs per figure, median (0 = default)."),
@@ -712,9 +713,9 @@ def bench(ctx: typer.Context,
 
     settings: Settings = ctx.obj
     chosen = tuple(s.strip() for s in sections.split(",") if s.strip())
-    unknown = set(chosen) - {"scorer", "e2e", "logger", "memory"}
+    unknown = set(chosen) - {"scorer", "rollout", "e2e", "logger", "memory"}
     if unknown:
-        raise fail(f"unknown --sections {sorted(unknown)}; choose from scorer, e2e, logger, memory")
+        raise fail(f"unknown --sections {sorted(unknown)}; choose from scorer, rollout, e2e, logger, memory")
     overrides: dict = {"sections": chosen, "rates": tuple(float(r) for r in rates.split(",") if r.strip())}
     if seconds:
         overrides["seconds_per_rate"] = seconds

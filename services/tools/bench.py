@@ -29,6 +29,8 @@ measured in the same run.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import gc
 import json
 import os
@@ -67,7 +69,7 @@ BENCH_DATABASE = "streamscore_bench"
 @dataclass
 class BenchOptions:
     quick: bool = False
-    sections: tuple[str, ...] = ("scorer", "e2e", "logger", "memory")
+    sections: tuple[str, ...] = ("scorer", "rollout", "e2e", "logger", "memory")
     batch_sizes: tuple[int, ...] = (1, 10, 100, 500, 2000)
     rates: tuple[float, ...] = (1_000.0, 5_000.0)
     repeats: int = 3
@@ -215,6 +217,49 @@ def scorer_in_process(settings: Settings, codec: AvroCodec, model: ServedModel, 
     cpu_seconds = time.process_time() - cpu_started
     p50, p99 = percentiles(latencies)
     return InProcessFigure(batch_size, scored / seconds, p50 * 1e3, p99 * 1e3, scored, scored / cpu_seconds)
+
+
+ROLLOUT_BATCH = 500
+ROLLOUT_CONFIGURATIONS = ("production only", "1 shadow", "2 shadows", "canary 5%")
+
+
+def _rollout_pipeline(configuration: str):
+    """A `make` for scorer_in_process serving `configuration` (the extra versions: the bench model's booster
+    under other version numbers, so each costs what another 200-tree model of the spec costs)."""
+    from streamscore.scoring.rollout import ServingModels
+
+    def make(settings, codec, model) -> ScoringPipeline:
+        pipeline = ScoringPipeline(PAYMENTS, codec, model)
+        other = [dataclasses.replace(model, version=model.version + k) for k in (1, 2)]
+        serving = {"production only": ServingModels(model), "1 shadow": ServingModels(model, shadows=(other[0],)),
+                   "2 shadows": ServingModels(model, shadows=tuple(other)),
+                   "canary 5%": ServingModels(model, canary=other[0], canary_share=0.05)}[configuration]
+        pipeline.set_serving(serving)
+        return pipeline
+
+    return make
+
+
+def rollout_cost(settings: Settings, codec: AvroCodec, model: ServedModel, warm: list[bytes], timed: list[bytes],
+                 now_ms: int, repeats: int, max_seconds: float) -> list[dict]:
+    """Scorer throughput (batch 500, in process) with each rollout configuration, interleaved per repeat; the
+    ratio to production only is taken within each repeat (same machine load), then its median."""
+    runs: dict[str, list[InProcessFigure]] = {c: [] for c in ROLLOUT_CONFIGURATIONS}
+    for _ in range(repeats):
+        for configuration in ROLLOUT_CONFIGURATIONS:
+            runs[configuration].append(scorer_in_process(settings, codec, model, warm, timed, now_ms, ROLLOUT_BATCH,
+                                                         max_seconds, make=_rollout_pipeline(configuration)))
+    base = runs["production only"]
+    out = []
+    for configuration, figures in runs.items():
+        ratios = [f.events_per_s / b.events_per_s for f, b in zip(figures, base)]
+        cpu_ratios = [f.events_per_cpu_s / b.events_per_cpu_s for f, b in zip(figures, base)]
+        median = _median_figure(figures)
+        out.append({"configuration": configuration, "events_per_s": median.events_per_s,
+                    "events_per_cpu_s": median.events_per_cpu_s, "batch_p50_ms": median.batch_p50_ms,
+                    "ratio": float(np.median(ratios)), "cpu_ratio": float(np.median(cpu_ratios)),
+                    "ratios": ratios})
+    return out
 
 
 # --- 2. naive baseline -----------------------------------------------------------------------
@@ -712,6 +757,7 @@ class BenchReport:
     end_to_end: list[EndToEndFigure] = field(default_factory=list)
     logger: list[LoggerFigure] = field(default_factory=list)
     memory: list[dict] = field(default_factory=list)
+    rollout: list[dict] = field(default_factory=list)  # scorer throughput with shadows / a canary vs none
 
 
 def machine_description() -> dict:
@@ -782,6 +828,11 @@ def run_bench(base: Settings, options: BenchOptions, progress=print,
         runs = [naive_baseline(settings, model, events[:half], json_timed, now_ms, max_seconds)
                 for _ in range(options.repeats)]
         report.naive = _median_figure(runs)
+
+    if "rollout" in options.sections:
+        progress(f"scorer in process with shadows / a canary (batch {ROLLOUT_BATCH}) ...")
+        report.rollout = rollout_cost(settings, codec, model, warm, timed, now_ms, max(options.repeats, 3),
+                                      max_seconds)
 
     if "logger" in options.sections or "e2e" in options.sections:
         from streamscore.services.tools.demo import reset_namespace
@@ -873,6 +924,20 @@ def print_report(report: BenchReport, options: BenchOptions, console) -> None:
                       "(no batching, no Avro); batch latency = one ScoringPipeline.score call; old path = the "
                       "hard-coded payments pipeline the spec engine replaced, same model, runs interleaved",
                       highlight=False)
+    if report.rollout:
+        table = Table(title=f"1b. staged rollouts: scorer in process at batch {ROLLOUT_BATCH} with versions scored "
+                            "besides production (same run, interleaved)", title_justify="left")
+        for column in ("serving", "events/s", "x production only", "events/CPU-s", "x production only",
+                       "batch p50 ms", "per-repeat ratios"):
+            table.add_column(column, justify="right")
+        for r in report.rollout:
+            table.add_row(r["configuration"], f"{r['events_per_s']:,.0f}", f"{r['ratio']:.2f}x",
+                          f"{r['events_per_cpu_s']:,.0f}", f"{r['cpu_ratio']:.2f}x", f"{r['batch_p50_ms']:.2f}",
+                          " ".join(f"{x:.2f}" for x in r["ratios"]))
+        console.print(table)
+        console.print("a shadow = one more 200-tree prediction per event from the same feature matrix plus its "
+                      "ShadowScores record (one per batch and version); the canary is scored on every event too "
+                      "(its unserved scores and production's on its share are shadow rows)", highlight=False)
     if report.end_to_end:
         table = Table(title="2. end to end through the broker: event produced -> prediction received "
                             "(scorer in its own process)", title_justify="left")

@@ -18,6 +18,7 @@ from streamscore.dev.generators import generator_ending_now, load_generator
 from streamscore.kafka.io import DeliveryTracker, flush_or_raise, make_producer
 from streamscore.learning import training
 from streamscore.learning.registry import ModelRegistry
+from streamscore.ops.report import build_report
 from streamscore.scoring.rollout import in_canary
 from streamscore.services.runner import ServiceGroup
 from streamscore.services.tools.simulate import produce_simulation
@@ -93,9 +94,10 @@ def test_every_event_gets_one_shadow_row_per_shadow_version_and_its_served_score
     settings = settings.model_copy(update=FAST)
     with ServiceGroup(settings, ["scorer", "logger"], store=store, spec=PAYMENTS) as group:
         wait_until(lambda: len(group.services["scorer"].pipeline.serving.shadows) == 2, "scorer shadowing", group)
-        produce_simulation(settings, PAYMENTS, CODEC, simulator, n)
+        report = produce_simulation(settings, PAYMENTS, CODEC, simulator, n)
         wait_until(lambda: scalar(store, "SELECT count() FROM shadow_predictions FINAL") >= 2 * n
-                   and scalar(store, "SELECT count() FROM predictions FINAL") >= n, "shadow rows", group)
+                   and scalar(store, "SELECT count() FROM predictions FINAL") >= n
+                   and scalar(store, "SELECT count() FROM labels FINAL") >= report.labels, "shadow rows", group)
         time.sleep(1.0)  # anything more would arrive now
     assert scalar(store, "SELECT count() FROM predictions FINAL") == n
     per_version = dict(store.query("SELECT model_version, count() FROM shadow_predictions FINAL "
@@ -119,6 +121,13 @@ def test_every_event_gets_one_shadow_row_per_shadow_version_and_its_served_score
                         "AND s.event_offset = p.event_offset AND s.event_time = p.event_time "
                         "AND s.entity_id = p.entity_id").rows[0][0]
     assert where == 2 * n
+    # the report plots them against production, on the same labelled events
+    shadow = build_report(store, settings, registry, PAYMENTS).sections["shadow"]
+    assert shadow.png and shadow.data["sample"] > 0
+    pairs = {(p["shadow_version"], p["served_version"]): p for p in shadow.data["pairs"]}
+    assert set(pairs) == {(versions[1], versions[0]), (versions[2], versions[0])}
+    worse = pairs[(versions[2], versions[0])]
+    assert worse["labelled"] == report.labels and worse["shadow_auc"] < worse["served_auc"] - 0.1
 
 
 def entity_events(simulator, entities: list[str], round_: int) -> list[dict]:

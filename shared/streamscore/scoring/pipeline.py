@@ -177,8 +177,9 @@ class ScoringPipeline:
         serving = self.serving
         production = serving.production
         n = len(accepted)
-        event_ids = [t.decode() for t in batch.texts(self._id, accepted)]
-        entity_ids = [t.decode() for t in batch.texts(self._entity, accepted)]
+        src = batch.buffer
+        id_spans = (batch.ints[accepted, self._id], batch.lengths[accepted, self._id])
+        entity_spans = (batch.ints[accepted, self._entity], batch.lengths[accepted, self._entity])
         times = batch.ints[accepted, self._time] // self.spec.event.time_divisor
         where = (partitions[accepted], offsets[accepted])
         everyone = np.arange(n)
@@ -194,7 +195,7 @@ class ScoringPipeline:
             return encoded[keep]
 
         def unserved(other: ServedModel, rows: np.ndarray, other_scores: np.ndarray) -> None:
-            record = self.shadow_writer.encode(other, rows, other_scores, scored_at, event_ids, entity_ids,
+            record = self.shadow_writer.encode(other, rows, other_scores, scored_at, src, id_spans, entity_spans,
                                                times, *where)
             if record is not None:
                 result.shadow.append(record)
@@ -205,8 +206,7 @@ class ScoringPipeline:
             canary_matrix = matrix_for(canary)
             canary_scores = canary.predict(canary_matrix)
             positions = np.empty(n, dtype=np.float64)
-            entity_positions(batch.buffer, batch.ints[accepted, self._entity].astype(np.int64),
-                             batch.lengths[accepted, self._entity].astype(np.int64), positions)
+            entity_positions(src, entity_spans[0].astype(np.int64), entity_spans[1].astype(np.int64), positions)
             chosen = positions < serving.canary_share
             result.served_by_canary = chosen
             unserved(canary, np.flatnonzero(~chosen), canary_scores)

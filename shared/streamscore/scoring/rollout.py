@@ -22,6 +22,7 @@ import numpy as np
 from numba import njit
 
 from streamscore.avro.codec import AvroCodec
+from streamscore.avro.varint import write_bytes, write_long
 from streamscore.scoring.served_model import ServedModel
 from streamscore.spec.text import hash_bytes, text_hash
 
@@ -77,22 +78,90 @@ class ServingModels:
         return "; ".join(parts)
 
 
+# (name, type) of schemas/shadow_scores.avsc, in order: what `_assemble_shadow` writes.
+SHADOW_FIELDS = (
+    ("model_name", "string"), ("model_version", "int"), ("scored_at", "long"), ("event_ids", "array<string>"),
+    ("entity_ids", "array<string>"), ("event_times", "array<long>"), ("scores", "array<double>"),
+    ("event_partitions", "array<int>"), ("event_offsets", "array<long>"),
+)
+
+
+def _declared_shadow_fields(codec: AvroCodec) -> tuple[tuple[str, str], ...]:
+    fields = []
+    for f in codec.catalog.current("shadow_scores").expanded["fields"]:
+        kind = f["type"]
+        fields.append((f["name"], f"array<{kind['items']}>" if isinstance(kind, dict) else kind))
+    return tuple(fields)
+
+
+@njit(cache=True, nogil=True)
+def _assemble_shadow(src, rows, id_starts, id_lengths, entity_starts, entity_lengths, times, score_bytes,
+                     partitions, offsets, header, name, version, scored_at, out):
+    """One ShadowScores record (SHADOW_FIELDS) of `rows` into out; returns its length. Arrays are one block
+    of len(rows) items then the 0 that ends them; the strings are copied from src where they lie."""
+    pos = 0
+    for k in range(len(header)):
+        out[k] = header[k]
+    pos = len(header)
+    pos = write_bytes(out, pos, name, 0, len(name))
+    pos = write_long(out, pos, version)
+    pos = write_long(out, pos, scored_at)
+    n = len(rows)
+    pos = write_long(out, pos, n)
+    for i in rows:
+        pos = write_bytes(out, pos, src, id_starts[i], id_lengths[i])
+    out[pos] = 0
+    pos = write_long(out, pos + 1, n)
+    for i in rows:
+        pos = write_bytes(out, pos, src, entity_starts[i], entity_lengths[i])
+    out[pos] = 0
+    pos = write_long(out, pos + 1, n)
+    for i in rows:
+        pos = write_long(out, pos, times[i])
+    out[pos] = 0
+    pos = write_long(out, pos + 1, n)
+    for i in rows:
+        for k in range(8):
+            out[pos + k] = score_bytes[i, k]
+        pos += 8
+    out[pos] = 0
+    pos = write_long(out, pos + 1, n)
+    for i in rows:
+        pos = write_long(out, pos, partitions[i])
+    out[pos] = 0
+    pos = write_long(out, pos + 1, n)
+    for i in rows:
+        pos = write_long(out, pos, offsets[i])
+    out[pos] = 0
+    return pos + 1
+
+
 class ShadowWriter:
-    """ShadowScores records (schemas/shadow_scores.avsc) for the unserved scores of a batch."""
+    """ShadowScores records (schemas/shadow_scores.avsc) for the unserved scores of a batch, written in one
+    compiled loop from the batch's bytes (the same bytes as the generic encoder: tests compare them)."""
 
     def __init__(self, codec: AvroCodec, topic: str | None = None):
-        self._encode = codec.encoder("shadow_scores", topic)
+        declared = _declared_shadow_fields(codec)
+        if declared != SHADOW_FIELDS:
+            raise RuntimeError(f"schemas/shadow_scores.avsc declares {declared}, but this writer writes "
+                               f"{SHADOW_FIELDS}: update scoring/rollout.py with the schema")
+        self.header = np.frombuffer(codec.encoder("shadow_scores", topic).header, dtype=np.uint8)
 
-    def encode(self, model: ServedModel, rows: np.ndarray, scores: np.ndarray, scored_at: int,
-               event_ids: list[str], entity_ids: list[str], times: np.ndarray, partitions: np.ndarray,
-               offsets: np.ndarray) -> bytes | None:
-        """One record of `model`'s scores for the given rows (indices into the batch's scored events)."""
+    def encode(self, model: ServedModel, rows: np.ndarray, scores: np.ndarray, scored_at: int, src: np.ndarray,
+               id_spans: tuple[np.ndarray, np.ndarray], entity_spans: tuple[np.ndarray, np.ndarray],
+               times: np.ndarray, partitions: np.ndarray, offsets: np.ndarray) -> bytes | None:
+        """One record of `model`'s scores for `rows` (indices into the batch's scored events, whose id and entity
+        are the (starts, lengths) spans into `src`)."""
         if len(rows) == 0:
             return None
-        picked = rows.tolist()
-        return self._encode({
-            "model_name": model.name, "model_version": int(model.version), "scored_at": int(scored_at),
-            "event_ids": [event_ids[i] for i in picked], "entity_ids": [entity_ids[i] for i in picked],
-            "event_times": times[rows].tolist(), "scores": scores[rows].astype(np.float64).tolist(),
-            "event_partitions": partitions[rows].tolist(), "event_offsets": offsets[rows].tolist(),
-        })
+        rows = np.asarray(rows, dtype=np.int64)
+        name = np.frombuffer(model.name.encode() or b"\0", dtype=np.uint8)[:len(model.name.encode())]
+        size = (len(self.header) + len(name) + 40 + int(id_spans[1][rows].sum()) + int(entity_spans[1][rows].sum())
+                + len(rows) * (2 * 10 + 3 * 10 + 8) + 60)
+        out = np.empty(size, dtype=np.uint8)
+        scores = np.ascontiguousarray(scores, dtype="<f8")
+        end = _assemble_shadow(src, rows, id_spans[0], id_spans[1], entity_spans[0], entity_spans[1],
+                               np.asarray(times, dtype=np.int64), scores.view(np.uint8).reshape(len(scores), 8),
+                               np.asarray(partitions, dtype=np.int64), np.asarray(offsets, dtype=np.int64),
+                               self.header, name, np.int64(model.version), np.int64(scored_at), out)
+        return out[:end].tobytes()

@@ -166,3 +166,12 @@ def test_swap_model_ends_the_canary_and_the_shadows(events, models):
     pipeline.swap_model(models[2])
     result = pipeline.score(messages(events, 6000, 200), now_ms=now_after(events))
     assert len(result.encoded) > 150 and result.shadow == [] and {p["model_version"] for p in result.predictions} == {2}
+
+
+def test_shadow_records_are_the_generic_encoders_bytes(events, models):
+    pipeline = ScoringPipeline(PAYMENTS, CODEC, models[1])
+    pipeline.set_serving(ServingModels(models[1], canary=models[2], canary_share=0.4))
+    result = pipeline.score(messages(events, 6000, 300), now_ms=now_after(events))
+    assert len(result.shadow) == 2
+    for record in result.shadow:
+        assert record == CODEC.encode("shadow_scores", DECODE_SHADOW(record))
