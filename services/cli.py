@@ -631,6 +631,9 @@ def demo(ctx: typer.Context,
          seed: int = typer.Option(7, "--seed", help="Simulator seed."),
          drift: bool = typer.Option(False, "--drift", help="Also run drift + trainer, inject a drift in the live "
                                     "phase and show detection, retrain, the gate's verdict and v1 vs v2 metrics."),
+         rollout: bool = typer.Option(False, "--rollout", help="A staged rollout instead: v1 serving, a retrain, "
+                                      "v2 in shadow, the online gate over labelled live events, a canary, promotion; "
+                                      "then worse versions rejected from shadow and rolled back from canary."),
          drift_kind: str | None = typer.Option(None, "--drift-kind",
                                                help="With --drift: a drift of the spec's generator, default its "
                                                "first (payments: concept = the fraud pattern changes, covariate = "
@@ -645,7 +648,14 @@ def demo(ctx: typer.Context,
         kinds = drift_kinds(spec)
     except GeneratorError as error:
         raise fail(str(error)) from error
-    if drift:
+    if drift and rollout:
+        raise fail("--drift and --rollout are two demos: choose one")
+    if rollout:
+        from streamscore.services.tools.rollout_demo import ROLLOUT_DEMO_HISTORY
+
+        options = DemoOptions(history_events=history or ROLLOUT_DEMO_HISTORY, live_events=0, rate=rate, seed=seed,
+                              poison_every=0, rollout=True)
+    elif drift:
         drift_kind = drift_kind or (kinds[0] if kinds else None)
         if drift_kind not in kinds:
             raise fail(f"--drift-kind {drift_kind!r}: spec {spec.name!r}'s generator has {', '.join(kinds) or 'none'}")

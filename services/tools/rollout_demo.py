@@ -112,7 +112,8 @@ def run_rollout_phases(console: Console, settings: Settings, spec: FeatureSpec, 
         # --- 2. a retrain request -> v2 in shadow --------------------------------------------------
         live("live on v1")
         wait_until_accounted(store, produced)
-        boundary = trainer.newest_event_ms()
+        day_ms = 86_400_000
+        boundary = trainer.newest_event_ms() // day_ms * day_ms  # the daily schedule's latest boundary
         request = trainer.request_scheduled_retrain(boundary)
         outcome = _wait(lambda: next((o for o in trainer.outcomes if o.request_id == request["request_id"]), None),
                         timeout_s=180.0, group=group)
@@ -120,13 +121,15 @@ def run_rollout_phases(console: Console, settings: Settings, spec: FeatureSpec, 
             console.print(f"[red]the retrain did not put a version in shadow[/red]: {outcome}")
             return figures
         v2 = outcome.version
-        console.print(f"retrain request {request['request_id']} on the retrain topic -> v{v2} trained on "
-                      f"{outcome.training_rows} labelled events, offline gate passed ({outcome.gate_reason}): "
+        console.print(f"scheduled retrain request {request['request_id']} on the retrain topic -> v{v2} trained on "
+                      f"{outcome.training_rows} labelled events, offline gate passed ({outcome.reason}): "
                       f"[bold]v{v2} in shadow[/bold]", highlight=False)
         _wait(lambda: v2 in [m.version for m in scorer.pipeline.serving.shadows], group=group)
 
         # --- 3. online gate: shadow -> canary steps -> production ----------------------------------
+        shadow_started = time.monotonic()
         promoted = until(lambda: registry.rollout(name).production == v2, f"online gate of v{v2}")
+        figures["v2_shadow_to_production_s"] = time.monotonic() - shadow_started
         _wait(lambda: scorer.pipeline.model.version == v2, group=group)
         console.print(f"[bold]v{v2} {'promoted' if promoted else 'NOT promoted'}[/bold] by the online gate "
                       f"(serving {scorer.pipeline.serving.describe()})", highlight=False)
@@ -140,8 +143,10 @@ def run_rollout_phases(console: Console, settings: Settings, spec: FeatureSpec, 
         _wait(lambda: scorer.pipeline.serving.canary is not None and scorer.pipeline.serving.shadows, group=group)
         console.print(f"v{v3} (shuffled labels) in shadow, v{v4} (shuffled labels) serving 10% of entities as the "
                       "canary", highlight=False)
+        worse_started = time.monotonic()
         stopped = until(lambda: not registry.rollout(name).shadows and registry.rollout(name).canary is None,
                         f"online gate of v{v3} and v{v4}")
+        figures["worse_stopped_s"] = time.monotonic() - worse_started
         _wait(lambda: scorer.pipeline.serving.canary is None and not scorer.pipeline.serving.shadows, group=group)
         wait_until_accounted(store, produced)
         time.sleep(1.0)  # the last model updates reach model_versions
@@ -150,13 +155,15 @@ def run_rollout_phases(console: Console, settings: Settings, spec: FeatureSpec, 
 
     figures["steps"] = _print_steps(console, registry, name, spec.objective)
     figures["shadow_vs_served"] = _print_shadow_comparison(console, store, spec.objective)
-    figures["canary_share"] = _print_canary_share(console, store, v2)
+    figures["canary_steps"] = _print_canary_shares(console, store, registry, name, v2)
     history = registry.stages(name)["history"]
     figures["worse_promoted"] = any(h["action"] == "promote" and h["version"] in (v3, v4) for h in history)
-    console.print(f"worse versions promoted: [bold]{'yes' if figures['worse_promoted'] else 'none'}[/bold]; "
-                  f"v{v3} {next((h['action'] for h in reversed(history) if h['version'] == v3), '-')}ed, "
-                  f"v{v4} rolled back: {any(h['action'] == 'rollback' and h['version'] == v4 for h in history)}",
-                  highlight=False)
+    console.print(f"v{v2}: shadow -> canary {' -> '.join(f'{s:.0%}' for s in settings.canary_shares)} -> production "
+                  f"in {figures['v2_shadow_to_production_s']:.1f} s of live traffic; worse versions promoted: "
+                  f"[bold]{'YES' if figures['worse_promoted'] else 'none'}[/bold] (v{v3} "
+                  f"{next((h['action'] for h in reversed(history) if h['version'] == v3), '-')}ed from shadow, "
+                  f"v{v4} {'rolled back' if any(h['action'] == 'rollback' and h['version'] == v4 for h in history) else 'NOT rolled back'} "
+                  f"from canary, {figures['worse_stopped_s']:.1f} s after they started)", highlight=False)
     return figures
 
 
@@ -164,16 +171,15 @@ def _print_steps(console: Console, registry: ModelRegistry, name: str, objective
     metrics = ("rmse", "mae") if objective == "regression" else ("auc", "log_loss")
     table = Table(title="registry actions of the rollout (model_versions has the same, with evidence)",
                   title_justify="left")
-    for column in ("version", "action", "stage", "labelled", *(f"{m} cand / prod" for m in metrics), "reason"):
-        table.add_column(column, justify="left" if column in ("action", "stage", "reason") else "right")
+    for column in ("ver", "action", "stage", "labelled", *(f"{m}/prod" for m in metrics)):
+        table.add_column(column, justify="left" if column in ("action", "stage") else "right", no_wrap=True)
     steps = []
     for h in registry.stages(name)["history"]:
         evidence = h.get("evidence") or {}
         stage = h["stage"] + (f" {h['share']:.0%}" if h.get("share") else "")
-        cells = [f"{evidence[m]:.4f} / {evidence[f'production_{m}']:.4f}" if m in evidence else "-" for m in metrics]
+        cells = [f"{evidence[m]:.3f}/{evidence[f'production_{m}']:.3f}" if m in evidence else "-" for m in metrics]
         table.add_row(f"v{h['version']}", h["action"], stage,
-                      f"{int(evidence['labelled']):,}" if "labelled" in evidence else "-", *cells,
-                      (h["reason"] or "-")[:70])
+                      f"{int(evidence['labelled']):,}" if "labelled" in evidence else "-", *cells)
         steps.append({"version": h["version"], "action": h["action"], "stage": stage, **evidence})
     console.print(table)
     return steps
@@ -185,8 +191,8 @@ def _print_shadow_comparison(console: Console, store: Store, objective: str) -> 
     sql = shadow_sql(objective)[0]
     result = store.query(sql)
     table = Table(title="shadow against the serving version, on the same labelled events", title_justify="left")
-    for column in result.column_names:
-        table.add_column(column, justify="right")
+    for column in result.column_names:  # shadow_version -> shadow v, shadow_auc -> shadow auc, ...
+        table.add_column(column.replace("_version", " v").replace("_", " ", 1), justify="right")
     for row in result.rows:
         table.add_row(*[f"{v:.4f}" if isinstance(v, float) else str(v) for v in row])
     console.print(table)
@@ -194,13 +200,29 @@ def _print_shadow_comparison(console: Console, store: Store, objective: str) -> 
     return [dict(zip(result.column_names, row)) for row in result.rows]
 
 
-def _print_canary_share(console: Console, store: Store, version: int) -> dict:
-    """Share of entities the canary served at each step, from predictions (the version that served each event)."""
-    rows = store.query(
-        "SELECT uniqExactIf(entity_id, model_version = {v:UInt32}) AS canary_entities, uniqExact(entity_id) AS "
-        "entities FROM predictions FINAL WHERE scored_at >= (SELECT min(scored_at) FROM predictions FINAL "
-        "WHERE model_version = {v:UInt32})", {"v": version}).rows[0]
-    share = rows[0] / rows[1] if rows[1] else 0.0
-    console.print(f"v{version} served {rows[0]:,} of the {rows[1]:,} entities seen since it first served "
-                  f"({share:.1%}; its canary steps were 10% then 50% of entities, then all)", highlight=False)
-    return {"canary_entities": int(rows[0]), "entities": int(rows[1])}
+def _print_canary_shares(console: Console, store: Store, registry: ModelRegistry, name: str,
+                         version: int) -> list[dict]:
+    """Per canary step of `version`: the share of entities it served (from predictions, which record the
+    version that served each event) against the step's setting."""
+    history = [h for h in registry.stages(name)["history"] if h["version"] == version]
+    table = Table(title=f"canary steps of v{version}: share of entities served (predictions.model_version)",
+                  title_justify="left")
+    for column in ("step", "set", "entities", f"served by v{version}", "actual share", "seconds"):
+        table.add_column(column, justify="right")
+    steps = []
+    for step, (entry, following) in enumerate(zip(history, history[1:]), 1):
+        if entry["action"] != "canary":
+            continue
+        entities, served = store.query(
+            "SELECT uniqExact(entity_id), uniqExactIf(entity_id, model_version = {v:UInt32}) FROM predictions FINAL "
+            "WHERE scored_at >= fromUnixTimestamp64Milli({a:Int64}, 'UTC') "
+            "AND scored_at < fromUnixTimestamp64Milli({b:Int64}, 'UTC')",
+            {"v": version, "a": entry["at"] + 1000, "b": following["at"]}).rows[0]  # (+1 s: the scorer follows)
+        share = served / entities if entities else float("nan")
+        seconds = (following["at"] - entry["at"]) / 1000
+        table.add_row(str(len(steps) + 1), f"{entry['share']:.0%}", f"{entities:,}", f"{served:,}", f"{share:.1%}",
+                      f"{seconds:.1f}")
+        steps.append({"share": entry["share"], "entities": int(entities), "served": int(served),
+                      "actual": share, "seconds": seconds})
+    console.print(table)
+    return steps

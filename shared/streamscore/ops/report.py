@@ -431,7 +431,7 @@ def shadow_section(store: Store, objective: str = "binary") -> Section:
     metric = plotted[0]
     labels, shadow_values, served_values = [], [], []
     for pair in section.data["pairs"]:
-        labels.append(f"v{pair['shadow_version']} vs v{pair['served_version']}\n({pair['labelled']} labelled)")
+        labels.append(f"v{pair['shadow_version']}/v{pair['served_version']}\nn={pair['labelled']}")
         shadow_values.append(_finite(pair[f"shadow_{metric}"]) or math.nan)
         served_values.append(_finite(pair[f"served_{metric}"]) or math.nan)
     positions = range(len(labels))
