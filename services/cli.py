@@ -223,18 +223,29 @@ class OutputFormat(str, Enum):
 def query(
     ctx: typer.Context,
     sql: str = typer.Argument(..., help="SQL to run; unqualified tables are in STREAMSCORE_CLICKHOUSE_DATABASE."),
-    output: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help="table, csv or json."),
+    output: OutputFormat | None = typer.Option(
+        None, "--format", "-f",
+        help="table (default), csv or json. SQL ending in ClickHouse's own FORMAT clause is printed as ClickHouse "
+             "writes it instead."),
     demo: bool = typer.Option(False, "--demo", help="Query the demo's database (streamscore_demo)."),
     spec_path: Path | None = _SPEC_OPTION,
 ) -> None:
     """Run SQL against the ClickHouse store (e.g. streamscore query "SELECT count() FROM predictions FINAL")."""
-    from streamscore.clickhouse.store import StoreError, open_store
+    from streamscore.clickhouse.store import StoreError, open_store, own_output_format
     from streamscore.services.tools.demo import demo_settings
 
     settings: Settings = demo_settings(ctx.obj) if demo else ctx.obj
+    own_format = own_output_format(sql)
+    if own_format and output is not None:
+        raise fail(f"the SQL names its output format (FORMAT {own_format}) and --format {output.value} was given: "
+                   "keep one")
     try:
         store = open_store(settings)
         try:
+            if own_format:
+                sys.stdout.buffer.write(store.query_formatted(sql))
+                sys.stdout.flush()
+                return
             result = store.query(sql)
         finally:
             store.close()
@@ -594,19 +605,32 @@ def simulate(ctx: typer.Context,
 def train(ctx: typer.Context,
           days: float = typer.Option(0, "--days", min=0, help="Train on the last N days of events (0 = all)."),
           reason: str = typer.Option("manual training", "--reason", help="Recorded with the version."),
+          wait_s: float = typer.Option(300.0, "--wait", min=1,
+                                       help="While `run all` holds the embedded store: seconds to wait for its "
+                                            "trainer's verdict."),
           spec_path: Path | None = _SPEC_OPTION) -> None:
-    """Build the training set from ClickHouse (offline feature path), train, gate, register, maybe promote."""
+    """Build the training set from ClickHouse (offline feature path), train, gate, register, maybe promote.
+    While `streamscore run` holds the embedded store, its trainer does it (a request on the retrain topic)."""
     from streamscore.avro.codec import AvroCodec
     from streamscore.learning.model_updates import publish_model_updates
     from streamscore.learning.registry import ModelRegistry
     from streamscore.learning.retraining import train_and_register
-    from streamscore.clickhouse.store import StoreError, open_store
+    from streamscore.clickhouse.store import StoreError, StoreLockedError, open_store
     from streamscore.learning.training import TrainingDataError
 
     settings, spec = _with_spec(ctx, spec_path)
     since_ms = int((time.time() - days * 86400) * 1000) if days else None
     try:
         store = open_store(settings)
+    except StoreLockedError:
+        if days:
+            raise fail("the embedded store is held by a running `streamscore run`, whose trainer trains on its "
+                       "configured window (STREAMSCORE_TRAINER_WINDOW_DAYS): drop --days, or stop it first") from None
+        _train_through_the_running_trainer(settings, spec, reason, wait_s)
+        return
+    except StoreError as error:
+        raise fail(str(error)) from error
+    try:
         store.migrate()
         outcome = train_and_register(store, ModelRegistry(settings.registry_dir), settings, spec, reason,
                                      since_ms=since_ms)
@@ -615,10 +639,53 @@ def train(ctx: typer.Context,
     publish_model_updates(settings, AvroCodec(registry_url=settings.schema_registry_url), outcome.events)
     verdict = ("in shadow for the online gate" if outcome.shadowed else
                "promoted to production" if outcome.promoted else "rejected")
+    console.print(_verdict_line(settings, spec, outcome.version, verdict, outcome.gate_reason), highlight=False)
+
+
+def _verdict_line(settings: Settings, spec, version, verdict: str, why: str) -> str:
     headline = "rmse" if spec.objective == "regression" else "auc"
-    console.print(f"model {settings.model_name} v{outcome.version.version}: {outcome.training_rows} labelled rows, "
-                  f"{headline.upper()} {outcome.version.metrics.get(headline, math.nan):.3f}, {verdict}: "
-                  f"{outcome.gate_reason}", highlight=False)
+    return (f"model {settings.model_name} v{version.version}: {version.train_rows} labelled rows, "
+            f"{headline.upper()} {version.metrics.get(headline, math.nan):.3f}, {verdict}: {why}")
+
+
+def _train_through_the_running_trainer(settings: Settings, spec, reason: str, wait_s: float) -> None:
+    """Ask the trainer of the process holding the store, through the retrain topic, and report its verdict
+    (the registry is a directory both processes read)."""
+    from streamscore.avro.codec import AvroCodec, SchemaCatalog
+    from streamscore.kafka.io import DeliveryTracker, flush_or_raise, make_producer
+    from streamscore.learning.registry import ModelRegistry
+    from streamscore.learning.retrain_requests import manual_request
+    from streamscore.settings import TOPIC_RETRAIN
+
+    registry = ModelRegistry(settings.registry_dir)
+    production = registry.read_production_version(settings.model_name) or 0
+    request = manual_request(settings.model_name, production, reason, int(time.time() * 1000))
+    codec = AvroCodec(SchemaCatalog.for_spec(spec), registry_url=settings.schema_registry_url)
+    producer, delivered = make_producer(settings), DeliveryTracker()
+    producer.produce(settings.topic(TOPIC_RETRAIN), key=settings.model_name.encode(), on_delivery=delivered,
+                     value=codec.encode("retrain_request", request, topic=settings.topic(TOPIC_RETRAIN)))
+    flush_or_raise(producer, delivered, timeout_s=30.0)
+    console.print(f"the store is held by a running `streamscore run`: asked its trainer (request "
+                  f"{request['request_id']}) ...", highlight=False)
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        for version in registry.list(settings.model_name):
+            if request["request_id"] in version.reason:
+                if registry.read_production_version(settings.model_name) == version.version:
+                    verdict = "promoted to production"
+                elif version.version in registry.rollout(settings.model_name).shadows:
+                    verdict = "in shadow for the online gate"
+                elif version.version in registry.rejected_versions(settings.model_name):
+                    verdict = "rejected by the gate (`streamscore models list` shows why)"
+                else:
+                    time.sleep(0.5)  # registered, verdict not written yet
+                    continue
+                console.print(_verdict_line(settings, spec, version, verdict, version.reason), highlight=False)
+                return
+        time.sleep(0.5)
+    raise fail(f"no trainer answered request {request['request_id']} within {wait_s:.0f} s: is `streamscore run "
+               "all` (or `run trainer`) running, and did its training fail (its log says)? `streamscore status` "
+               "shows the trainer's consumer group")
 
 
 @app.command("demo")
@@ -666,7 +733,13 @@ def demo(ctx: typer.Context,
 
     # librdkafka's transient start-up notices ("coordinator load in progress") are not news in a demo.
     logging.getLogger("streamscore.kafka").setLevel(logging.ERROR)
-    run_demo(settings, options, console, spec=spec)
+    from streamscore.clickhouse.store import StoreError
+    from streamscore.dev.kafka_broker import KafkaBrokerError
+
+    try:
+        run_demo(settings, options, console, spec=spec)
+    except (KafkaBrokerError, StoreError) as error:  # the message says what to do; a traceback would bury it
+        raise fail(str(error)) from error
 
 
 # --- operations ---------------------------------------------------------------------

@@ -40,6 +40,7 @@ from streamscore.drift.monitor import DriftConfig, IncompatibleDriftState
 from streamscore.drift.tracking import DRIFT_EVENTS_COLUMNS, KIND_DRIFT, DriftOutputs, DriftTracker
 from streamscore.kafka.io import DeliveryTracker, flush_or_raise, make_consumer, make_producer
 from streamscore.learning.registry import ModelRegistry
+from streamscore.ops.logs import RepeatedWarning
 from streamscore.ops.service_stats import ServiceStats
 from streamscore.settings import TOPIC_DRIFT_STATE, TOPIC_PREDICTIONS, TOPIC_RETRAIN, Settings
 from streamscore.spec import FeatureSpec, resolve
@@ -114,6 +115,7 @@ class DriftService:
         self.encode_request = self.codec.encoder("retrain_request")
         self._next_pointer_check = 0.0
         self._next_label_lookup = 0.0
+        self._skipped = RepeatedWarning(log)
 
     # --- state -----------------------------------------------------------------------
     def _restore(self) -> None:
@@ -187,8 +189,9 @@ class DriftService:
                 self.tracker.on_label(self._label(msg), self.outputs)
         except (DecodeError, KeyError, TypeError, ValueError) as exc:
             # The scorer and simulator write these topics; a bad record is skipped, not fatal.
-            self.stats.count_rejection(getattr(exc, "reason", "undecodable"))
-            log.warning("skipping %s[%d]@%d: %s", topic, msg.partition(), msg.offset(), exc)
+            reason = getattr(exc, "reason", "undecodable")
+            self.stats.count_rejection(reason)
+            self._skipped.warn(f"{topic} {reason}", "skipping %s[%d]@%d: %s", topic, msg.partition(), msg.offset(), exc)
         self.tracker.record_offset(topic, msg.partition(), msg.offset())
 
     def _prediction(self, value: bytes) -> dict:

@@ -4,9 +4,7 @@ Sections (each printed as a table; every figure also as a ratio to a baseline):
 
 1. scorer in process, payments spec: raw Avro bytes (prepared up front) -> ScoringPipeline.score
    (scan, validate, compiled features, 200-tree LightGBM predict, Prediction encode), by batch
-   size; events/s and per-batch latency p50/p99. The same run times the hard-coded payments path
-   it replaced (legacy/, while it exists), interleaved with it, as the old-vs-new ratio. The model
-   is trained on the spec's offline features and registered in the bench's own registry, so it is
+   size; events/s and per-batch latency p50/p99. The model is trained on the spec's offline features and registered in the bench's own registry, so it is
    exactly what a scorer would load.
 2. naive baseline in the same run: per message json.loads -> validate -> features (the spec's
    reference interpreter, spec/oracle.py) -> predict one row -> json.dumps, no batching, no Avro.
@@ -19,8 +17,11 @@ Sections (each printed as a table; every figure also as a ratio to a baseline):
 4. logger: rows/s of real scored Prediction messages into `predictions` (embedded chDB; and the
    server when CLICKHOUSE_URL is set): the logger's batch path (one Native block per flush, inserted by
    the writer thread while the next batch is read) vs the per-message path (the generic decoder,
-   clickhouse-connect encodes the rows) as its baseline, and the legacy block writer (while it exists).
-5. memory: RSS growth of a fresh subprocess building N entity states (and of the legacy states).
+   clickhouse-connect encodes the rows) as its baseline.
+5. memory: RSS growth of a fresh subprocess building N entity states.
+
+The hard-coded payments path the spec engine replaced was measured beside it before it was deleted:
+docs/performance.md, "Round 2".
 
 Namespace: topics `bench.*`, database `streamscore_bench`, data dir <data_dir>/bench (its own
 chDB dir, so it runs beside `streamscore run`), wiped at the start. The machine is shared and
@@ -60,7 +61,7 @@ from streamscore.spec import default_spec_path, load_spec
 from streamscore.spec.model import FeatureSpec
 from streamscore.spec.oracle import Oracle
 
-PAYMENTS = load_spec(default_spec_path())  # the bench measures the payments example (and its legacy path)
+PAYMENTS = load_spec(default_spec_path())  # the bench measures the payments example
 
 BENCH_TOPIC_PREFIX = "bench."
 BENCH_DATABASE = "streamscore_bench"
@@ -151,13 +152,6 @@ def scoring_stream(seed: int, n_events: int, n_entities: int) -> list[dict]:
     return [event for event, _ in load_generator(PAYMENTS).make_generator(seed, n_entities).events(n_events)]
 
 
-def legacy_available() -> bool:
-    """Whether the hard-coded payments path is still in the tree (it goes once its figures are recorded)."""
-    import importlib.util
-
-    return importlib.util.find_spec("streamscore.legacy.pipeline") is not None
-
-
 # --- 1. scorer in process -------------------------------------------------------------------
 
 @dataclass
@@ -170,22 +164,8 @@ class InProcessFigure:
     events_per_cpu_s: float = float("nan")  # per CPU second of this process (less sensitive to a loaded machine)
 
 
-def _new_pipeline(settings, codec, model) -> ScoringPipeline:
-    return ScoringPipeline(PAYMENTS, codec, model)
-
-
-def _legacy_pipeline(settings, codec, model):
-    """The hard-coded path with the same booster (its 17 features are the payments spec's, in order)."""
-    from streamscore.legacy.pipeline import ScoringPipeline as LegacyPipeline, ServedModel as LegacyModel
-    from streamscore.scoring.tree_kernel import TreeKernel
-
-    served = LegacyModel(name=model.name, version=model.version, booster=model.booster, threshold=model.threshold,
-                         kernel=TreeKernel.for_booster(model.booster))
-    return LegacyPipeline(settings, codec, served)
-
-
-def _warm_pipeline(make, settings, codec, model, raw: list[bytes], now_ms: int):
-    pipeline = make(settings, codec, model)
+def _warm_pipeline(settings, codec, model, raw: list[bytes], now_ms: int) -> ScoringPipeline:
+    pipeline = ScoringPipeline(PAYMENTS, codec, model)
     for start in range(0, len(raw), 2000):
         pipeline.score([InputMessage(value, 0, start + i) for i, value in enumerate(raw[start:start + 2000])],
                        now_ms=now_ms)
@@ -193,11 +173,10 @@ def _warm_pipeline(make, settings, codec, model, raw: list[bytes], now_ms: int):
 
 
 def scorer_in_process(settings: Settings, codec: AvroCodec, model: ServedModel, warm: list[bytes],
-                      timed: list[bytes], now_ms: int, batch_size: int, max_seconds: float,
-                      make=_new_pipeline) -> InProcessFigure:
+                      timed: list[bytes], now_ms: int, batch_size: int, max_seconds: float) -> InProcessFigure:
     """Score `timed` (after `warm` built realistic state) in batches; the clock covers score() only,
     which includes decode, validation, features, predict and the Prediction bytes."""
-    pipeline = _warm_pipeline(make, settings, codec, model, warm, now_ms)
+    pipeline = _warm_pipeline(settings, codec, model, warm, now_ms)
     base = len(warm)
     batches = [[InputMessage(value, 0, base + start + i) for i, value in enumerate(timed[start:start + batch_size])]
                for start in range(0, len(timed), batch_size)]
@@ -651,55 +630,6 @@ def logger_bench(settings: Settings, codec: AvroCodec, encoded: list[bytes], n_r
     return figures
 
 
-def block_writers_bench(settings: Settings, codec: AvroCodec, encoded: list[bytes], legacy_encoded: list[bytes],
-                        n_rows: int, label: str, repeats: int) -> list[LoggerFigure]:
-    """The block writer alone, new (spec-derived table) vs old (the hard-coded v1 table), same batches of
-    logger_batch_rows, interleaved batch by batch: Prediction bytes -> Native block -> insert_native."""
-    from streamscore.clickhouse.blocks import PredictionBlockWriter
-    from streamscore.clickhouse.store import open_store
-    from streamscore.clickhouse.tables import ensure_spec_tables, feature_names_of
-    from streamscore.legacy import LEGACY_PREDICTIONS_DDL, legacy_codec
-    from streamscore.legacy.prediction_block import PredictionBlockWriter as LegacyBlockWriter
-
-    store = open_store(settings)
-    store.migrate()
-    ensure_spec_tables(store, PAYMENTS)
-    store.command(LEGACY_PREDICTIONS_DDL.format(db=settings.clickhouse_database))
-    new_writer = PredictionBlockWriter(PAYMENTS, codec, lambda feature_set: feature_names_of(store, feature_set))
-    old_writer = LegacyBlockWriter(legacy_codec())
-    batch_rows = settings.logger_batch_rows
-    timings = {"new block writer": [], "old block writer": []}
-    for repeat in range(repeats):
-        store.command("TRUNCATE TABLE IF EXISTS predictions")
-        store.command("TRUNCATE TABLE IF EXISTS legacy_predictions")
-        totals = {name: [0.0, 0.0] for name in timings}
-        for start in range(0, n_rows, batch_rows):
-            take = min(batch_rows, n_rows - start)
-            for name in timings:
-                source = encoded if name.startswith("new") else legacy_encoded
-                messages = [source[(start + i) % len(source)] for i in range(take)]
-                token = f"{repeat}-{start}"
-                t0, c0 = time.perf_counter(), time.process_time()
-                if name.startswith("new"):
-                    block = new_writer.encode(messages)
-                    store.insert_native("predictions", block.data, block.rows, dedup_token=token)
-                else:
-                    data, rows, _ = old_writer.encode(messages)
-                    store.insert_native("legacy_predictions", data, rows, dedup_token=token)
-                totals[name][0] += time.perf_counter() - t0
-                totals[name][1] += time.process_time() - c0
-        for name, (seconds, cpu) in totals.items():
-            timings[name].append((n_rows / seconds, n_rows / cpu))
-    store.command("DROP TABLE IF EXISTS legacy_predictions")
-    store.close()
-    figures = []
-    for name, runs in timings.items():
-        wall = statistics.median(r[0] for r in runs)
-        cpu = statistics.median(r[1] for r in runs)
-        figures.append(LoggerFigure(label, name, n_rows, wall, cpu))
-    return figures
-
-
 # --- 5. memory -----------------------------------------------------------------------------------
 
 def _memory_events(n_entities: int, events_per_entity: int):
@@ -719,10 +649,9 @@ def _memory_events(n_entities: int, events_per_entity: int):
                     "country": "DE", "device_id": None} for k, i in enumerate(ids)]
 
 
-def memory_child(n_entities: int, events_per_entity: int, path: str = "spec") -> dict:
+def memory_child(n_entities: int, events_per_entity: int) -> dict:
     """Runs in a fresh process: RSS growth from building `n_entities` states (one partition) and encoding each
-    once (as a changelog write does). path 'spec' = the spec engine's arena; 'legacy' = the per-entity objects
-    of the hard-coded path it replaced."""
+    once (as a changelog write does)."""
     from streamscore.avro.scanner import RecordReader
     from streamscore.spec.engine import FeatureEngine
 
@@ -731,38 +660,28 @@ def memory_child(n_entities: int, events_per_entity: int, path: str = "spec") ->
     reader = RecordReader(codec, "event")
     engine = FeatureEngine(PAYMENTS)
     state = engine.new_state()
-    legacy_states: dict = {}
     gc.collect()
     before = rss_bytes()
     offset = 0
     for batch in _memory_events(n_entities, events_per_entity):
         offsets = np.arange(offset, offset + len(batch))
-        if path == "legacy":
-            from streamscore.legacy import features
-
-            features.compute_batch(legacy_states, batch, offsets.tolist())
-        else:
-            scanned = reader.read_batch([encode(e) for e in batch])
-            engine.compute(state, engine.inputs(scanned, np.arange(len(batch)), offsets))
+        scanned = reader.read_batch([encode(e) for e in batch])
+        engine.compute(state, engine.inputs(scanned, np.arange(len(batch)), offsets))
         offset += len(batch)
         del batch
-    if path == "legacy":
-        serialized = [len(s.to_bytes()) for s in legacy_states.values()]
-        entities = len(legacy_states)
-    else:
-        serialized = [len(value) for _, value in state.encode(list(state.slot_of.values()))]
-        entities = len(state)
+    serialized = [len(value) for _, value in state.encode(list(state.slot_of.values()))]
+    entities = len(state)
     gc.collect()
     after = rss_bytes()
-    return {"path": path, "entities": entities, "events_per_entity": events_per_entity, "rss_before": before,
+    return {"entities": entities, "events_per_entity": events_per_entity, "rss_before": before,
             "rss_after": after, "bytes_per_entity": (after - before) / max(entities, 1),
             "serialized_bytes_per_entity": statistics.mean(serialized)}
 
 
-def memory_bench(n_entities: int, events_per_entity: int, path: str = "spec") -> dict:
+def memory_bench(n_entities: int, events_per_entity: int) -> dict:
     code = ("import json, sys; from streamscore.services.tools.bench import memory_child; "
-            "print(json.dumps(memory_child(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])))")
-    out = subprocess.run([sys.executable, "-c", code, str(n_entities), str(events_per_entity), path],
+            "print(json.dumps(memory_child(int(sys.argv[1]), int(sys.argv[2]))))")
+    out = subprocess.run([sys.executable, "-c", code, str(n_entities), str(events_per_entity)],
                          check=True, capture_output=True, text=True, timeout=1800)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -774,7 +693,6 @@ class BenchReport:
     machine: dict = field(default_factory=dict)
     model: dict = field(default_factory=dict)
     in_process: list[InProcessFigure] = field(default_factory=list)
-    legacy_in_process: list[InProcessFigure] = field(default_factory=list)  # same batch sizes, interleaved
     naive: InProcessFigure | None = None
     end_to_end: list[EndToEndFigure] = field(default_factory=list)
     logger: list[LoggerFigure] = field(default_factory=list)
@@ -815,7 +733,6 @@ def run_bench(base: Settings, options: BenchOptions, progress=print,
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     report = BenchReport(machine=machine_description())
     codec = AvroCodec(SchemaCatalog.for_spec(PAYMENTS), registry_url=settings.schema_registry_url)
-    legacy = legacy_available()
     history = 30_000 if options.quick else 60_000
     progress(f"training the bench model (200 trees) on {history:,} simulated events ...")
     model, train_seconds = train_bench_model(settings, options.seed, history)
@@ -834,17 +751,9 @@ def run_bench(base: Settings, options: BenchOptions, progress=print,
     if "scorer" in options.sections:
         for batch_size in options.batch_sizes:
             progress(f"scorer in process: batch {batch_size} ...")
-            runs, legacy_runs = [], []
-            for _ in range(options.repeats):  # old and new interleaved: both see the same machine load
-                runs.append(scorer_in_process(settings, codec, model, warm, timed, now_ms, batch_size, max_seconds))
-                if legacy:
-                    from streamscore.legacy import legacy_codec
-
-                    legacy_runs.append(scorer_in_process(settings, legacy_codec(), model, warm, timed, now_ms,
-                                                         batch_size, max_seconds, make=_legacy_pipeline))
+            runs = [scorer_in_process(settings, codec, model, warm, timed, now_ms, batch_size, max_seconds)
+                    for _ in range(options.repeats)]
             report.in_process.append(_median_figure(runs))
-            if legacy_runs:
-                report.legacy_in_process.append(_median_figure(legacy_runs))
         progress("naive baseline (JSON, per message) ...")
         json_timed = [json.dumps(e).encode() for e in events[half:]]
         runs = [naive_baseline(settings, model, events[:half], json_timed, now_ms, max_seconds)
@@ -872,21 +781,12 @@ def run_bench(base: Settings, options: BenchOptions, progress=print,
             ensure_topics(settings)
 
     if "logger" in options.sections:
-        pipeline = _warm_pipeline(_new_pipeline, settings, codec, model, warm, now_ms)
+        pipeline = _warm_pipeline(settings, codec, model, warm, now_ms)
         encoded_predictions = pipeline.score([InputMessage(v, 0, half + i) for i, v in enumerate(timed)],
                                              now_ms=now_ms).encoded
         progress("logger: embedded chDB ...")
         embedded = settings.model_copy(update={"clickhouse_url": None})
         report.logger += logger_bench(embedded, codec, encoded_predictions, options.logger_rows, "embedded chDB")
-        if legacy:
-            from streamscore.legacy import legacy_codec
-
-            old = _warm_pipeline(_legacy_pipeline, settings, legacy_codec(), model, warm, now_ms)
-            legacy_predictions = old.score([InputMessage(v, 0, half + i) for i, v in enumerate(timed)],
-                                           now_ms=now_ms).encoded
-            progress("logger: new vs old block writer (embedded chDB) ...")
-            report.logger += block_writers_bench(embedded, codec, encoded_predictions, legacy_predictions,
-                                                 options.logger_rows, "embedded chDB", options.repeats)
         if settings.clickhouse_url:
             progress("logger: ClickHouse server ...")
             report.logger += logger_bench(settings, codec, encoded_predictions, options.logger_rows,
@@ -903,8 +803,7 @@ def run_bench(base: Settings, options: BenchOptions, progress=print,
     if "memory" in options.sections:
         for n in options.memory_entities:
             progress(f"memory: {n:,} entities x {options.events_per_entity} events in a fresh process ...")
-            for path in ("spec", "legacy") if legacy else ("spec",):
-                report.memory.append(memory_bench(n, options.events_per_entity, path))
+            report.memory.append(memory_bench(n, options.events_per_entity))
     return report
 
 
@@ -925,17 +824,13 @@ def print_report(report: BenchReport, options: BenchOptions, console) -> None:
         table = Table(title="1. scorer in process: Avro bytes -> decode, validate, features, predict, "
                             "Prediction bytes (1 thread)", title_justify="left")
         for column in ("batch", "events/s", "x naive", "events/CPU-s", "x naive", "CPU us/event", "batch p50 ms",
-                       "batch p99 ms", "old path events/s", "x old", "target 50k/s"):
+                       "batch p99 ms", "target 50k/s"):
             table.add_column(column, justify="right")
-        old_by_batch = {f.batch_size: f for f in report.legacy_in_process}
         for f in report.in_process:
             ratio = f"{f.events_per_s / naive.events_per_s:.1f}x" if naive else "-"
             cpu_ratio = f"{f.events_per_cpu_s / naive.events_per_cpu_s:.1f}x" if naive else "-"
-            old = old_by_batch.get(f.batch_size)
             table.add_row(str(f.batch_size), f"{f.events_per_s:,.0f}", ratio, f"{f.events_per_cpu_s:,.0f}", cpu_ratio,
                           f"{1e6 / f.events_per_cpu_s:.1f}", f"{f.batch_p50_ms:.2f}", f"{f.batch_p99_ms:.2f}",
-                          f"{old.events_per_s:,.0f}" if old else "-",
-                          f"{f.events_per_s / old.events_per_s:.2f}x" if old else "-",
                           "ok" if f.events_per_s >= 50_000 else ("CPU ok" if f.events_per_cpu_s >= 50_000 else "miss"))
         if naive:
             table.add_row("naive", f"{naive.events_per_s:,.0f}", "1.0x", f"{naive.events_per_cpu_s:,.0f}", "1.0x",
@@ -943,8 +838,7 @@ def print_report(report: BenchReport, options: BenchOptions, console) -> None:
                           f"{naive.batch_p99_ms:.3f}", "baseline")
         console.print(table)
         console.print("naive = per message json.loads -> validate -> features -> predict 1 row -> json.dumps "
-                      "(no batching, no Avro); batch latency = one ScoringPipeline.score call; old path = the "
-                      "hard-coded payments pipeline the spec engine replaced, same model, runs interleaved",
+                      "(no batching, no Avro); batch latency = one ScoringPipeline.score call",
                       highlight=False)
     if report.rollout:
         table = Table(title=f"1b. staged rollouts: scorer in process at batch {ROLLOUT_BATCH} with versions scored "
@@ -999,21 +893,19 @@ def print_report(report: BenchReport, options: BenchOptions, console) -> None:
                       "and clickhouse-connect's Native encoding of the rows (the baseline). rows/CPU-s counts this "
                       "process's CPU, which includes the embedded ClickHouse engine.", highlight=False)
     if report.memory:
-        table = Table(title="4. memory: RSS growth of a fresh process building entity states (spec = the "
-                            "engine's arena; legacy = the old per-entity objects)",
+        table = Table(title="4. memory: RSS growth of a fresh process building entity states (the engine's arena)",
                       title_justify="left")
-        for column in ("path", "entities", "events/entity", "RSS delta MiB", "bytes/entity", "marginal bytes/entity",
+        for column in ("entities", "events/entity", "RSS delta MiB", "bytes/entity", "marginal bytes/entity",
                        "serialized bytes/entity"):
             table.add_column(column, justify="right")
-        previous: dict[str, tuple[int, int]] = {}
+        previous: tuple[int, int] | None = None
         for r in report.memory:
             delta = r["rss_after"] - r["rss_before"]
             marginal = "-"
-            before = previous.get(r["path"])
-            if before is not None and r["entities"] > before[0]:
-                marginal = f"{(delta - before[1]) / (r['entities'] - before[0]):,.0f}"
-            previous[r["path"]] = (r["entities"], delta)
-            table.add_row(r["path"], f"{r['entities']:,}", str(r["events_per_entity"]), f"{delta / 2**20:,.0f}",
+            if previous is not None and r["entities"] > previous[0]:
+                marginal = f"{(delta - previous[1]) / (r['entities'] - previous[0]):,.0f}"
+            previous = (r["entities"], delta)
+            table.add_row(f"{r['entities']:,}", str(r["events_per_entity"]), f"{delta / 2**20:,.0f}",
                           f"{r['bytes_per_entity']:,.0f}", marginal, f"{r['serialized_bytes_per_entity']:,.0f}")
         console.print(table)
         console.print("linear = the marginal bytes/entity (slope between rows) is what each further entity costs; "

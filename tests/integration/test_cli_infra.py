@@ -65,6 +65,17 @@ def test_query_csv_and_json_read_the_settings_database(settings, store):
 
 
 @pytest.mark.integration
+def test_query_passes_the_sqls_own_format_clause_through(settings):
+    result = runner.invoke(app, ["query", "SELECT 1 AS one, 'x' AS letter FORMAT TSVWithNames"], env=cli_env(settings))
+    assert result.exit_code == 0, result.output
+    assert result.output == "one\tletter\n1\tx\n"
+
+    both = runner.invoke(app, ["query", "-f", "csv", "SELECT 1 FORMAT TSV"], env=cli_env(settings))
+    assert both.exit_code == 1
+    assert "FORMAT TSV" in both.output and "--format csv" in both.output
+
+
+@pytest.mark.integration
 def test_query_with_bad_sql_fails_with_clickhouse_message(settings):
     result = runner.invoke(app, ["query", "SELECT * FROM no_such_table"], env=cli_env(settings))
     assert result.exit_code == 1

@@ -8,6 +8,7 @@ Every wait polls with a deadline; nothing here is mocked.
 from __future__ import annotations
 
 import math
+import re
 import threading
 import time
 import uuid
@@ -257,9 +258,15 @@ def test_events_scored_and_logged_exactly_once_poison_dead_lettered_then_trained
         assert len(live) == 1 and live[0][:3] == (version, n_live, 0)
         if spec.objective == "binary":
             assert 0 <= live[0][3] <= live[0][4] <= 1
-        else:  # a duration in seconds, near the labels' scale
-            mean_label = float(np.mean([lbl[spec.label.value_field] for lbl in labels]))
-            assert 0.2 * mean_label < live[0][3] < live[0][4] < 10 * mean_label
+        else:  # a duration in seconds: the served v1 beats predicting the mean (a per-row bound is
+            # fragile: short trips are legitimately scored far below the mean, CI saw 238 s vs 1,255 s)
+            truth = {lbl[spec.label.id_field]: float(lbl[spec.label.value_field]) for lbl in labels}
+            served = store.query("SELECT event_id, score FROM predictions FINAL WHERE event_id IN %(ids)s",
+                                 parameters={"ids": ids(events[n_history:])}).rows
+            y = np.array([truth[event_id] for event_id, _ in served])
+            score = np.array([s for _, s in served])
+            assert live[0][3] > 0
+            assert np.sqrt(np.mean((score - y) ** 2)) < np.std(y)
         # the served vectors of the live phase are the offline recomputation with v1's frozen vocabularies
         assert_no_skew(store, ids(events[n_history:]), spec, outcome.version.vocabularies)
         assert scalar(store, "SELECT count() FROM predictions FINAL WHERE model_version = 0") == n_history
@@ -392,6 +399,35 @@ def first_prediction_with_version(consumer: Consumer, version: int, scored_after
             if record["model_version"] == version and record["scored_at"] >= scored_after_ms:
                 return record, time.time()
     raise AssertionError(f"no prediction of v{version} scored after {scored_after_ms} within {timeout_s} s")
+
+
+def test_train_while_running_services_hold_the_embedded_store_asks_their_trainer(settings, store):
+    """`streamscore train` in another process than the one holding the embedded store (the tutorial's step 6
+    beside `run all`): it cannot open chDB, so it asks the running trainer through the retrain topic."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pairs = list(generator_ending_now(PAYMENTS, seed=5, n_entities=300, n_events=3000).events(3000))
+    events, labels = [e for e, _ in pairs], [lbl for _, lbl in pairs]
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("STREAMSCORE_") and k not in ("KAFKA_BOOTSTRAP_SERVERS", "CLICKHOUSE_URL")}
+    with ServiceGroup(settings, ["scorer", "logger", "trainer"], store=store) as group:
+        produce_events(settings, events, labels)
+        wait_for_count(store, "SELECT count() FROM predictions FINAL", len(events), "predictions", group)
+        wait_for_count(store, "SELECT count() FROM labels FINAL", len(labels), "labels", group)
+        done = subprocess.run([str(Path(sys.executable).with_name("streamscore")), "train", "--wait", "120"],
+                              env={**env, **cli_env(settings), "COLUMNS": "200"}, capture_output=True, text=True,
+                              timeout=180)
+        assert done.returncode == 0, done.stdout + done.stderr
+        registry = ModelRegistry(settings.registry_dir)
+        assert registry.read_production_version(settings.model_name) == 1
+        assert re.search(r"v1: \d+ labelled rows, AUC [01]\.\d{3}, promoted to production", done.stdout), done.stdout
+        if store.is_embedded:
+            assert "asked its trainer" in done.stdout
+            outcome = group.services["trainer"].outcomes[-1]
+            assert (outcome.action, outcome.version) == ("promoted", 1)
 
 
 def test_promote_and_rollback_swap_the_served_model_within_seconds_while_events_flow(settings, store):

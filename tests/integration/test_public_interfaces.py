@@ -42,6 +42,13 @@ def test_run_script_has_both_commands_and_ci_uses_it():
     assert "./run test" in (REPO_ROOT / ".ci" / "run").read_text(encoding="utf-8")
 
 
+def test_readme_stays_a_users_page_and_links_the_docs(readme):
+    assert len(readme.encode("utf-8")) <= 25 * 1024, "README.md is over 25 KB: move detail to docs/"
+    for doc in ("architecture.md", "performance.md", "reliability.md", "configuration.md", "spec-reference.md"):
+        assert (REPO_ROOT / "docs" / doc).is_file()
+        assert f"docs/{doc}" in readme, f"README does not link docs/{doc}"
+
+
 # --- topics ------------------------------------------------------------------------------
 
 def test_documented_topics_are_the_topics(readme):

@@ -70,8 +70,8 @@ def positions(settings: Settings, group: str, topic: str) -> tuple[list[int], li
     return committed, ends
 
 
-def scorer_position(settings: Settings) -> tuple[int, int]:
-    committed, ends = positions(settings, settings.group("scorer"), settings.topic(PAYMENTS.event.topic))
+def scorer_position(settings: Settings, spec=PAYMENTS) -> tuple[int, int]:
+    committed, ends = positions(settings, settings.group("scorer"), settings.topic(spec.event.topic))
     return sum(committed), sum(ends)
 
 
@@ -97,10 +97,10 @@ def logged_predictions(settings: Settings) -> int:
     return sum(positions(settings, settings.group("logger"), settings.topic(TOPIC_PREDICTIONS))[0])
 
 
-def drained(settings: Settings) -> bool:
+def drained(settings: Settings, spec=PAYMENTS) -> bool:
     """Scorer and logger committed everything there is (their outputs are acknowledged / written)."""
-    checks = [(settings.group("scorer"), PAYMENTS.event.topic)] + [
-        (settings.group("logger"), t) for t in (TOPIC_PREDICTIONS, TOPIC_DEAD_LETTER, PAYMENTS.label.topic)]
+    checks = [(settings.group("scorer"), spec.event.topic)] + [
+        (settings.group("logger"), t) for t in (TOPIC_PREDICTIONS, TOPIC_DEAD_LETTER, spec.label.topic)]
     for group, topic in checks:
         committed, ends = positions(settings, group, settings.topic(topic))
         if committed != ends:
@@ -108,22 +108,24 @@ def drained(settings: Settings) -> bool:
     return True
 
 
-def wait_drained(settings: Settings, timeout_s: float = 120.0) -> None:
-    wait_until(lambda: drained(settings), timeout_s, "scorer and logger to commit every message", interval_s=0.5)
+def wait_drained(settings: Settings, timeout_s: float = 120.0, spec=PAYMENTS) -> None:
+    wait_until(lambda: drained(settings, spec), timeout_s, "scorer and logger to commit every message", interval_s=0.5)
 
 
 # --- producing ----------------------------------------------------------------------------
 class BackgroundProducer:
     """produce_simulation in a thread, so faults can be injected while events flow."""
 
-    def __init__(self, settings: Settings, n_events: int, rate: float | None, seed: int = 1, poison_every: int = 0):
+    def __init__(self, settings: Settings, n_events: int, rate: float | None, seed: int = 1, poison_every: int = 0,
+                 spec=PAYMENTS):
         self.report: SimulationReport | None = None
         self.error: BaseException | None = None
-        simulator = generator_ending_now(PAYMENTS, seed, 500, n_events)
+        simulator = generator_ending_now(spec, seed, 500, n_events)
+        codec = CODEC if spec is PAYMENTS else spec_codec(spec)
 
         def produce() -> None:
             try:
-                self.report = produce_simulation(settings, PAYMENTS, CODEC, simulator, n_events, rate=rate,
+                self.report = produce_simulation(settings, spec, codec, simulator, n_events, rate=rate,
                                                  label_delay_s=0.2, poison_every=poison_every)
             except BaseException as exc:  # noqa: BLE001 - re-raised by result()
                 self.error = exc
@@ -259,20 +261,26 @@ def report_fault(fault: str, settings: Settings, produced: int, counts: Counts, 
           f"| rejected {counts.rejected} {note}", flush=True)
 
 
-LOGGED_FEATURES_SQL = (
-    "SELECT event_id, entity_id, toUnixTimestamp64Milli(event_time) AS event_time, amount, currency, "
-    "merchant_category, channel, country, device_id, event_partition, event_offset, features "
-    "FROM predictions FINAL ORDER BY event_partition, event_offset")
+def logged_features_sql(spec=PAYMENTS) -> str:
+    """Every logged input column of `spec`'s predictions table, the source position and the features."""
+    reserved = ("event_id", "entity_id", "event_time")
+    inputs = "".join(f"`{name}`, " for name in spec.event.layout.names if name not in reserved)
+    return ("SELECT event_id, entity_id, toUnixTimestamp64Milli(event_time) AS event_time, "
+            f"{inputs}event_partition, event_offset, features FROM predictions FINAL "
+            "ORDER BY event_partition, event_offset")
 
 
-def assert_features_match_offline(rows: list[dict]) -> None:
+LOGGED_FEATURES_SQL = logged_features_sql()
+
+
+def assert_features_match_offline(rows: list[dict], spec=PAYMENTS) -> None:
     """The features logged by the scorer equal, bit for bit, a replay of the logged events (in arrival order)
     through the offline path: entity state survived the fault intact."""
-    names = PAYMENTS.feature_names
+    names = spec.feature_names
     logged = np.array([[math.nan if r["features"].get(n) is None else r["features"][n] for n in names]
                        for r in rows], dtype=np.float64)
-    columns = {f.name: [r.get(f.name) for r in rows] for f in PAYMENTS.event.layout.fields}
-    offline = offline_features(PAYMENTS, LoggedEvents(
+    columns = {f.name: [r.get(f.name) for r in rows] for f in spec.event.layout.fields}
+    offline = offline_features(spec, LoggedEvents(
         columns=columns, partitions=np.array([r["event_partition"] for r in rows], dtype=np.int64),
         offsets=np.array([r["event_offset"] for r in rows], dtype=np.int64),
         times=np.array([r["event_time"] for r in rows], dtype=np.int64), event_ids=[r["event_id"] for r in rows]))
@@ -292,37 +300,36 @@ def topic_settings(make_settings) -> Settings:
 
 # --- 1. crash: kill -9 mid-stream -----------------------------------------------------------------
 @pytest.mark.slow
-def test_kill9_mid_stream_then_restart_loses_and_duplicates_nothing(topic_settings, tmp_path):
-    settings = topic_settings
-    env = service_env(settings, tmp_path / "svc")
-    n_events, poison_every = 12_000, 200
+def test_kill9_mid_stream_then_restart_loses_and_duplicates_nothing(spec_settings, tmp_path):
+    settings, spec = spec_settings
+    env = service_env(settings, tmp_path / "svc", STREAMSCORE_SPEC=str(spec.path))
+    n_events, poison_every = 20_000, 200  # 10 s of stream: the kill lands mid-stream also on a loaded machine
     # All four services in one process, as `streamscore run all` and the demo run them.
     services = ServiceProcess(env, ["all"], tmp_path / "services.log")
     wait_services_ready(settings)
-    producer = BackgroundProducer(settings, n_events, rate=2_000, poison_every=poison_every)
+    producer = BackgroundProducer(settings, n_events, rate=2_000, poison_every=poison_every, spec=spec)
 
     # Kill once predictions are being logged and events are still arriving.
     wait_until(lambda: services.assert_alive() or logged_predictions(settings) >= 1_000, 90,
                "the logger to commit 1000 predictions")
     assert producer.running, "the stream ended before the kill; lower the rate"
     services.kill9()
-    killed_at = scorer_position(settings)
+    killed_at = scorer_position(settings, spec)
     print(f"\nkill -9 with the scorer at {killed_at[0]} of {killed_at[1]} events produced so far")
 
     services = ServiceProcess(env, ["all"], tmp_path / "services.log")
     report = producer.result()
-    wait_drained(settings)
+    wait_drained(settings, spec=spec)
     code, seconds = services.terminate()
     assert code == 0, services.log_tail()
 
     counts = subprocess_counts(env)
-    report_fault("kill -9 of `run all` (scorer, logger, drift, trainer) mid-stream, restart", settings,
-                 report.events, counts,
-                 f"(+{report.poison} poison)")
+    report_fault(f"kill -9 of `run all` (scorer, logger, drift, trainer) mid-stream, restart ({spec.name})",
+                 settings, report.events, counts, f"(+{report.poison} poison)")
     assert counts.rows == report.events and counts.unique == report.events
     assert counts.rejected == report.poison
     assert counts.labels == report.labels
-    assert_features_match_offline(query_json(env, LOGGED_FEATURES_SQL))
+    assert_features_match_offline(query_json(env, logged_features_sql(spec)), spec)
 
 
 @pytest.mark.slow

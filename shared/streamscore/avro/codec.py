@@ -273,6 +273,17 @@ class SchemaCatalog:
         """Any known schema (current or history) with this CRC-64-AVRO fingerprint."""
         return self._by_fingerprint.get(fingerprint)
 
+    def unknown_fingerprint_message(self, fingerprint: int) -> str:
+        """Why no schema has `fingerprint`, naming where schemas come from and the usual producer mistake."""
+        swapped = self._by_fingerprint.get(int.from_bytes(fingerprint.to_bytes(8, "little"), "big"))
+        if swapped is not None:
+            return (f"schema fingerprint 0x{fingerprint:016x} is {swapped.source}'s written in the wrong byte order: "
+                    "single-object encoding is c3 01, the CRC-64-AVRO fingerprint little-endian, then the body")
+        spec_files = sorted(Path(w.source).name for w in self._current.values() if Path(w.source).is_absolute())
+        known = f"the spec's {', '.join(spec_files)} and " if spec_files else ""
+        return (f"unknown schema fingerprint 0x{fingerprint:016x} (not {known}streamscore's schemas/, "
+                "nor their history/ copies)")
+
     @property
     def writers(self) -> Mapping[int, WriterSchema]:
         return dict(self._by_fingerprint)
@@ -675,7 +686,7 @@ class AvroCodec:
             fp = int.from_bytes(header[2:10], "little")
             writer = self.catalog.writer(fp)
             if writer is None:
-                raise DecodeError(UNKNOWN_SCHEMA, f"unknown schema fingerprint 0x{fp:016x} (not in schemas/ or schemas/history/)")
+                raise DecodeError(UNKNOWN_SCHEMA, self.catalog.unknown_fingerprint_message(fp))
             return writer
         if len(header) < CONFLUENT_HEADER_LEN:
             raise DecodeError(UNDECODABLE, f"message too short ({len(header)} bytes) for a Confluent header")

@@ -11,6 +11,7 @@ statements) entry, never edit an applied one. Every statement is idempotent
 """
 from __future__ import annotations
 
+import re
 import threading
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -133,6 +134,21 @@ SCHEMA_MIGRATIONS_DDL = """CREATE TABLE IF NOT EXISTS {db}.schema_migrations (
 ORDER BY version"""
 
 
+_OWN_FORMAT = re.compile(r"\bFORMAT\s+([A-Za-z][A-Za-z0-9_]*)\s*;?\s*$", re.IGNORECASE)
+
+
+def own_output_format(sql: str) -> str | None:
+    """The output format a query names at its end (ordinary ClickHouse SQL), else None.
+
+    >>> own_output_format("SELECT 1 FORMAT TSVWithNames;")
+    'TSVWithNames'
+    >>> own_output_format("SELECT 'FORMAT' AS word") is None
+    True
+    """
+    match = _OWN_FORMAT.search(sql)
+    return match.group(1) if match else None
+
+
 class StoreError(RuntimeError):
     """The ClickHouse store cannot be opened or used; the message says what to do."""
 
@@ -246,6 +262,11 @@ class Store:
         summary = getattr(result, "summary", None) or {}
         return QueryResult(column_names=tuple(result.column_names), rows=[tuple(row) for row in result.result_rows],
                            read_rows=int(summary.get("read_rows", 0) or 0))
+
+    def query_formatted(self, sql: str) -> bytes:
+        """Run SQL that names its own output format (`... FORMAT CSVWithNames`); ClickHouse's output as is."""
+        with self._lock:
+            return self._client.raw_query(sql)
 
     def command(self, sql: str, parameters: dict | Sequence | None = None) -> Any:
         with self._lock:

@@ -439,7 +439,7 @@ class DriftMonitor:
         self.model_version = int(model_version)
         self.baseline = dict(baseline)
         self.reference_metrics = dict(reference_metrics or {})
-        self.decision_threshold = float(decision_threshold)
+        self.decision_threshold = float(decision_threshold) if decision_threshold is not None else 0.5
         wanted = config.features or tuple(name for name in baseline if name not in NOT_MONITORED_BY_DEFAULT)
         references = {}
         # The score is always monitored and always the last column of a window row.

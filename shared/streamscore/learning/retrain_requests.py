@@ -35,6 +35,19 @@ _REASON = re.compile(r"^retrain for (?P<id>\S+) \(v(?P<version>\d+) (?P<detector
                      r"at (?P<at>-?\d+)\): ")
 
 
+MANUAL_DETECTOR = "manual"
+
+
+def manual_request(model_name: str, model_version: int, reason: str, now_ms: int) -> dict:
+    """A RetrainRequest from an operator (`streamscore train` while `run all` holds the embedded store).
+
+    detected_at 0: the trainer's wait for labels "since the detection" counts every label, so it trains at once."""
+    request_id = f"{model_name}-v{model_version}-manual-{now_ms}"
+    return {"request_id": request_id, "model_name": model_name, "model_version": int(model_version),
+            "reason": reason, "detector": MANUAL_DETECTOR, "feature": None, "statistic": MANUAL_DETECTOR,
+            "value": 0.0, "threshold": 0.0, "window": 0, "detected_at": 0}
+
+
 def retrain_request(signal: DriftSignal, model_name: str, model_version: int, predictions_seen: int) -> dict:
     """The `streamscore.RetrainRequest` record citing `signal`.
 

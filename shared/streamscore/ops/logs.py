@@ -11,6 +11,7 @@ from __future__ import annotations
 import json as jsonlib
 import logging
 import math
+import time
 from datetime import datetime, timezone
 
 from streamscore.settings import Settings
@@ -74,3 +75,36 @@ def configure_logging(settings: Settings, json: bool | None = None) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+
+
+class RepeatedWarning:
+    """A warning that may repeat for every message of a stream (a producer writing a wrong schema): the first one
+    per key is logged, later ones are counted and summarised at most once per `interval_s`, so 20,000 bad
+    messages make a few lines, not 20,000.
+
+    >>> import logging; lines = []
+    >>> logger = logging.getLogger("doctest.repeated"); logger.propagate = False
+    >>> logger.addHandler(type("H", (logging.Handler,), {"emit": lambda self, r: lines.append(r.getMessage())})())
+    >>> warning = RepeatedWarning(logger, interval_s=60)
+    >>> for offset in range(3):
+    ...     warning.warn("unknown_schema", "skipping offset %d", offset, now=10.0 + offset)
+    >>> warning.warn("unknown_schema", "skipping offset %d", 99, now=75.0)
+    >>> lines
+    ['skipping offset 0', 'skipping offset 99 (and 2 more like it in the last 65 s)']
+    """
+
+    def __init__(self, logger: logging.Logger, interval_s: float = 60.0):
+        self.logger = logger
+        self.interval_s = interval_s
+        self._last: dict[str, tuple[float, int]] = {}  # key -> (time last logged, occurrences since)
+
+    def warn(self, key: str, message: str, *args, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        last = self._last.get(key)
+        if last is not None and now - last[0] < self.interval_s:
+            self._last[key] = (last[0], last[1] + 1)
+            return
+        if last is not None and last[1]:
+            message = f"{message} (and {last[1]} more like it in the last {now - last[0]:.0f} s)"
+        self.logger.warning(message, *args)
+        self._last[key] = (now, 0)

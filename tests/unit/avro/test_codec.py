@@ -265,7 +265,8 @@ def test_older_reader_without_registry_reports_unknown_fingerprint_of_newer_data
     with pytest.raises(DecodeError) as err:
         codec.decode(data, "event")
     assert err.value.reason == UNKNOWN_SCHEMA
-    assert str(err.value) == f"unknown schema fingerprint 0x{v2.fingerprint('event'):016x} (not in schemas/ or schemas/history/)"
+    assert str(err.value) == (f"unknown schema fingerprint 0x{v2.fingerprint('event'):016x} "
+                              "(not streamscore's schemas/, nor their history/ copies)")
 
 
 def test_new_required_field_without_default_is_missing_field(codec, tmp_path):
@@ -330,7 +331,15 @@ def test_unknown_fingerprint(codec):
     body = codec.encode("event", EVENT)[10:]
     err = _decode_error(codec, b"\xc3\x01" + bytes.fromhex("1a2b3c4d5e6f7081")[::-1] + body)
     assert err.reason == UNKNOWN_SCHEMA
-    assert str(err) == "unknown schema fingerprint 0x1a2b3c4d5e6f7081 (not in schemas/ or schemas/history/)"
+    assert str(err) == "unknown schema fingerprint 0x1a2b3c4d5e6f7081 (not streamscore's schemas/, nor their history/ copies)"
+
+
+def test_a_fingerprint_written_big_endian_is_named_as_the_mistake_it_is(codec):
+    data = codec.encode("event", EVENT)
+    err = _decode_error(codec, data[:2] + data[2:10][::-1] + data[10:])
+    assert err.reason == UNKNOWN_SCHEMA
+    assert str(err).startswith(f"schema fingerprint 0x{int.from_bytes(data[2:10], 'big'):016x} is event.avsc's "
+                               "written in the wrong byte order")
 
 
 def test_label_where_event_expected_is_wrong_schema(codec):
@@ -471,3 +480,12 @@ def test_logical_types_are_read_and_written_as_their_primitive():
     decoded = codec.decode(codec.encode("event", event), "event")
     assert decoded["requested_at"] == 1_767_225_600_123 and type(decoded["requested_at"]) is int
     assert "logicalType" in json.dumps(codec.catalog.expanded("event"))  # kept for registries and readers
+
+
+def test_an_unknown_fingerprint_names_the_spec_schemas_it_was_looked_up_in():
+    from conftest import example_spec
+
+    catalog = SchemaCatalog.for_spec(example_spec("rides"))
+    assert catalog.unknown_fingerprint_message(1) == ("unknown schema fingerprint 0x0000000000000001 (not the spec's "
+                                                      "outcome.avsc, trip.avsc and streamscore's schemas/, nor their "
+                                                      "history/ copies)")
