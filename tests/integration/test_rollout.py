@@ -319,3 +319,29 @@ def test_retrain_topic_is_the_schedules_channel(settings):
         consumer.close()
         trainer.store.close()
     assert CODEC.decode(messages[0].value(), "retrain_request") == request
+
+
+def test_replayed_shadow_scores_collapse_to_one_row_per_event_and_version_with_final(settings, store):
+    """A scorer replay re-scores events in other batches: the same (event, version) arrives again in another
+    ShadowScores record, or in the same one twice; FINAL keeps one row each."""
+    def record(first: int, last: int, version: int, scored_at: int) -> dict:
+        ids = range(first, last)
+        return {"model_name": settings.model_name, "model_version": version, "scored_at": scored_at,
+                "event_ids": [f"e{i}" for i in ids], "entity_ids": [f"card-{i % 3}" for i in ids],
+                "event_times": [1_767_225_600_000 + i for i in ids], "scores": [i / 100 for i in ids],
+                "event_partitions": [0 for _ in ids], "event_offsets": list(ids)}
+
+    sent = [record(0, 10, 2, 1_767_225_700_000), record(0, 10, 2, 1_767_225_700_000),
+            record(5, 15, 2, 1_767_225_800_000), record(0, 15, 3, 1_767_225_800_000)]
+    producer = make_producer(settings)
+    tracker = DeliveryTracker()
+    for value in sent:
+        producer.produce(settings.topic("shadow-predictions"), value=CODEC.encode("shadow_scores", value),
+                         on_delivery=tracker)
+    flush_or_raise(producer, tracker, timeout_s=30)
+    with ServiceGroup(settings.model_copy(update=FAST), ["logger"], store=store, spec=PAYMENTS) as group:
+        wait_until(lambda: scalar(store, "SELECT count() FROM shadow_predictions") >= 35, "shadow rows", group)
+    assert scalar(store, "SELECT count() FROM shadow_predictions FINAL") == 30
+    rows = store.query("SELECT model_version, uniqExact(event_id), min(score), max(score) FROM shadow_predictions "
+                       "FINAL GROUP BY model_version ORDER BY model_version").rows
+    assert rows == [(2, 15, 0.0, 0.14), (3, 15, 0.0, 0.14)]
