@@ -345,3 +345,24 @@ def test_replayed_shadow_scores_collapse_to_one_row_per_event_and_version_with_f
     rows = store.query("SELECT model_version, uniqExact(event_id), min(score), max(score) FROM shadow_predictions "
                        "FINAL GROUP BY model_version ORDER BY model_version").rows
     assert rows == [(2, 15, 0.0, 0.14), (3, 15, 0.0, 0.14)]
+
+
+def test_a_canary_the_scorers_cannot_load_is_rolled_back(settings, store, boosters):
+    """v2 registered under another feature set: scorers refuse it, so it scores nothing; the gate rolls it back."""
+    registry = ModelRegistry(settings.registry_dir)
+    name = settings.model_name
+    v1 = register(registry, name, boosters["good"], "good")
+    trained = boosters["also_good"]
+    v2 = registry.register(name, trained.booster, feature_set="another-feature-set",
+                           feature_names=PAYMENTS.feature_names, categorical_features=PAYMENTS.categorical_features,
+                           train_rows=trained.train_rows, metrics=trained.metrics, baseline=trained.baseline,
+                           threshold=trained.threshold, reason="built for other features").version
+    registry.promote(name, v1)
+    registry.canary(name, v2, 0.2)
+    settings = settings.model_copy(update={**FAST, "rollout_min_labelled": 500})
+    with ServiceGroup(settings, ["scorer", "logger", "trainer"], store=store, spec=PAYMENTS) as group:
+        produce_simulation(settings, PAYMENTS, CODEC, generator_ending_now(PAYMENTS, 23, 300, 1500), 1500)
+        wait_until(lambda: registry.rollout(name).canary is None, "canary rolled back", group)
+    rollback = [h for h in registry.stages(name)["history"] if h["action"] == "rollback"]
+    assert len(rollback) == 1 and "not scored at all" in rollback[0]["reason"]
+    assert scalar(store, f"SELECT count() FROM predictions FINAL WHERE model_version = {v2}") == 0

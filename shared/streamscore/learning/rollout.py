@@ -11,7 +11,10 @@ regression: STREAMSCORE_GATE_MAX_RMSE_INCREASE), with log loss or MAE reported b
 - a shadow that passes becomes the canary at the first of `rollout_canary_shares` (or is promoted when
   there are none); one that fails is rejected, which stops its shadowing;
 - a canary that passes moves to the next share, or after the last is promoted; one that fails is
-  rolled back (production serves every entity again): an unhealthy canary never waits for a human.
+  rolled back (production serves every entity again): an unhealthy canary never waits for a human;
+- a candidate the scorers do not score at all (it failed to load there, e.g. another feature set) while
+  production scored `rollout_min_labelled` events since its stage began is unhealthy too: rejected from
+  shadow, rolled back from canary.
 
 Every step is a registry action (shadow, canary, promote, reject, rollback) with its evidence (the
 labelled events and both versions' metrics); `RolloutController.step` returns their ModelUpdate
@@ -46,6 +49,16 @@ class OnlineComparison:
     @property
     def labelled(self) -> int:
         return int(self.labels.size)
+
+
+def scored_since(store: Store, model_name: str, version: int, since_ms: int) -> int:
+    """Events `version` scored since `since_ms` (served or in shadow)."""
+    return int(store.query(
+        "SELECT (SELECT count() FROM predictions FINAL WHERE model_name = {model:String} AND model_version = "
+        "{v:UInt32} AND scored_at >= fromUnixTimestamp64Milli({since:Int64}, 'UTC')) + (SELECT count() FROM "
+        "shadow_predictions FINAL WHERE model_name = {model:String} AND model_version = {v:UInt32} AND scored_at >= "
+        "fromUnixTimestamp64Milli({since:Int64}, 'UTC'))",
+        {"model": model_name, "v": version, "since": int(since_ms)}).rows[0][0])
 
 
 def compare_online(store: Store, model_name: str, production: int, candidate: int,
@@ -160,6 +173,14 @@ class RolloutController:
         candidate = self.registry.get(self.model_name, version)
         comparison = compare_online(self.store, self.model_name, production, version, since)
         verdict = judge(comparison, self.objective, self.settings, candidate.threshold)
+        if comparison.labelled == 0:
+            production_scored = scored_since(self.store, self.model_name, production, since)
+            if (production_scored >= self.settings.rollout_min_labelled
+                    and scored_since(self.store, self.model_name, version, since) == 0):
+                verdict = OnlineVerdict(True, False, f"v{version} was not scored at all while production "
+                                                     f"v{production} scored {production_scored} events since its "
+                                                     f"{stage} began: the scorers could not load it (their logs "
+                                                     "say why)", {"production_scored": float(production_scored)})
         self.last_verdicts[version] = verdict
         return verdict
 
