@@ -157,12 +157,13 @@ def run_rollout_phases(console: Console, settings: Settings, spec: FeatureSpec, 
     figures["shadow_vs_served"] = _print_shadow_comparison(console, store, spec.objective)
     figures["canary_steps"] = _print_canary_shares(console, store, registry, name, v2)
     history = registry.stages(name)["history"]
+    v4_rolled_back = any(h["action"] == "rollback" and h["version"] == v4 for h in history)
     figures["worse_promoted"] = any(h["action"] == "promote" and h["version"] in (v3, v4) for h in history)
     console.print(f"v{v2}: shadow -> canary {' -> '.join(f'{s:.0%}' for s in settings.canary_shares)} -> production "
                   f"in {figures['v2_shadow_to_production_s']:.1f} s of live traffic; worse versions promoted: "
                   f"[bold]{'YES' if figures['worse_promoted'] else 'none'}[/bold] (v{v3} "
                   f"{next((h['action'] for h in reversed(history) if h['version'] == v3), '-')}ed from shadow, "
-                  f"v{v4} {'rolled back' if any(h['action'] == 'rollback' and h['version'] == v4 for h in history) else 'NOT rolled back'} "
+                  f"v{v4} {'rolled back' if v4_rolled_back else 'NOT rolled back'} "
                   f"from canary, {figures['worse_stopped_s']:.1f} s after they started)", highlight=False)
     return figures
 

@@ -151,8 +151,8 @@ def produce(settings, events: list[dict]) -> None:
 
 
 def canary_entities(store, round_: int, version: int) -> set[str]:
-    return {r[0] for r in store.query(f"SELECT entity_id FROM predictions FINAL WHERE startsWith(event_id, 'r{round_}-') "
-                                      f"AND model_version = {version}").rows}
+    return {r[0] for r in store.query(f"SELECT entity_id FROM predictions FINAL WHERE startsWith(event_id, "
+                                      f"'r{round_}-') AND model_version = {version}").rows}
 
 
 def test_the_canary_serves_a_sticky_share_of_entities_within_a_point_of_the_setting(settings, store, boosters):
