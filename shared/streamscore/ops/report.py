@@ -545,10 +545,11 @@ def build_report(store: Store, settings: Settings, registry: ModelRegistry | Non
         score_section(store, bucket_s),
         drift_section(store, registry, settings.model_name, bucket_s),
         online_metrics_section(store, bucket_s, spec.objective),
-        shadow_section(store, spec.objective),
         rejected_section(store),
         retrain_section(store, spec.objective),
     ]
+    if store.query("SELECT count() FROM shadow_predictions").rows[0][0]:  # only where a rollout ran
+        sections.insert(3, shadow_section(store, spec.objective))
     return Report(generated_at=datetime.now(timezone.utc), database=settings.clickhouse_database,
                   topic_prefix=settings.topic_prefix, model_name=settings.model_name, bucket_s=bucket_s,
                   sections={s.key: s for s in sections})
