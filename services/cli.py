@@ -137,7 +137,8 @@ def infra_down(ctx: typer.Context) -> None:
 def infra_status(ctx: typer.Context) -> None:
     """Show the broker, topics and ClickHouse store state."""
     from streamscore.dev.kafka_broker import LocalKafkaBroker
-    from streamscore.clickhouse.store import MIGRATIONS, StoreError, open_store
+    from streamscore.clickhouse.shared_store import connect_store
+    from streamscore.clickhouse.store import MIGRATIONS, StoreError
     from streamscore.kafka.topics import topic_names
 
     settings: Settings = ctx.obj
@@ -157,7 +158,7 @@ def infra_status(ctx: typer.Context) -> None:
     if kafka_up:
         table.add_row("topics", _topic_summary(settings, topic_names(settings)))
     try:
-        store = open_store(settings)
+        store = connect_store(settings)
         try:
             applied = [version for version, _ in store.applied_migrations()]
             latest = MIGRATIONS[-1][0]
@@ -212,6 +213,16 @@ class _step:
         return False
 
 
+def _namespace(ctx: typer.Context, demo: bool) -> Settings:
+    """The settings of a look-up command: the demo's namespace with --demo (its module, which loads the whole
+    training stack, imported only then: `streamscore query` answers in ~0.5 s instead of ~6)."""
+    if not demo:
+        return ctx.obj
+    from streamscore.services.tools.demo import demo_settings
+
+    return demo_settings(ctx.obj)
+
+
 # --- query ------------------------------------------------------------------
 class OutputFormat(str, Enum):
     table = "table"
@@ -230,17 +241,19 @@ def query(
     demo: bool = typer.Option(False, "--demo", help="Query the demo's database (streamscore_demo)."),
     spec_path: Path | None = _SPEC_OPTION,
 ) -> None:
-    """Run SQL against the ClickHouse store (e.g. streamscore query "SELECT count() FROM predictions FINAL")."""
-    from streamscore.clickhouse.store import StoreError, open_store, own_output_format
-    from streamscore.services.tools.demo import demo_settings
+    """Run SQL against the ClickHouse store, also while `run`/`demo` holds it (e.g. "SELECT count() FROM predictions").
 
-    settings: Settings = demo_settings(ctx.obj) if demo else ctx.obj
+    While `streamscore run` or the demo holds the embedded store, that process answers (on its store socket)."""
+    from streamscore.clickhouse.shared_store import connect_store
+    from streamscore.clickhouse.store import own_output_format
+
+    settings: Settings = _namespace(ctx, demo)
     own_format = own_output_format(sql)
     if own_format and output is not None:
         raise fail(f"the SQL names its output format (FORMAT {own_format}) and --format {output.value} was given: "
                    "keep one")
     try:
-        store = open_store(settings)
+        store = connect_store(settings)
         try:
             if own_format:
                 sys.stdout.buffer.write(store.query_formatted(sql))
@@ -249,9 +262,7 @@ def query(
             result = store.query(sql)
         finally:
             store.close()
-    except StoreError as error:
-        raise fail(str(error)) from error
-    except Exception as error:  # a SQL error: ClickHouse's message says what is wrong
+    except Exception as error:  # a store or SQL error: the message says what is wrong
         raise fail(str(error).strip()) from error
     if output is OutputFormat.csv:
         writer = csv.writer(sys.stdout)
@@ -749,10 +760,9 @@ _DEMO_OPTION = typer.Option(False, "--demo", help="Look at the demo's namespace 
 @app.command("status")
 def status(ctx: typer.Context, demo: bool = _DEMO_OPTION, spec_path: Path | None = _SPEC_OPTION) -> None:
     """Services alive, consumer lag per group and partition, model versions, recent drift and retrains."""
-    from streamscore.services.tools.demo import demo_settings
     from streamscore.services.status import show_status
 
-    settings, _ = _with_spec(ctx, spec_path, demo_settings(ctx.obj) if demo else ctx.obj)
+    settings, _ = _with_spec(ctx, spec_path, _namespace(ctx, demo))
     show_status(settings, console)
 
 
@@ -762,12 +772,12 @@ def report(ctx: typer.Context,
            demo: bool = _DEMO_OPTION, spec_path: Path | None = _SPEC_OPTION) -> None:
     """Write a self-contained HTML report (plots + their SQL) from ClickHouse: scores, drift, online AUC, rejects, retrains."""
     from streamscore.ops.report import write_report
-    from streamscore.services.tools.demo import demo_settings
-    from streamscore.clickhouse.store import StoreError, open_store
+    from streamscore.clickhouse.shared_store import connect_store
+    from streamscore.clickhouse.store import StoreError
 
-    settings, _ = _with_spec(ctx, spec_path, demo_settings(ctx.obj) if demo else ctx.obj)
+    settings, _ = _with_spec(ctx, spec_path, _namespace(ctx, demo))
     try:
-        store = open_store(settings)
+        store = connect_store(settings)
         try:
             write_report(store, settings, out)
         finally:
@@ -789,12 +799,23 @@ def bench(ctx: typer.Context,
           seconds: float = typer.Option(0, "--seconds", min=0, help="Seconds per offered rate (0 = default)."),
           repeats: int = typer.Option(0, "--repeats", min=0, help="In-process runs per figure, median (0 = default)."),
           memory_entities: str = typer.Option("", "--memory-entities",
-                                              help="Comma list of entity counts (default 100000,1000000).")) -> None:
-    """Performance figures with ratios to a naive baseline: scorer in process, end to end, logger, state memory."""
+                                              help="Comma list of entity counts (default 100000,1000000)."),
+          soak: float = typer.Option(0, "--soak", min=0, help="Instead: soak `run all` for this many minutes "
+                                     "(per-minute latency, memory, retrains, exactly-once counts)."),
+          soak_rate: float = typer.Option(2_500.0, "--soak-rate", min=1, help="Offered events/s of the soak."),
+          soak_retrain_every: float = typer.Option(120.0, "--soak-retrain-every", min=10,
+                                                   help="Seconds between the soak's retrain requests.")) -> None:
+    """Performance figures with ratios to a naive baseline; --soak MINUTES: `run all` per minute (latency, memory).
+
+    Sections: scorer in process, end to end, logger, state memory. --soak instead runs `run all` at a steady
+    rate with retrains and prints per-minute latency, memory, threads and retrains, and exactly-once counts."""
     from streamscore.dev.kafka_broker import LocalKafkaBroker
     from streamscore.services.tools.bench import BenchOptions, print_report, run_bench
 
     settings: Settings = ctx.obj
+    if soak:
+        _soak(settings, soak, soak_rate, soak_retrain_every)
+        return
     chosen = tuple(s.strip() for s in sections.split(",") if s.strip())
     unknown = set(chosen) - {"scorer", "rollout", "e2e", "logger", "memory"}
     if unknown:
@@ -825,6 +846,26 @@ def bench(ctx: typer.Context,
         for broker in started:
             broker.stop()
     print_report(report, options, Console(width=max(console.width, 160)))
+
+
+def _soak(settings: Settings, minutes: float, rate: float, retrain_every_s: float) -> None:
+    from streamscore.dev.kafka_broker import LocalKafkaBroker
+    from streamscore.services.tools.soak import print_soak, run_soak
+
+    started = None
+    if settings.uses_local_broker:
+        broker = LocalKafkaBroker(settings)
+        broker.install()
+        if not broker.status().running:
+            broker.start()
+            started = broker
+    try:
+        report = run_soak(settings, minutes, rate=rate, retrain_every_s=retrain_every_s,
+                          progress=lambda text: console.print(f"[dim]{text}[/dim]", highlight=False))
+    finally:
+        if started is not None:
+            started.stop()
+    print_soak(report, Console(width=max(console.width, 120)))
 
 
 def main() -> None:

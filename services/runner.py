@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from streamscore.clickhouse.shared_store import RemoteStore, StoreServer, socket_path
 from streamscore.clickhouse.store import Store, open_store
 from streamscore.clickhouse.tables import ensure_spec_tables
 from streamscore.settings import Settings
@@ -22,6 +23,7 @@ log = logging.getLogger("streamscore.runner")
 
 SERVICE_NAMES = ("scorer", "logger", "drift", "trainer")
 NEEDS_STORE = {"logger", "drift", "trainer"}
+STOPS_LAST = {"logger"}  # it records what the others produce (model updates of a retrain finishing at a stop)
 
 
 def build_service(name: str, settings: Settings, store: Store | None, spec: FeatureSpec):
@@ -58,24 +60,53 @@ class ServiceGroup:
             ensure_spec_tables(store, spec)  # idempotent: the spec's predictions table, evolved if it changed
         self.store = store
         self.spec = spec
+        self.settings = settings
         self.stop = threading.Event()
+        self._late_stop = threading.Event()  # the services of STOPS_LAST: set once the others stopped
         self.services = {name: build_service(name, settings, store, spec) for name in names}
         self.failures: dict[str, BaseException] = {}
         self._threads: list[threading.Thread] = []
+        # chDB has one process per data dir: this one serves it to `streamscore query`, `status`, the trainer's
+        # training process... on a local socket while it runs (clickhouse/shared_store.py)
+        self.store_server: StoreServer | None = None
+        if store is not None and store.is_embedded and not isinstance(store, RemoteStore):
+            self.store_server = StoreServer(store, socket_path(settings), services=self.running_services)
+
+    def running_services(self) -> dict[str, bool]:
+        """name -> running, of the services of this group (what `streamscore status` shows)."""
+        return {name: bool(getattr(getattr(service, "stats", None), "running", False))
+                for name, service in self.services.items()}
+
+    def _stop_event(self, name: str) -> threading.Event:
+        return self._late_stop if name in STOPS_LAST else self.stop
+
+    def _stop_in_order(self) -> None:
+        """Once `stop` is set: the services that produce what the logger records stop first (a retrain in
+        flight may still finish and publish its model updates: trainer_shutdown_grace_s), then the logger,
+        which records everything they flushed before it stops."""
+        self.stop.wait()
+        deadline = time.monotonic() + self.settings.trainer_shutdown_grace_s + 5
+        for name, thread in zip(self.services, self._threads):
+            if name not in STOPS_LAST:
+                thread.join(max(deadline - time.monotonic(), 0))
+        self._late_stop.set()
 
     def _run_one(self, name: str, service) -> None:
         try:
-            service.run(self.stop)
+            service.run(self._stop_event(name))
         except BaseException as exc:  # noqa: BLE001 - reported and re-raised by join()
             log.exception("service %s crashed", name)
             self.failures[name] = exc
             self.stop.set()
 
     def start(self) -> "ServiceGroup":
+        if self.store_server is not None:
+            self.store_server.start()
         for name, service in self.services.items():
             thread = threading.Thread(target=self._run_one, args=(name, service), name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
+        threading.Thread(target=self._stop_in_order, name="stop-in-order", daemon=True).start()
         return self
 
     def join(self, timeout_s: float | None = None) -> None:
@@ -84,6 +115,8 @@ class ServiceGroup:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         for thread in self._threads:
             thread.join(None if deadline is None else max(deadline - time.monotonic(), 0))
+        if self.store_server is not None:
+            self.store_server.stop()
         if self.failures:
             name, exc = next(iter(self.failures.items()))
             raise RuntimeError(f"service {name} failed: {exc}") from exc

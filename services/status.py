@@ -32,7 +32,11 @@ def _print_groups(console: Console, status: OpsStatus) -> None:
     services = Table("service", "consumer group", "state", "members", "lag", title="services",
                      title_justify="left", box=box.SIMPLE_HEAD)
     for group in status.groups:
-        alive = "[green]alive[/green]" if group.alive else "[red]not running[/red]"
+        running = status.service_running(group)
+        alive = ("[green]alive[/green]" if running else "[red]not running[/red]" if running is False
+                 else "[yellow]unknown[/yellow] (assigns its partitions itself: see its lag)")
+        if running and not group.alive:
+            alive += " in the process serving the store"
         services.add_row(group.service, group.group, f"{alive} ({group.state.lower()})",
                          ", ".join(group.members) or "-",
                          f"{group.total_lag:,}" if group.partitions else "no offsets")

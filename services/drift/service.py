@@ -6,8 +6,11 @@ after a retrain request: insert drift_events rows -> produce retrain requests
 -> save the checkpoint -> commit offsets.
 
 State. The checkpoint is one record on the compacted `drift-state` topic, key
-= model name: the monitor's `to_bytes()`, the next offset of every consumed
-partition and the labels still waiting for their prediction. On start the
+= model name: versioned, validated JSON (streamscore.drift.state; never pickle)
+with the monitor's state, the next offset of every consumed partition and the
+labels still waiting for their prediction. A record that is not a valid
+checkpoint (damaged, older format, hostile) is logged and ignored: the service
+starts fresh, from the group's committed offsets. On start the
 service reads the latest record and seeks every partition to the saved offset,
 so the monitor continues exactly where its state ends (the group's committed
 offsets, written after the checkpoint, are used only for partitions the
@@ -125,7 +128,10 @@ class DriftService:
         try:
             self.tracker.restore(data)
         except IncompatibleDriftState as exc:
-            log.warning("drift checkpoint ignored: %s", exc)
+            # damaged, of an older format, or hostile: never executed (JSON), never half-restored
+            self.stats.count_rejection("drift_checkpoint")
+            log.warning("drift checkpoint ignored, starting fresh (an empty monitor; partitions resume from the "
+                        "consumer group's committed offsets): %s", exc)
             return
         self.restored = True
         monitor = self.tracker.monitor

@@ -319,6 +319,34 @@ class LoggerService:
         self._commit(consumer, self.start_write(stop))
         self._commit(consumer, self.finish_write())
 
+    def catch_up(self, consumer, topics: list[str], timeout_s: float = 5.0) -> None:
+        """At a stop: consume the assigned partitions of `topics` up to their end (at most `timeout_s`), so what
+        was published just before the stop (a retrain finishing in its grace period: its model updates) is
+        recorded now, not at the next start. Whatever else arrives meanwhile is buffered and written too."""
+        deadline = time.monotonic() + timeout_s
+        try:
+            wanted = [tp for tp in consumer.assignment() if tp.topic in topics]
+            ends = {(tp.topic, tp.partition): consumer.get_watermark_offsets(tp, timeout=2)[1] for tp in wanted}
+        except Exception as exc:  # noqa: BLE001 - a stop must not fail on a broker problem
+            log.warning("not catching up on %s before stopping: %s", topics, exc)
+            return
+        committed = {}
+        while time.monotonic() < deadline:
+            behind = []
+            for tp in consumer.position(wanted):
+                key = (tp.topic, tp.partition)
+                at = tp.offset
+                if at < 0:  # nothing fetched from it in this session: it starts at the committed offset
+                    if key not in committed:
+                        committed.update({(c.topic, c.partition): c.offset for c in consumer.committed(wanted, 2)})
+                    at = committed.get(key, -1)
+                if ends[key] > 0 and at < ends[key]:
+                    behind.append(key)
+            if not behind:
+                return
+            batch = consumer.consume(5_000, 0.1)
+            self.handle_batch([msg for msg in batch if not msg.error()])
+
     def close(self) -> None:
         """Wait for the write in flight (its messages stay uncommitted) and end the writer thread."""
         if self._writer is not None:
@@ -345,6 +373,7 @@ class LoggerService:
                 if self.sink.pending_rows() >= settings.logger_batch_rows or (
                         self.pending and age >= settings.logger_flush_interval_s):
                     self._commit(consumer, self.start_write(stop))
+            self.catch_up(consumer, [settings.topic(TOPIC_MODEL_UPDATES)])
             self._drain_and_commit(consumer, stop)
         finally:
             self.stats.running = False

@@ -75,16 +75,26 @@ class Settings(BaseSettings):
         description="The scorer waits for acks, writes changed entity state and commits offsets at most this often "
         "(0 = after every batch); a crash replays at most this much (predictions are at-least-once either way).")
 
+    scorer_static_membership: bool = Field(
+        default=True,
+        description="The scorer joins its consumer group with a group.instance.id kept across restarts (host, "
+        "data dir, first free slot: kafka/membership.py): restarted after a crash it gets its partitions back at "
+        "once instead of after the session timeout; stopped for good, its partitions move after the session "
+        "timeout.")
+
     # --- logger -------------------------------------------------------------
     logger_batch_rows: int = Field(default=20_000, ge=1, description="Logger flushes to ClickHouse at this many rows...")
     logger_flush_interval_s: float = Field(default=1.0, gt=0, description="...or after this many seconds, whichever first.")
 
-    # --- drift (streamscore.drift.monitor; thresholds are justified in bench/drift_quality.py) ---
+    # --- drift (streamscore.drift.monitor; thresholds are measured in services/tools/drift_quality.py, docs/drift.md) ---
     drift_detectors: str = Field(
-        default="adwin,pagehinkley,windowed,performance",
-        description="Comma list of drift detector families: adwin, pagehinkley (per event, on the score), "
-        "windowed (PSI / mean shift / NaN / unknown-category rate per tumbling window vs the training baseline), "
-        "performance (rolling log loss and AUC from delayed labels).",
+        default="windowed,performance,estimated",
+        description="Comma list of drift detector families: windowed (PSI / mean shift / NaN / unknown-category rate "
+        "per tumbling window vs the training baseline, and the importance-weighted PSI), performance (AUC, log loss "
+        "or MAE from delayed labels vs the holdout's), estimated (performance estimated without labels from the "
+        "calibrated scores), adwin and pagehinkley (per event on the score; off by default: see docs/drift.md). "
+        "Every detection is recorded in drift_events; only performance, estimated and the weighted PSI can "
+        "request a retrain.",
     )
     drift_features: str = Field(
         default="",
@@ -107,9 +117,16 @@ class Settings(BaseSettings):
     drift_min_events: int = Field(default=2000, ge=0, description="No drift alarm before this many predictions of a model version (warm-up).")
     drift_cooldown_events: int = Field(default=50_000, ge=0, description="After a retrain request, no new one until this many predictions...")
     drift_cooldown_s: float = Field(default=600.0, ge=0, description="...AND this much event time have passed (one shift -> one retrain).")
-    drift_perf_window: int = Field(default=5000, ge=100, description="Labeled predictions in the rolling log loss / AUC window.")
-    drift_logloss_ratio_threshold: float = Field(default=1.5, gt=1, description="Rolling log loss / reference (validation) log loss above this is drift.")
-    drift_auc_drop_threshold: float = Field(default=0.1, gt=0, lt=1, description="Reference AUC - rolling AUC above this is drift.")
+    drift_perf_window: int = Field(default=5000, ge=100, description="Labelled predictions in the rolling AUC / log loss / MAE window (checked once half of them have arrived).")
+    drift_logloss_ratio_threshold: float = Field(default=1.5, gt=1, description="The lower confidence bound (mean - 3 standard errors) of the rolling log loss / the reference (the holdout log loss, or the loss the calibrated scores expect if higher) above this is evidence of harm.")
+    drift_auc_drop_threshold: float = Field(default=0.1, gt=0, lt=1, description="Holdout AUC - rolling AUC above this, and above 3 standard errors, is evidence of harm.")
+    drift_min_positives: int = Field(default=30, ge=1, description="Measured AUC only from label windows with at least this many positives and as many negatives (a 1.4% fraud rate gives ~70 in 5,000 labels).")
+    drift_mae_ratio_threshold: float = Field(default=1.15, gt=1, description="Regression: the lower confidence bound of the rolling MAE / the holdout MAE above this is evidence of harm.")
+    drift_estimated_auc_drop_threshold: float = Field(default=0.05, gt=0, lt=1, description="Holdout estimated AUC - window estimated AUC (from calibrated scores, no labels) above this (and above the worst healthy holdout chunk) is evidence of harm.")
+    drift_estimated_mae_ratio_threshold: float = Field(default=1.2, gt=1, description="Regression: window estimated MAE (the holdout's loss model, no labels) / holdout estimate above this is evidence of harm.")
+    drift_weighted_psi_threshold: float = Field(default=0.5, gt=0, description="Importance-weighted PSI (sum of gain share x PSI over features) above this (and above 2x the healthy holdout chunks' maximum) is evidence of harm.")
+    drift_persist_windows: int = Field(default=2, ge=1, description="Label-free evidence (estimated, weighted PSI) must hold for this many consecutive windows: a short burst does not retrain.")
+    drift_clear_windows: int = Field(default=3, ge=1, description="Cool-down breakthrough: once the evidence a request cited stays below half its threshold for this many evaluations, the cool-down ends.")
     drift_checkpoint_interval_s: float = Field(default=5.0, gt=0, description="Drift service: save the monitor state (drift-state topic), write drift_events and commit offsets at most this often (at once after a retrain request).")
     drift_label_join_size: int = Field(default=200_000, ge=1, description="Drift service: recent predictions (event_id -> score) kept in memory to join labels; labels of older ones are joined through ClickHouse.")
     drift_label_wait_s: float = Field(default=60.0, ge=0, description="Drift service: a label whose prediction is not found yet is retried for this long, then counted as unmatched.")
@@ -122,6 +139,9 @@ class Settings(BaseSettings):
     gate_max_auc_drop: float = Field(default=0.01, ge=0, le=1, description="Promotion gate: candidate AUC may be at most this much below production's on the same events (the holdout offline, the labelled live events online).")
     gate_max_rmse_increase: float = Field(default=0.02, ge=0, description="Promotion gate of a regression: candidate RMSE may be at most this share above production's on the same events (the holdout offline, the labelled live events online).")
     trainer_window_days: float = Field(default=30.0, gt=0, description="Trainer service: train on labelled events of the last N days, counted back from the newest logged event.")
+    trainer_max_events: int = Field(default=200_000, ge=1_000, description="Trainer service: ...and at most the newest N logged events (plus the history their features need before them), so a retrain's time stays flat however long the table grows.")
+    trainer_max_history_events: int = Field(default=200_000, ge=0, description="Trainer service: events replayed before the window to warm entity state up: the spec's history (lateness + longest window), but at most this many (the window's first events may then see a shorter history).")
+    trainer_shutdown_grace_s: float = Field(default=20.0, ge=0, description="Trainer service: at a stop, a training in flight gets this long to finish (then it is registered, published and recorded like any other); past it, it is abandoned unregistered and its request handled at the next start. Keep it below the shutdown deadline (30 s).")
     trainer_min_new_labels: int = Field(default=1000, ge=0, description="Trainer service: before retraining, wait until this many labelled events newer than the drift detection are logged (the candidate must see the new regime, and the gate's recent holdout must contain it)...")
     trainer_max_wait_s: float = Field(default=300.0, ge=0, description="...but train anyway after waiting this long for them.")
     retrain_every_hours: float = Field(

@@ -50,3 +50,16 @@ def test_the_query_command_the_demo_prints_works_as_printed(settings, tmp_path, 
     counts = {int(version): int(count) for version, count in rows}
     # history scored by no model (v0), live traffic by v1; poison events are dead-lettered, not predicted
     assert set(counts) == {0, 1} and counts[0] == 3000 and 0 < counts[1] <= 1000
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_the_drift_demo_of_the_regression_example_retrains_and_promotes(settings, tmp_path):
+    """`demo --spec examples/rides --drift`: the traffic drift harms the duration model, one retrain is asked for and
+    the better candidate is promoted (the drift service follows a regression model: no threshold, numeric labels)."""
+    env = demo_env(settings, tmp_path / "data")
+    demo = subprocess.run([STREAMSCORE, "demo", "--spec", "examples/rides", "--drift"], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
+    assert re.search(r"v2 promoted\s+│\s+passed: candidate rmse", demo.stdout), demo.stdout[-3000:]
+    assert re.search(r"retrain requests in the whole run\s+│\s+1 │", demo.stdout), demo.stdout[-3000:]

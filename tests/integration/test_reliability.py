@@ -725,7 +725,7 @@ def test_sigterm_exits_promptly_after_flushing_and_committing(topic_settings, tm
     env = service_env(settings, tmp_path / "svc")
     services = ServiceProcess(env, ["scorer", "logger"], tmp_path / "services.log")
     wait_services_ready(settings)
-    producer = BackgroundProducer(settings, 8_000, rate=1_500, seed=8)
+    producer = BackgroundProducer(settings, 15_000, rate=1_500, seed=8)  # 10 s: still flowing at the SIGTERM on a loaded machine
     wait_until(lambda: services.assert_alive() or logged_predictions(settings) >= 1_000, 90,
                "the logger to commit 1000 predictions")
     assert producer.running

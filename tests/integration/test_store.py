@@ -96,7 +96,7 @@ def test_tables_use_the_contract_engines_and_keys(store):
         "SELECT name, engine, sorting_key, partition_key FROM system.tables WHERE database = currentDatabase()"
     ).rows
     tables = {name: (engine, sorting_key, partition_key) for name, engine, sorting_key, partition_key in rows}
-    assert tables["predictions"] == ("ReplacingMergeTree", "event_id", "toYYYYMM(event_time)")
+    assert tables["predictions"] == ("ReplacingMergeTree", "event_time, event_id", "toYYYYMM(event_time)")
     assert tables["labels"][:2] == ("ReplacingMergeTree", "event_id")
     assert tables["rejected_events"][:2] == ("ReplacingMergeTree", "source_topic, source_partition, source_offset")
     assert tables["drift_events"][:2] == ("MergeTree", "model_name, detected_at")

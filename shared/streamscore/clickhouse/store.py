@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -21,6 +22,7 @@ import clickhouse_connect
 from streamscore.settings import Settings
 
 DEDUP_WINDOW = "non_replicated_deduplication_window = 1000"
+DATABASE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # as Settings.clickhouse_database
 
 # (version, name, statements); {db} is the validated settings.clickhouse_database. The predictions table
 # and its view depend on the feature spec: clickhouse/tables.py creates and evolves them (until the
@@ -263,6 +265,37 @@ class Store:
         return QueryResult(column_names=tuple(result.column_names), rows=[tuple(row) for row in result.result_rows],
                            read_rows=int(summary.get("read_rows", 0) or 0))
 
+    @contextmanager
+    def using_database(self, database: str | None):
+        """Unqualified tables of the calls inside are in `database` (None: this store's own): how one process
+        serves the other databases of its embedded data dir (shared_store.StoreServer)."""
+        if database is None or database == self.database:
+            yield self
+            return
+        if not DATABASE_NAME.fullmatch(database):
+            raise StoreError(f"database {database!r} is not a valid name (letters, digits, _; not a digit first)")
+        with self._lock:
+            previous = self._client.database
+            self._client.database = database
+            try:
+                yield self
+            finally:
+                self._client.database = previous
+
+    def raw_query(self, sql: str, parameters: dict | Sequence | None = None, fmt: str | None = None) -> bytes:
+        """ClickHouse's own output of `sql`: in the SQL's trailing FORMAT clause if it has one, else in `fmt`
+        (default TabSeparated)."""
+        with self._lock:
+            return self._client.raw_query(sql, parameters=parameters, fmt=fmt)
+
+    def native_query(self, sql: str, parameters: dict | Sequence | None = None) -> tuple[bytes, int]:
+        """The result of a SELECT in ClickHouse's Native format, undecoded, and the rows it read (what the
+        shared store sends another process, which decodes it there: shared_store.decode_native)."""
+        with self._lock:
+            if self.is_embedded:
+                return _chdb_native(self._client, sql, parameters)
+            return self._client.raw_query(sql, parameters=parameters, fmt="Native"), 0
+
     def query_formatted(self, sql: str) -> bytes:
         """Run SQL that names its own output format (`... FORMAT CSVWithNames`); ClickHouse's output as is."""
         with self._lock:
@@ -278,6 +311,21 @@ class Store:
     def close(self) -> None:
         with self._lock:
             self._client.close()
+
+
+def _chdb_native(client, sql: str, parameters) -> tuple[bytes, int]:
+    """A Native-format result and its rows read from clickhouse-connect's chDB backend. Its public raw_query
+    drops chDB's statistics, so this takes the two steps raw_query takes itself; another version of the
+    backend falls back to raw_query (rows read then 0)."""
+    try:
+        from clickhouse_connect.driver._backend.chdb_backend import _strip_param_prefix
+
+        final, bind_params, runtime = client._prep_raw_query_runtime(sql, parameters, None, "Native", True)
+        result = client._backend._run(final, "Native", params=_strip_param_prefix(bind_params),
+                                      database=runtime.database)
+        return result.bytes() or b"", int(result.rows_read())
+    except (ImportError, AttributeError, TypeError):
+        return client.raw_query(sql, parameters=parameters, fmt="Native"), 0
 
 
 def open_store(settings: Settings) -> Store:

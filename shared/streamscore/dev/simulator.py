@@ -66,7 +66,7 @@ COUNTRIES: tuple[str, ...] = (
     "IE", "SE", "NO", "DK", "PL", "FI", "LU", "US", "CA", "JP",
 )
 
-DRIFT_KINDS = ("covariate", "new_categories", "concept")
+DRIFT_KINDS = ("concept", "covariate", "new_categories")  # the first is `demo --drift`'s default: one that harms the model
 DAY_MS = 86_400_000
 HOUR_MS = 3_600_000
 DEFAULT_START_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z

@@ -1,77 +1,91 @@
-"""Drift statistics for one served model version: pure, river-based, no I/O.
+"""Drift statistics and retrain decisions for one served model version: pure, no I/O.
 
-The drift service feeds every prediction and every (late) label of the served
-model into a `DriftMonitor` and gets back `DriftSignal`s; it asks
-`should_request_retrain` whether a signal becomes a RetrainRequest, and writes
-`snapshot()` statistics to ClickHouse periodically.
+The drift service feeds every prediction and every (late) label of the served model into a
+`DriftMonitor` and gets back `DriftSignal`s; every signal is recorded in `drift_events`. It asks
+`should_request_retrain` whether the signals are evidence of HARM, and only then does one become a
+RetrainRequest. Signal and action are separate (docs/drift.md):
 
-Four detector families (DriftConfig.detectors):
+Signals (recorded, never a retrain by themselves):
+- windowed: every `window` predictions, for each monitored feature and the score, the tumbling
+  window vs the training baseline: PSI over the baseline's bins, |mean shift| in baseline-std units,
+  NaN fraction, and for *_code features the share of code 1 (never-seen category). A feature's PSI
+  threshold is never below `SEASONAL_MARGIN` x the highest PSI of a healthy holdout chunk of the
+  same size (the reference's `chunks`): cycles the training data contains are not drift.
+- adwin / pagehinkley (off by default): river detectors per event on the score, mapped through the
+  baseline's CDF. ADWIN on the per-label loss is recorded whenever performance is on.
 
-- windowed (the primary, interpretable one): every `window` predictions, for each
-  monitored feature and the score, compare the tumbling window with the training
-  baseline: PSI over the baseline's bins, |mean shift| in baseline-std units,
-  NaN fraction, and for *_code features the share of code 1 (never-seen category).
-- adwin / pagehinkley: river detectors updated per event on the score (and,
-  optionally, on chosen features). Values are first mapped through the
-  baseline's CDF (probability integral transform, 0..1), which makes one
-  threshold fit every stream and keeps ADWIN's bounded-input assumption true
-  for heavy-tailed features like amount.
-- performance: rolling log loss and AUC over the last `perf_window` labels vs the
-  model's validation metrics (or, when those are missing, vs the first full
-  label window this monitor saw).
+Evidence of harm (a retrain request cites one, with all channels' latest figures):
+- measured (family "performance"): from labels, over the last `perf_window` labelled predictions
+  (checked once half of them have arrived): AUC below the holdout AUC by more than
+  `auc_drop_threshold` AND by more than Z standard errors (Hanley-McNeil; only with at least
+  `min_positives` of each class); log loss whose lower confidence bound (mean - Z * std / sqrt(n))
+  exceeds `logloss_ratio_threshold` x the reference, the reference being the holdout log loss or,
+  if higher, the loss the calibrated scores of these same predictions predict (a shift towards
+  harder but correctly scored cases is not harm); for a regression the same test on the mean
+  absolute error with `mae_ratio_threshold`.
+- estimated (family "estimated", no labels needed): per window, the performance the calibrated
+  scores imply (binary: CBPE estimated AUC; regression: MAE from the holdout's loss model) vs the
+  holdout's, beyond `estimated_auc_drop_threshold` / `estimated_mae_ratio_threshold` and beyond the
+  worst healthy holdout chunk, for `persist_windows` consecutive windows.
+- covariate (family "windowed"): the importance-weighted PSI (sum over features of gain share x
+  PSI) above `weighted_psi_threshold` and above 2x the healthy chunks' maximum, corroborated by the
+  estimated channel (at least half its threshold), for `persist_windows` consecutive windows: a drift
+  of what the model relies on that reaches its scores, before labels come.
 
-Warm-up (`min_events`) suppresses alarms right after a model swap; the cool-down
-gate (`should_request_retrain`) turns one sustained shift into ONE retrain
-request. State survives restarts through `to_bytes`/`from_bytes`.
-
-Why per-event detectors run only on the score by default: see
-bench/drift_quality.py (false alarms on bursty features, cost per feature).
+Warm-up (`min_events`) suppresses everything right after a model swap. The cool-down turns one
+harmful shift into ONE request: none for `cooldown_events` predictions AND `cooldown_s` of event
+time, unless the evidence the last request cited has CLEARED (below half its threshold for
+`clear_windows` consecutive evaluations): a false or transient request then cannot hide a real
+shift that follows it. State survives restarts as versioned JSON (`to_state` / `from_state`; no
+pickle): windows, label window, streaks and cool-down are kept, river detectors restart empty.
 """
 from __future__ import annotations
 
 import math
-import pickle
+import operator
 from bisect import bisect_left
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Iterable, Mapping
 
 import numpy as np
 from river import drift as river_drift
 
+from streamscore.drift.reference import MONITORING_KEY, calibrate, window_estimate
+
 SCORE = "score"  # the baseline key of the model score (training.compute_baseline)
 QUANTILE_LEVELS = ("0.01", "0.05", "0.25", "0.5", "0.75", "0.95", "0.99")
 UNKNOWN_CODE = 1.0  # *_code features: 0 = missing, 1 = never seen in the vocabulary
-DETECTOR_FAMILIES = frozenset({"adwin", "pagehinkley", "windowed", "performance"})
+DETECTOR_FAMILIES = frozenset({"adwin", "pagehinkley", "windowed", "performance", "estimated"})
+DEFAULT_DETECTORS = frozenset({"windowed", "performance", "estimated"})
 # Diurnal by construction: a window covering part of a day always differs from
 # a training set covering whole days, so it is not monitored unless asked for.
 NOT_MONITORED_BY_DEFAULT = frozenset({"hour_of_day"})
+MEASURED, ESTIMATED, COVARIATE = "measured", "estimated", "covariate"
+CHANNEL_RANK = {MEASURED: 0, ESTIMATED: 1, COVARIATE: 2}  # which evidence a request cites first
+SEASONAL_MARGIN = 1.5  # x the highest healthy-chunk PSI of a feature: its lowest PSI threshold
+WEIGHTED_MARGIN = 2.0  # x the highest healthy-chunk weighted PSI: the covariate channel's lowest threshold
+CLEAR_LEVEL = 0.5  # the cited evidence has cleared when it stays below this share of its threshold
+CORROBORATION = 0.5  # share of the estimated channel's threshold that makes a covariate drift evidence of harm
+Z = 3.0  # standard errors a measured change must exceed (one-sided, ~0.1% false positive per check)
 
-_STATE_HEADER = b"streamscore.drift.monitor.DriftMonitor\n"
-_STATE_VERSION = 1
 _EPS = 1e-4  # floor of a bin fraction in PSI (an empty bin would be infinite)
 _MIN_WINDOW_VALUES = 50  # fewer non-NaN values in a window: no mean / PSI for it
 _LOSS_CLIP = 1e-7
-# AUC from fewer positives (or negatives) than this has a standard error above ~0.03:
-# a 0.1 "drop" would be noise. Fraud windows need perf_window * positive_rate >= this.
-_MIN_CLASS_FOR_AUC = 100
-# A ratio to a near-perfect validation log loss (a tree that was never wrong on
-# validation reports ~1e-7) turns the first mistake into a 1000x "drift".
-_MIN_REFERENCE_LOGLOSS = 0.01
-# Per-label log loss fed to ADWIN is capped (p=0.001 on the wrong side): ADWIN's bound
+# Per-label loss fed to ADWIN is capped (p=0.001 on the wrong side): ADWIN's bound
 # assumes bounded values and one confident miss should not look like a regime change.
 _LOSS_CAP_FOR_ADWIN = -math.log(1e-3)
 
 
 class IncompatibleDriftState(ValueError):
-    """Saved monitor state cannot continue under the given configuration."""
+    """Saved monitor state cannot continue under the given configuration (or is not a monitor state)."""
 
 
 @dataclass(frozen=True)
 class DriftConfig:
     """Knobs of the DriftMonitor; `from_settings` maps the drift_* settings (see their descriptions)."""
 
-    detectors: frozenset[str] = frozenset({"adwin", "pagehinkley", "windowed", "performance"})
+    detectors: frozenset[str] = DEFAULT_DETECTORS
     features: tuple[str, ...] = ()  # empty = every baseline feature but NOT_MONITORED_BY_DEFAULT
     event_features: tuple[str, ...] = ()  # per-event ADWIN/PH besides the score; ("all",) = all
     window: int = 2000
@@ -88,6 +102,13 @@ class DriftConfig:
     perf_window: int = 5000
     logloss_ratio_threshold: float = 1.5
     auc_drop_threshold: float = 0.1
+    min_positives: int = 30
+    mae_ratio_threshold: float = 1.15
+    estimated_auc_drop_threshold: float = 0.05
+    estimated_mae_ratio_threshold: float = 1.2
+    weighted_psi_threshold: float = 0.5
+    persist_windows: int = 2
+    clear_windows: int = 3
 
     def __post_init__(self) -> None:
         unknown = set(self.detectors) - DETECTOR_FAMILIES
@@ -96,7 +117,7 @@ class DriftConfig:
         object.__setattr__(self, "detectors", frozenset(self.detectors))
         object.__setattr__(self, "features", tuple(self.features))
         object.__setattr__(self, "event_features", tuple(self.event_features))
-        for name in ("window", "perf_window"):
+        for name in ("window", "perf_window", "persist_windows", "clear_windows", "min_positives"):
             if getattr(self, name) < 1:
                 raise ValueError(f"drift_{name} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.adwin_delta < 1:
@@ -122,12 +143,26 @@ class DriftConfig:
             perf_window=settings.drift_perf_window,
             logloss_ratio_threshold=settings.drift_logloss_ratio_threshold,
             auc_drop_threshold=settings.drift_auc_drop_threshold,
+            min_positives=settings.drift_min_positives,
+            mae_ratio_threshold=settings.drift_mae_ratio_threshold,
+            estimated_auc_drop_threshold=settings.drift_estimated_auc_drop_threshold,
+            estimated_mae_ratio_threshold=settings.drift_estimated_mae_ratio_threshold,
+            weighted_psi_threshold=settings.drift_weighted_psi_threshold,
+            persist_windows=settings.drift_persist_windows,
+            clear_windows=settings.drift_clear_windows,
         )
 
     def structure(self) -> tuple:
-        """The fields saved detector state depends on; thresholds may change across a restart."""
-        return (self.detectors, self.features, self.event_features, self.window, self.adwin_delta,
-                self.ph_delta, self.ph_threshold, self.perf_window)
+        """The fields saved state depends on; thresholds may change across a restart."""
+        return (sorted(self.detectors), list(self.features), list(self.event_features), self.window,
+                self.perf_window)
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["detectors"] = sorted(self.detectors)
+        data["features"] = list(self.features)
+        data["event_features"] = list(self.event_features)
+        return data
 
 
 def _split(text: str) -> tuple[str, ...]:
@@ -136,9 +171,10 @@ def _split(text: str) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class DriftSignal:
-    """One detection. `feature` is None for model-level (performance) detectors."""
+    """One detection. `feature` is None for model-level detectors. `harm` names the evidence channel
+    (measured | estimated | covariate) when the signal is evidence of harm, else None (record only)."""
 
-    detector: str  # adwin | pagehinkley | psi | mean_shift | nan_fraction | unknown_rate | logloss_ratio | auc_drop
+    detector: str  # adwin | pagehinkley | psi | mean_shift | nan_fraction | unknown_rate | auc_drop | logloss_ratio | mae_ratio | estimated_auc_drop | estimated_mae_ratio | weighted_psi
     feature: str | None
     statistic: str
     value: float
@@ -146,12 +182,21 @@ class DriftSignal:
     window: int  # events (or labels) the statistic was computed over
     at_ms: int  # event time of the prediction/label that completed the evidence
     baseline: float | None = None
+    harm: str | None = None
+    note: str = ""  # the evidence a retrain request carries (all channels' latest figures)
+
+    @property
+    def strength(self) -> float:
+        return self.value / self.threshold if self.threshold else 0.0
 
     @property
     def reason(self) -> str:
         where = f" on {self.feature}" if self.feature else ""
         base = f" (baseline {self.baseline:.4g})" if self.baseline is not None else ""
-        return f"{self.detector}{where}: {self.statistic}={self.value:.4g} > {self.threshold:.4g} over {self.window}{base}"
+        harm = f"{self.harm}: " if self.harm else ""
+        note = f"; {self.note}" if self.note else ""
+        return (f"{harm}{self.detector}{where}: {self.statistic}={self.value:.4g} > {self.threshold:.4g} "
+                f"over {self.window}{base}{note}")
 
 
 @dataclass(frozen=True)
@@ -302,6 +347,25 @@ def psi(actual: np.ndarray, expected: np.ndarray) -> float:
     return float(np.sum((a - e) * np.log(a / e)))
 
 
+def window_psi(ref: _FeatureReference | None, values: np.ndarray) -> float | None:
+    """PSI of a window's values vs the reference's bins (NaN dropped); None if not comparable."""
+    if ref is None or ref.expected is None:
+        return None
+    values = values[~np.isnan(values)]
+    if values.size < _MIN_WINDOW_VALUES:
+        return None
+    if ref.categorical_codes is not None:
+        idx = np.searchsorted(ref.categorical_codes, values)
+        idx = np.minimum(idx, len(ref.categorical_codes))
+        known = idx < len(ref.categorical_codes)
+        known[known] = ref.categorical_codes[idx[known]] == values[known]
+        idx = np.where(known, idx, len(ref.categorical_codes))  # never-seen code: "other" bin
+    else:
+        idx = np.searchsorted(ref.edges, values, side="left")
+    actual = np.bincount(idx, minlength=len(ref.expected)) / values.size
+    return psi(actual, ref.expected)
+
+
 # --- per-event detectors ----------------------------------------------------------
 
 class _EventDetectors:
@@ -335,37 +399,70 @@ class _EventDetectors:
 
 # --- the monitor -------------------------------------------------------------------
 
-_PRIORITY = {"logloss_ratio": 0, "auc_drop": 1, "psi": 2, "mean_shift": 3, "unknown_rate": 4,
-             "nan_fraction": 5, "adwin": 6, "pagehinkley": 7}
+def _finite(value: Any) -> float | None:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def auc_standard_error(auc: float, positives: int, negatives: int) -> float:
+    """Hanley & McNeil (1982) standard error of an AUC from `positives` and `negatives`."""
+    q1 = auc / (2 - auc)
+    q2 = 2 * auc * auc / (1 + auc)
+    variance = (auc * (1 - auc) + (positives - 1) * (q1 - auc * auc) + (negatives - 1) * (q2 - auc * auc))
+    return math.sqrt(max(variance, 0.0) / (positives * negatives))
 
 
 @dataclass
 class _Performance:
-    """Rolling window of labeled predictions with an O(1) running log loss."""
+    """Rolling window of labelled predictions: per-label loss (log loss; |error| for a regression) with
+    running sums of the loss, its square and the loss the calibrated score expects (NaN: unknown)."""
 
     size: int
+    regression: bool = False
     scores: deque = field(default_factory=deque)
     labels: deque = field(default_factory=deque)
     losses: deque = field(default_factory=deque)
+    expected: deque = field(default_factory=deque)
     loss_sum: float = 0.0
+    loss_sq_sum: float = 0.0
+    expected_sum: float = 0.0
     positives: int = 0
     seen: int = 0
 
-    def add(self, score: float, label: int) -> None:
-        p = min(max(score, _LOSS_CLIP), 1.0 - _LOSS_CLIP)
-        loss = -math.log(p) if label else -math.log(1.0 - p)
+    def add(self, score: float, label: float, expected: float = math.nan) -> float:
+        if self.regression:
+            loss = abs(score - label)
+        else:
+            p = min(max(score, _LOSS_CLIP), 1.0 - _LOSS_CLIP)
+            loss = -math.log(p) if label else -math.log(1.0 - p)
         self.scores.append(score)
         self.labels.append(label)
         self.losses.append(loss)
+        self.expected.append(expected)
         self.loss_sum += loss
-        self.positives += label
+        self.loss_sq_sum += loss * loss
+        self.expected_sum += expected
+        self.positives += label == 1
         self.seen += 1
         if len(self.losses) > self.size:
             self.scores.popleft()
-            self.loss_sum -= self.losses.popleft()
-            self.positives -= self.labels.popleft()
-        if self.seen % self.size == 0:  # re-add from scratch now and then: no float drift
+            old = self.losses.popleft()
+            self.loss_sum -= old
+            self.loss_sq_sum -= old * old
+            self.expected_sum -= self.expected.popleft()
+            self.positives -= self.labels.popleft() == 1
+        if self.seen % self.size == 0:  # re-add from scratch now and then: no float drift (and NaN washes out)
             self.loss_sum = math.fsum(self.losses)
+            self.loss_sq_sum = math.fsum(x * x for x in self.losses)
+            self.expected_sum = math.fsum(self.expected)
+        return loss
+
+    @property
+    def n(self) -> int:
+        return len(self.losses)
 
     @property
     def full(self) -> bool:
@@ -375,6 +472,20 @@ class _Performance:
     def log_loss(self) -> float:
         return self.loss_sum / len(self.losses) if self.losses else math.nan
 
+    mean_loss = log_loss
+
+    @property
+    def loss_std(self) -> float:
+        n = len(self.losses)
+        if n < 2:
+            return math.nan
+        mean = self.loss_sum / n
+        return math.sqrt(max(self.loss_sq_sum / n - mean * mean, 0.0))
+
+    @property
+    def expected_loss(self) -> float | None:
+        return _finite(self.expected_sum / len(self.losses)) if self.losses else None
+
     def auc(self) -> float:
         """ROC AUC with ties as 1/2 (Mann-Whitney); NaN without both classes."""
         n = len(self.labels)
@@ -382,11 +493,10 @@ class _Performance:
         if positives == 0 or positives == n:
             return math.nan
         scores = np.fromiter(self.scores, dtype=float, count=n)
-        labels = np.fromiter(self.labels, dtype=np.int8, count=n)
+        labels = np.fromiter(self.labels, dtype=float, count=n)
         order = np.argsort(scores, kind="mergesort")
         sorted_scores = scores[order]
         ranks = np.empty(n)
-        # average ranks over ties
         _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
         average = first + (counts + 1) / 2.0
         ranks[order] = np.repeat(average, counts)
@@ -395,12 +505,16 @@ class _Performance:
 
     def precision_recall(self, threshold: float) -> tuple[float, float]:
         scores = np.fromiter(self.scores, dtype=float, count=len(self.scores))
-        labels = np.fromiter(self.labels, dtype=np.int8, count=len(self.labels))
+        labels = np.fromiter(self.labels, dtype=float, count=len(self.labels))
         flagged = scores >= threshold
         tp = float(np.sum(flagged & (labels == 1)))
         precision = tp / float(flagged.sum()) if flagged.any() else math.nan
         recall = tp / float(self.positives) if self.positives else math.nan
         return precision, recall
+
+    def rmse(self) -> float:
+        errors = np.fromiter(self.scores, dtype=float) - np.fromiter(self.labels, dtype=float)
+        return float(math.sqrt(np.mean(errors * errors))) if errors.size else math.nan
 
 
 class DriftMonitor:
@@ -414,15 +528,16 @@ class DriftMonitor:
         model_version: int,
         *,
         reference_metrics: Mapping[str, float] | None = None,
-        decision_threshold: float = 0.5,
+        decision_threshold: float | None = 0.5,
+        objective: str | None = None,
     ):
-        """reference_metrics: the version's validation metrics ("log_loss", "auc" are used);
-        decision_threshold: the serving threshold, for precision/recall statistics."""
+        """reference_metrics: the version's holdout metrics ("auc", "log_loss"; "mae" for a regression);
+        decision_threshold: the serving threshold (precision/recall statistics); objective: "binary" or
+        "regression" (default: the baseline's monitoring reference, else binary)."""
         self.config = config
         self.model_name = model_name
-        self._last_request_ms: int | None = None
-        self._last_request_event: int | None = None
-        self.reset(baseline, model_version, reference_metrics=reference_metrics, decision_threshold=decision_threshold)
+        self.reset(baseline, model_version, reference_metrics=reference_metrics,
+                   decision_threshold=decision_threshold, objective=objective)
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -432,15 +547,21 @@ class DriftMonitor:
         model_version: int,
         *,
         reference_metrics: Mapping[str, float] | None = None,
-        decision_threshold: float = 0.5,
+        decision_threshold: float | None = 0.5,
+        objective: str | None = None,
     ) -> None:
         """Start over for a new model version: new baseline, empty detectors, warm-up, no cool-down."""
         config = self.config
         self.model_version = int(model_version)
         self.baseline = dict(baseline)
+        self.monitoring: dict[str, Any] = dict(self.baseline.get(MONITORING_KEY) or {})
+        self.objective = objective or self.monitoring.get("objective") or "binary"
+        if self.objective not in ("binary", "regression"):
+            raise ValueError(f"objective must be 'binary' or 'regression', got {self.objective!r}")
         self.reference_metrics = dict(reference_metrics or {})
         self.decision_threshold = float(decision_threshold) if decision_threshold is not None else 0.5
-        wanted = config.features or tuple(name for name in baseline if name not in NOT_MONITORED_BY_DEFAULT)
+        wanted = config.features or tuple(name for name in baseline
+                                          if name not in NOT_MONITORED_BY_DEFAULT and not name.startswith("_"))
         references = {}
         # The score is always monitored and always the last column of a window row.
         for name in (*(n for n in wanted if n != SCORE), SCORE):
@@ -456,6 +577,26 @@ class DriftMonitor:
         self._references = references
         self._score_column = self.monitored.index(SCORE) if SCORE in references else None
         self._feature_columns = [n for n in self.monitored if n != SCORE]
+        self._take = _row_getter(self._feature_columns)
+
+        chunks = self.monitoring.get("chunks") or {}
+        psi_max = chunks.get("psi_max") or {}
+        self._psi_thresholds = {name: max(config.psi_threshold, SEASONAL_MARGIN * (_finite(psi_max.get(name)) or 0.0))
+                                for name in self.monitored}
+        importance = self.monitoring.get("importance") or {}
+        self._importance = {name: float(importance.get(name, 0.0)) for name in self._feature_columns}
+        self._weighted_healthy = _finite(chunks.get("weighted_psi_max")) or 0.0
+        self._weighted_threshold = max(config.weighted_psi_threshold, WEIGHTED_MARGIN * self._weighted_healthy)
+        self._calibration = self.monitoring.get("calibration") if self.objective == "binary" else None
+        self._loss_model = self.monitoring.get("loss_model") if self.objective == "regression" else None
+        self._estimate_reference = _finite(chunks.get("estimate"))
+        worst = _finite(chunks.get("estimate_worst"))
+        if self.objective == "regression":
+            healthy = (worst / self._estimate_reference - 1.0) if worst and self._estimate_reference else 0.0
+            self._estimate_threshold = max(config.estimated_mae_ratio_threshold, 1.0 + SEASONAL_MARGIN * healthy)
+        else:
+            healthy = (self._estimate_reference - worst) if worst is not None and self._estimate_reference else 0.0
+            self._estimate_threshold = max(config.estimated_auc_drop_threshold, SEASONAL_MARGIN * healthy)
 
         per_event = ("adwin" in config.detectors) or ("pagehinkley" in config.detectors)
         event_names: list[str] = []
@@ -473,13 +614,16 @@ class DriftMonitor:
         self.windows_completed = 0
         self.predictions_seen = 0
         self.labels_seen = 0
+        self._labels_since_window = 0
         self._last_event_ms = 0
-        self._performance = _Performance(size=config.perf_window)
+        self._performance = _Performance(size=config.perf_window, regression=self.objective == "regression")
         self._loss_adwin = river_drift.ADWIN(delta=config.adwin_delta)
-        self._calibrated_logloss: float | None = None
-        self._calibrated_auc: float | None = None
-        self._last_request_ms = None
-        self._last_request_event = None
+        self._self_reference: dict[str, float] = {}  # first label window, when the version has no metric
+        self._streaks = {ESTIMATED: 0, COVARIATE: 0}
+        self._latest: dict[str, str] = {}  # channel -> its latest figures, for a request's evidence
+        self._last_request: dict[str, Any] | None = None  # {"ms", "event", "channel"}
+        self._cited_quiet = 0  # consecutive evaluations in which the cited channel did not fire
+        self._estimated_excess: float | None = None  # this window's estimated value / its threshold
 
     # -- updates -------------------------------------------------------------------------
 
@@ -488,14 +632,16 @@ class DriftMonitor:
         self.predictions_seen += 1
         self._last_event_ms = event_time_ms
         get = features.get
-        row = [get(name, math.nan) for name in self._feature_columns]
+        try:
+            row = list(self._take(features)) if self._take is not None else []
+        except KeyError:  # a feature missing from this prediction: NaN (counted in nan_fraction)
+            row = [get(name, math.nan) for name in self._feature_columns]
         if self._score_column is not None:
             row.append(math.nan if score is None else score)
         self._window_rows.append(row)
         signals: list[DriftSignal] = []
         warmed_up = self.predictions_seen >= self.config.min_events
-        detectors = self._event_detectors
-        if detectors:
+        if self._event_detectors:
             if score is not None and score == score:
                 self._update_event_detectors(SCORE, score, event_time_ms, warmed_up, signals)
             for name in self._event_feature_names:
@@ -503,7 +649,7 @@ class DriftMonitor:
                 if x == x:  # NaN: not a value; counted in the window's nan_fraction
                     self._update_event_detectors(name, x, event_time_ms, warmed_up, signals)
         if len(self._window_rows) >= self.config.window:
-            window_signals = self._close_window(event_time_ms)
+            window_signals = self._close_window(event_time_ms, warmed_up)
             if warmed_up:
                 signals += window_signals
         return signals
@@ -520,31 +666,38 @@ class DriftMonitor:
             signals.append(DriftSignal("pagehinkley", name, "cumulative_deviation", self.config.ph_threshold,
                                        self.config.ph_threshold, 0, at_ms))
 
-    def update_label(self, score: float | None, label: int, event_time_ms: int | None = None) -> list[DriftSignal]:
+    def update_label(self, score: float | None, label: float, event_time_ms: int | None = None) -> list[DriftSignal]:
         """Feed one label joined to its prediction's score (and event time); returns performance signals."""
-        if label not in (0, 1):
+        if self.objective == "regression":
+            if isinstance(label, bool) or not isinstance(label, (int, float)) or not math.isfinite(label):
+                raise ValueError(f"label must be a finite number for a regression, got {label!r}")
+        elif label not in (0, 1):
             raise ValueError(f"label must be 0 or 1, got {label!r}")
         if score is None or score != score or "performance" not in self.config.detectors:
             return []
         perf = self._performance
-        perf.add(float(score), int(label))
+        score = float(score)
+        expected = math.nan
+        if self._calibration is not None:
+            c = float(calibrate(score, self._calibration))
+            s = min(max(score, _LOSS_CLIP), 1.0 - _LOSS_CLIP)
+            expected = -(c * math.log(s) + (1 - c) * math.log(1 - s))
+        elif self._loss_model is not None and self._loss_model.get("x"):
+            expected = float(np.interp(score, self._loss_model["x"], self._loss_model["mae"]))
+        loss = perf.add(score, float(label) if self.objective == "regression" else int(label), expected)
         self.labels_seen += 1
-        # the labelled prediction's event time, never before the latest prediction seen (the monitor's clock):
-        # a label resolved late (its prediction looked up in ClickHouse) can complete evidence before the
-        # monitor's own stream reached that prediction
+        self._labels_since_window += 1
+        # the labelled prediction's event time, never before the latest prediction seen (the monitor's clock)
         at_ms = self._last_event_ms if event_time_ms is None else max(event_time_ms, self._last_event_ms)
-        signals = self._update_loss_adwin(min(perf.losses[-1], _LOSS_CAP_FOR_ADWIN), at_ms)
-        if not perf.full:
-            return signals
+        signals = [] if self.objective == "regression" else self._update_loss_adwin(min(loss, _LOSS_CAP_FOR_ADWIN), at_ms)
         check_every = max(1, self.config.perf_window // 10)
-        if (perf.seen - self.config.perf_window) % check_every:
+        if perf.n < max(2, self.config.perf_window // 2) or perf.seen % check_every:
             return signals
         return signals + self._check_performance(at_ms)
 
     def _update_loss_adwin(self, loss: float, at_ms: int) -> list[DriftSignal]:
-        """ADWIN on the per-label log loss: reacts within hundreds of labels to a jump in
-        mistakes that the rolling-window ratio only sees once the window has turned over.
-        Only increases are drift (a model getting better is not a reason to retrain)."""
+        """ADWIN on the per-label log loss (recorded, not evidence of harm on its own: a rise of the
+        mean loss from 0.005 to 0.01 is 'significant' to ADWIN and harmless to the model)."""
         adwin = self._loss_adwin
         before = adwin.estimation
         adwin.update(loss)
@@ -553,59 +706,91 @@ class DriftMonitor:
         return [DriftSignal("adwin", None, "log_loss_mean", float(adwin.estimation), self.config.adwin_delta,
                             int(adwin.width), at_ms, float(before))]
 
+    def _reference_metric(self, name: str) -> float | None:
+        value = _finite(self.reference_metrics.get(name))
+        return value if value is not None and value > 0 else None
+
+    def _metric_reference(self, name: str, current: float) -> float | None:
+        """The version's holdout metric, else the first label window's (stands in for validation)."""
+        value = self._reference_metric(name)
+        if value is None and math.isfinite(current):
+            value = self._self_reference.setdefault(name, current)
+        return value
+
     def _check_performance(self, at_ms: int) -> list[DriftSignal]:
         config, perf = self.config, self._performance
+        n = perf.n
         signals: list[DriftSignal] = []
-        log_loss = perf.log_loss
-        positives = perf.positives
-        enough = min(positives, len(perf.labels) - positives) >= _MIN_CLASS_FOR_AUC
-        auc = perf.auc() if enough else math.nan
-        reference_ll = self._reference_metric("log_loss")
-        reference_auc = self._reference_metric("auc")
-        if reference_ll is None and self._calibrated_logloss is None:
-            self._calibrated_logloss = log_loss  # first full window stands in for validation
-        if reference_auc is None and self._calibrated_auc is None and not math.isnan(auc):
-            self._calibrated_auc = auc
-        reference_ll = reference_ll if reference_ll is not None else self._calibrated_logloss
-        reference_auc = reference_auc if reference_auc is not None else self._calibrated_auc
-        if reference_ll is not None:
-            reference_ll = max(reference_ll, _MIN_REFERENCE_LOGLOSS)
-        if reference_ll and log_loss / reference_ll > config.logloss_ratio_threshold:
-            signals.append(DriftSignal("logloss_ratio", None, "log_loss_ratio", log_loss / reference_ll,
-                                       config.logloss_ratio_threshold, len(perf.losses), at_ms, reference_ll))
-        if reference_auc is not None and not math.isnan(auc) and reference_auc - auc > config.auc_drop_threshold:
-            signals.append(DriftSignal("auc_drop", None, "auc_drop", reference_auc - auc,
-                                       config.auc_drop_threshold, len(perf.losses), at_ms, reference_auc))
+        excess = 0.0  # the strongest test's value relative to its threshold (1 = at the threshold)
+        figures = []
+        if self.objective == "binary":
+            positives, negatives = perf.positives, n - perf.positives
+            if min(positives, negatives) >= config.min_positives:
+                auc = perf.auc()
+                reference_auc = self._metric_reference("auc", auc)
+                if reference_auc is not None and not math.isnan(auc):
+                    error = max(auc_standard_error(auc, positives, negatives),
+                                auc_standard_error(min(reference_auc, 0.9999), positives, negatives))
+                    threshold = max(config.auc_drop_threshold, Z * error)
+                    drop = reference_auc - auc
+                    figures.append(f"auc {auc:.4f} vs holdout {reference_auc:.4f} (drop {drop:.4f}, "
+                                   f"threshold {threshold:.4f})")
+                    excess = max(excess, drop / threshold)
+                    if drop > threshold:
+                        signals.append(DriftSignal("auc_drop", None, "auc_drop", drop, threshold, n, at_ms,
+                                                   reference_auc, harm=MEASURED))
+            else:
+                figures.append(f"auc not measured ({positives} positives, {negatives} negatives; "
+                               f"needs {config.min_positives} of each)")
+            name, ratio_threshold = "log_loss", config.logloss_ratio_threshold
+        else:
+            name, ratio_threshold = "mae", config.mae_ratio_threshold
+        mean = perf.mean_loss
+        reference = self._metric_reference(name, mean)
+        expected = perf.expected_loss
+        effective = max(reference or 0.0, expected or 0.0)
+        if effective > 0:
+            lower = mean - Z * perf.loss_std / math.sqrt(n)
+            value = lower / effective
+            figures.append(f"{name} {mean:.4g} (lower bound {lower:.4g}) vs reference {effective:.4g} "
+                           f"(holdout {reference if reference is not None else float('nan'):.4g}, expected from "
+                           f"scores {expected if expected is not None else float('nan'):.4g})")
+            excess = max(excess, (value - 1.0) / (ratio_threshold - 1.0))
+            if value > ratio_threshold:
+                signals.append(DriftSignal(f"{name.replace('_', '')}_ratio" if name == "log_loss" else "mae_ratio",
+                                           None, f"{name}_ratio_lower_bound", value, ratio_threshold, n, at_ms,
+                                           effective, harm=MEASURED))
+        self._latest[MEASURED] = (f"measured over {n} labels ({perf.positives} positives): " if self.objective == "binary"
+                                  else f"measured over {n} labels: ") + "; ".join(figures)
+        self._note_channel(MEASURED, excess)
         return signals
-
-    def _reference_metric(self, name: str) -> float | None:
-        value = self.reference_metrics.get(name)
-        return float(value) if value is not None and math.isfinite(float(value)) and value > 0 else None
 
     # -- windowed comparison --------------------------------------------------------------
 
-    def _close_window(self, at_ms: int) -> list[DriftSignal]:
+    def _close_window(self, at_ms: int, warmed_up: bool) -> list[DriftSignal]:
         config = self.config
         table = np.asarray(self._window_rows, dtype=float)
         self._window_rows = []
         self.windows_completed += 1
         n = table.shape[0]
         signals: list[DriftSignal] = []
-        stats: list[Statistic] = []
+        stats: list[Statistic] = [Statistic(None, "labels", float(self._labels_since_window), None, n, at_ms)]
+        self._labels_since_window = 0
         windowed = "windowed" in config.detectors
+        feature_psi: dict[str, float] = {}
         for column, name in enumerate(self.monitored):
             ref = self._references[name]
             values = table[:, column]
             missing = np.isnan(values)
             nan_fraction = float(missing.mean())
-            values = values[~missing]
+            present = values[~missing]
             stats.append(Statistic(name, "nan_fraction", nan_fraction, ref.nan_fraction, n, at_ms))
             if windowed and nan_fraction - ref.nan_fraction > config.nan_fraction_threshold:
                 signals.append(DriftSignal("nan_fraction", name, "nan_fraction", nan_fraction,
                                            config.nan_fraction_threshold, n, at_ms, ref.nan_fraction))
-            if values.size < _MIN_WINDOW_VALUES:
+            if present.size < _MIN_WINDOW_VALUES:
                 continue
-            mean = float(values.mean())
+            mean = float(present.mean())
             stats.append(Statistic(name, "window_mean", mean, ref.mean, n, at_ms))
             if ref.mean is not None and ref.std:
                 shift = abs(mean - ref.mean) / ref.std
@@ -613,28 +798,81 @@ class DriftMonitor:
                 if windowed and shift > config.mean_shift_threshold:
                     signals.append(DriftSignal("mean_shift", name, "mean_shift_std", shift,
                                                config.mean_shift_threshold, n, at_ms, ref.mean))
-            if ref.expected is not None:
-                if ref.categorical_codes is not None:
-                    idx = np.searchsorted(ref.categorical_codes, values)
-                    idx = np.minimum(idx, len(ref.categorical_codes))
-                    known = idx < len(ref.categorical_codes)
-                    known[known] = ref.categorical_codes[idx[known]] == values[known]
-                    idx = np.where(known, idx, len(ref.categorical_codes))  # never-seen code: "other" bin
-                else:
-                    idx = np.searchsorted(ref.edges, values, side="left")
-                actual = np.bincount(idx, minlength=len(ref.expected)) / values.size
-                value = psi(actual, ref.expected)
+            value = window_psi(ref, present)
+            if value is not None:
+                feature_psi[name] = value
+                threshold = self._psi_thresholds[name]
                 stats.append(Statistic(name, "psi", value, 0.0, n, at_ms))
-                if windowed and value > config.psi_threshold:
-                    signals.append(DriftSignal("psi", name, "psi", value, config.psi_threshold, n, at_ms, 0.0))
+                if windowed and value > threshold:
+                    signals.append(DriftSignal("psi", name, "psi", value, threshold, n, at_ms, 0.0))
             if ref.unknown_fraction is not None:
-                unknown = float(np.mean(values == UNKNOWN_CODE))
+                unknown = float(np.mean(present == UNKNOWN_CODE))
                 stats.append(Statistic(name, "unknown_rate", unknown, ref.unknown_fraction, n, at_ms))
                 if windowed and unknown - ref.unknown_fraction > config.unknown_rate_threshold:
                     signals.append(DriftSignal("unknown_rate", name, "unknown_rate", unknown,
                                                config.unknown_rate_threshold, n, at_ms, ref.unknown_fraction))
+        self._estimated_excess = None
+        if "estimated" in config.detectors and self._score_column is not None:
+            signals += self._estimated_evidence(table[:, self._score_column], n, at_ms, warmed_up, stats)
+        if windowed and self.monitoring.get("importance"):
+            signals += self._covariate_evidence(feature_psi, n, at_ms, warmed_up, stats)
         self._last_window = stats
         return signals
+
+    def _persisted(self, channel: str, firing: bool, warmed_up: bool, excess: float) -> bool:
+        self._streaks[channel] = self._streaks[channel] + 1 if firing and warmed_up else 0
+        if warmed_up:
+            self._note_channel(channel, excess)
+        return self._streaks[channel] >= self.config.persist_windows
+
+    def _covariate_evidence(self, feature_psi: dict[str, float], n: int, at_ms: int, warmed_up: bool,
+                            stats: list[Statistic]) -> list[DriftSignal]:
+        contributions = {name: self._importance.get(name, 0.0) * value for name, value in feature_psi.items()
+                         if name != SCORE}
+        weighted = float(sum(contributions.values()))
+        threshold = self._weighted_threshold
+        stats.append(Statistic(None, "weighted_psi", weighted, self._weighted_healthy, n, at_ms))
+        top = sorted(contributions.items(), key=lambda kv: -kv[1])[:3]
+        self._latest[COVARIATE] = (f"importance-weighted psi {weighted:.3f} (threshold {threshold:.3f}; top "
+                                   + ", ".join(f"{k} psi {feature_psi[k]:.2f} x share {self._importance.get(k, 0):.2f}"
+                                               for k, _ in top) + ")")
+        # Corroboration: a drift of important features requests a retrain only when the model's own scores
+        # show it too (the estimated channel at least CORROBORATION of its threshold), or when there is no
+        # estimate. Measured: amounts x3 and 30% unseen categories move the weighted PSI far above any
+        # threshold while the AUC stays within 0.01 (docs/drift.md).
+        corroborated = self._estimated_excess is None or self._estimated_excess >= CORROBORATION
+        firing = weighted > threshold
+        harmful = self._persisted(COVARIATE, firing and corroborated, warmed_up, weighted / threshold)
+        if not firing:
+            return []
+        return [DriftSignal("weighted_psi", None, "importance_weighted_psi", weighted, threshold, n, at_ms,
+                            self._weighted_healthy, harm=COVARIATE if harmful else None)]
+
+    def _estimated_evidence(self, scores: np.ndarray, n: int, at_ms: int, warmed_up: bool,
+                            stats: list[Statistic]) -> list[DriftSignal]:
+        estimate = window_estimate(self.objective, self.monitoring, scores)
+        reference = self._estimate_reference
+        if estimate is None or reference is None:
+            return []
+        threshold = self._estimate_threshold
+        if self.objective == "regression":
+            stats.append(Statistic(None, "estimated_mae", estimate, reference, n, at_ms))
+            value, detector, statistic = estimate / reference, "estimated_mae_ratio", "estimated_mae_ratio"
+            self._latest[ESTIMATED] = (f"estimated mae {estimate:.4g} vs holdout estimate {reference:.4g} "
+                                       f"(ratio {value:.3f}, threshold {threshold:.3f})")
+        else:
+            stats.append(Statistic(None, "estimated_auc", estimate, reference, n, at_ms))
+            value, detector, statistic = reference - estimate, "estimated_auc_drop", "estimated_auc_drop"
+            self._latest[ESTIMATED] = (f"estimated auc {estimate:.4f} vs holdout estimate {reference:.4f} "
+                                       f"(drop {value:.4f}, threshold {threshold:.4f})")
+        firing = value > threshold
+        self._estimated_excess = ((value - 1.0) / (threshold - 1.0) if self.objective == "regression"
+                                  else value / threshold)
+        harmful = self._persisted(ESTIMATED, firing, warmed_up, self._estimated_excess)
+        if not firing:
+            return []
+        return [DriftSignal(detector, None, statistic, value, threshold, n, at_ms, reference,
+                            harm=ESTIMATED if harmful else None)]
 
     # -- reporting -----------------------------------------------------------------------
 
@@ -644,71 +882,198 @@ class DriftMonitor:
         perf = self._performance
         if perf.losses:
             n, at = len(perf.losses), self._last_event_ms
+            if self.objective == "regression":
+                stats += [Statistic(None, "mae", perf.mean_loss, self._reference_metric("mae"), n, at),
+                          Statistic(None, "rmse", perf.rmse(), self._reference_metric("rmse"), n, at)]
+                return stats
             precision, recall = perf.precision_recall(self.decision_threshold)
             stats += [
-                Statistic(None, "log_loss", perf.log_loss, self._reference_metric("log_loss") or self._calibrated_logloss, n, at),
-                Statistic(None, "auc", perf.auc(), self._reference_metric("auc") or self._calibrated_auc, n, at),
+                Statistic(None, "log_loss", perf.log_loss, self._reference_metric("log_loss") or self._self_reference.get("log_loss"), n, at),
+                Statistic(None, "auc", perf.auc(), self._reference_metric("auc") or self._self_reference.get("auc"), n, at),
                 Statistic(None, "precision", precision, self._reference_metric("precision"), n, at),
                 Statistic(None, "recall", recall, self._reference_metric("recall"), n, at),
                 Statistic(None, "positive_rate", perf.positives / n, self._reference_metric("positive_rate"), n, at),
             ]
         return stats
 
-    # -- cool-down -----------------------------------------------------------------------
+    def evidence(self) -> str:
+        """Every channel's latest figures, as a retrain request carries them."""
+        parts = [self._latest[c] for c in (MEASURED, ESTIMATED, COVARIATE) if c in self._latest]
+        return "evidence: " + (" | ".join(parts) if parts else "none")
+
+    # -- action: retrain request and cool-down -------------------------------------------
 
     def should_request_retrain(self, signals: Iterable[DriftSignal], now_ms: int) -> DriftSignal | None:
-        """The signal to cite in a RetrainRequest, or None (no signal, or still cooling down).
+        """The evidence of harm to cite in a RetrainRequest (with every channel's figures in its
+        `note`), or None: no signal is evidence of harm, or still cooling down.
 
-        Returning a signal starts the cool-down: no further request for this model
-        version until `cooldown_events` predictions AND `cooldown_s` of event time
-        have passed. A model swap (`reset`) ends the cool-down.
+        Returning a signal starts the cool-down: no further request for this model version until
+        `cooldown_events` predictions AND `cooldown_s` of event time have passed, or until the cited
+        channel has stayed below its threshold for `clear_windows` evaluations (the breakthrough
+        rule). A model swap (`reset`) ends the cool-down.
         """
-        signals = list(signals)
-        if not signals or self.in_cooldown(now_ms):
+        harmful = [s for s in signals if s.harm]
+        if not harmful or self.in_cooldown(now_ms):
             return None
-        chosen = min(signals, key=lambda s: (_PRIORITY.get(s.detector, 99), -(s.value / s.threshold if s.threshold else 0)))
-        self._last_request_ms = now_ms
-        self._last_request_event = self.predictions_seen
+        chosen = min(harmful, key=lambda s: (CHANNEL_RANK[s.harm], -s.strength))
+        last = self._last_request
+        note = self.evidence()
+        if last is not None and last.get("cleared") and self._cooling(last, now_ms):
+            note = (f"{BREAKTHROUGH_MARK}: the {last['channel']} evidence of the request at {last['ms']} ms cleared "
+                    f"for {self.config.clear_windows} evaluations; {note}")
+        chosen = replace(chosen, note=note)
+        self._last_request = {"ms": int(now_ms), "event": self.predictions_seen, "channel": chosen.harm,
+                              "cleared": False}
+        self._cited_quiet = 0
         return chosen
 
-    def in_cooldown(self, now_ms: int) -> bool:
-        if self._last_request_ms is None:
-            return False
-        events_ok = self.predictions_seen - self._last_request_event >= self.config.cooldown_events
-        time_ok = now_ms - self._last_request_ms >= self.config.cooldown_s * 1000
+    def _note_channel(self, channel: str, excess: float) -> None:
+        """Track whether the evidence the last request cited has cleared: below CLEAR_LEVEL of its threshold
+        (hysteresis: a value hovering around the threshold is the same shift, not a new one)."""
+        last = self._last_request
+        if last is None or last["channel"] != channel or last.get("cleared"):
+            return
+        self._cited_quiet = self._cited_quiet + 1 if excess < CLEAR_LEVEL else 0
+        if self._cited_quiet >= self.config.clear_windows:
+            last["cleared"] = True  # the cited evidence is gone: the next harm is a new shift
+
+    def _cooling(self, last: Mapping[str, Any], now_ms: int) -> bool:
+        events_ok = self.predictions_seen - last["event"] >= self.config.cooldown_events
+        time_ok = now_ms - last["ms"] >= self.config.cooldown_s * 1000
         return not (events_ok and time_ok)
 
-    # -- persistence ---------------------------------------------------------------------
+    def in_cooldown(self, now_ms: int) -> bool:
+        last = self._last_request
+        if last is None or last.get("cleared"):
+            return False
+        events_ok = self.predictions_seen - last["event"] >= self.config.cooldown_events
+        time_ok = now_ms - last["ms"] >= self.config.cooldown_s * 1000
+        return not (events_ok and time_ok)
 
-    def to_bytes(self) -> bytes:
-        """Versioned snapshot of the whole state (river detectors pickled)."""
-        state = {k: v for k, v in self.__dict__.items() if k != "config"}
-        payload = pickle.dumps({"config": asdict(self.config), "state": state}, protocol=pickle.HIGHEST_PROTOCOL)
-        return _STATE_HEADER + _STATE_VERSION.to_bytes(2, "big") + payload
+    # -- persistence (JSON; see streamscore.drift.state) ---------------------------------
+
+    def to_state(self) -> dict[str, Any]:
+        perf = self._performance
+        return {
+            "format": MONITOR_STATE_FORMAT,
+            "version": MONITOR_STATE_VERSION,
+            "config": self.config.to_json(),
+            "model_name": self.model_name,
+            "model_version": self.model_version,
+            "objective": self.objective,
+            "baseline": _json_safe(self.baseline),
+            "reference_metrics": _json_safe(self.reference_metrics),
+            "decision_threshold": self.decision_threshold,
+            "monitored": list(self.monitored),
+            "windows_completed": self.windows_completed,
+            "predictions_seen": self.predictions_seen,
+            "labels_seen": self.labels_seen,
+            "labels_since_window": self._labels_since_window,
+            "last_event_ms": int(self._last_event_ms),
+            "window_rows": [[None if x != x else float(x) for x in row] for row in self._window_rows],
+            "last_window": [_json_safe(asdict(s)) for s in self._last_window],
+            "performance": {"scores": list(perf.scores), "labels": list(perf.labels),
+                            "expected": [None if x != x else x for x in perf.expected], "seen": perf.seen},
+            "self_reference": dict(self._self_reference),
+            "streaks": dict(self._streaks),
+            "latest": dict(self._latest),
+            "last_request": dict(self._last_request) if self._last_request else None,
+            "cited_quiet": self._cited_quiet,
+        }
 
     @classmethod
-    def from_bytes(cls, data: bytes, config: DriftConfig | None = None) -> "DriftMonitor":
-        """Restore `to_bytes` output. With `config`, thresholds may differ from the saved
-        ones but the structure (detectors, features, window sizes) may not."""
-        if not data.startswith(_STATE_HEADER):
-            raise IncompatibleDriftState("not a DriftMonitor state (header missing)")
-        version = int.from_bytes(data[len(_STATE_HEADER):len(_STATE_HEADER) + 2], "big")
-        if version != _STATE_VERSION:
-            raise IncompatibleDriftState(f"DriftMonitor state version {version}, this code reads {_STATE_VERSION}")
-        saved = pickle.loads(data[len(_STATE_HEADER) + 2:])
-        saved_config = DriftConfig(**saved["config"])
+    def from_state(cls, state: Mapping[str, Any], config: DriftConfig | None = None) -> "DriftMonitor":
+        """Restore `to_state` output (validated first: streamscore.drift.state). With `config`,
+        thresholds may differ from the saved ones but the structure (detectors, features, window
+        sizes) may not. Raises IncompatibleDriftState, naming what is wrong."""
+        from streamscore.drift.state import validate_monitor_state
+
+        saved = validate_monitor_state(state)
+        try:
+            saved_config = DriftConfig(**{**saved["config"], "detectors": frozenset(saved["config"]["detectors"])})
+        except (TypeError, ValueError) as exc:
+            raise IncompatibleDriftState(f"drift monitor state: invalid config ({exc})") from exc
         if config is not None and config.structure() != saved_config.structure():
             raise IncompatibleDriftState(
                 "drift configuration changed in a way saved state cannot follow "
-                f"(saved {saved_config.structure()}, now {config.structure()}); start a fresh monitor"
-            )
-        monitor = cls.__new__(cls)
-        monitor.__dict__.update(saved["state"])
-        monitor.config = config or saved_config
+                f"(saved {saved_config.structure()}, now {config.structure()}); start a fresh monitor")
+        try:
+            monitor = cls(config or saved_config, saved["baseline"], saved["model_name"], saved["model_version"],
+                          reference_metrics=saved["reference_metrics"], decision_threshold=saved["decision_threshold"],
+                          objective=saved["objective"])
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:
+            raise IncompatibleDriftState(f"drift monitor state: its baseline cannot be used ({exc})") from exc
+        if list(monitor.monitored) != list(saved["monitored"]):
+            raise IncompatibleDriftState(f"drift monitor state: monitored columns {saved['monitored']} do not "
+                                         f"match the baseline's {list(monitor.monitored)}")
+        width = len(monitor.monitored)
+        rows = saved["window_rows"]
+        if any(len(row) != width for row in rows) or len(rows) >= monitor.config.window:
+            raise IncompatibleDriftState(f"drift monitor state: window rows must have {width} values and be "
+                                         f"fewer than the window ({monitor.config.window})")
+        monitor._window_rows = [[math.nan if x is None else float(x) for x in row] for row in rows]
+        monitor.windows_completed = saved["windows_completed"]
+        monitor.predictions_seen = saved["predictions_seen"]
+        monitor.labels_seen = saved["labels_seen"]
+        monitor._labels_since_window = saved["labels_since_window"]
+        monitor._last_event_ms = saved["last_event_ms"]
+        monitor._last_window = [Statistic(s["feature"], s["statistic"], math.nan if s["value"] is None else s["value"],
+                                          s["baseline"], s["window"], s["at_ms"]) for s in saved["last_window"]]
+        perf = saved["performance"]
+        for score, label, expected in zip(perf["scores"], perf["labels"], perf["expected"]):
+            monitor._performance.add(score, label, math.nan if expected is None else expected)
+        monitor._performance.seen = perf["seen"]
+        monitor._self_reference = dict(saved["self_reference"])
+        monitor._streaks.update({k: v for k, v in saved["streaks"].items() if k in monitor._streaks})
+        monitor._latest = {k: v for k, v in saved["latest"].items() if k in CHANNEL_RANK}
+        monitor._last_request = saved["last_request"]
+        monitor._cited_quiet = saved["cited_quiet"]
         return monitor
+
+    def to_bytes(self) -> bytes:
+        """The state as compact JSON (UTF-8)."""
+        import json
+
+        return json.dumps(self.to_state(), allow_nan=False, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, config: DriftConfig | None = None) -> "DriftMonitor":
+        from streamscore.drift.state import parse_json
+
+        return cls.from_state(parse_json(data, "drift monitor state"), config)
+
+
+MONITOR_STATE_FORMAT = "streamscore.drift.monitor"
+BREAKTHROUGH_MARK = "cool-down breakthrough"  # in a request's reason (the trainer does not take it for a replay)
+MONITOR_STATE_VERSION = 2
+
+
+def _row_getter(names: list[str]):
+    """features -> tuple of the named values (a KeyError if one is missing); None for no features."""
+    if not names:
+        return None
+    if len(names) == 1:
+        single = operator.itemgetter(names[0])
+        return lambda features: (single(features),)
+    return operator.itemgetter(*names)
+
+
+def _json_safe(value: Any) -> Any:
+    """Plain JSON types; non-finite floats become null."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (bool, str)) or value is None:
+        return value
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    raise TypeError(f"not JSON-able: {type(value).__name__}")
 
 
 __all__ = [
     "DriftConfig", "DriftMonitor", "DriftSignal", "Statistic", "IncompatibleDriftState",
-    "histogram_bins", "quantile_bins", "psi", "SCORE",
+    "histogram_bins", "quantile_bins", "psi", "window_psi", "SCORE", "MEASURED", "ESTIMATED", "COVARIATE",
 ]

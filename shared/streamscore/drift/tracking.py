@@ -12,7 +12,8 @@ ClickHouse inside (services/drift wraps it in a consume/write/checkpoint loop):
   the service to look up in ClickHouse (`resolve_labels`); a label whose
   prediction is not logged yet waits up to `label_wait_s`, then is dropped and
   counted;
-- the consumed offsets, so state and position are saved together (`to_bytes`).
+- the consumed offsets, so state and position are saved together (`to_bytes`: versioned,
+  validated JSON, see streamscore.drift.state; never pickle).
 
 Only predictions and labels of the monitored version feed the monitor: those
 of an older version (still in flight after a swap) would mix two score
@@ -20,7 +21,7 @@ distributions in one window.
 """
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import math
 import time
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from streamscore.drift.monitor import DriftConfig, DriftMonitor, DriftSignal, IncompatibleDriftState, Statistic
+from streamscore.drift.state import decode_checkpoint, encode_checkpoint
 from streamscore.learning.registry import ModelVersion
 from streamscore.learning.retrain_requests import retrain_request
 
@@ -38,9 +40,6 @@ DRIFT_EVENTS_COLUMNS = ["detected_at", "model_name", "model_version", "kind", "d
                         "value", "baseline", "threshold", "window", "retrain_requested", "request_id"]
 KIND_STATISTIC = "statistic"
 KIND_DRIFT = "drift"
-
-_STATE_HEADER = b"streamscore.drift.tracking.DriftTracker\n"
-_STATE_VERSION = 1
 
 
 @dataclass
@@ -107,7 +106,8 @@ class DriftTracker:
             return changed
         if self.monitor is not None and self.monitor.model_version == version.version:
             return False
-        kwargs = dict(reference_metrics=version.metrics, decision_threshold=version.threshold)
+        kwargs = dict(reference_metrics=version.metrics, decision_threshold=version.threshold,
+                      objective=version.objective)
         if self.monitor is None:
             self.monitor = DriftMonitor(self.config, version.baseline, self.model_name, version.version, **kwargs)
         else:
@@ -140,11 +140,11 @@ class DriftTracker:
             return
         joined = self._scores.get(label["event_id"])
         if joined is None:
-            self._waiting.append((label["event_id"], int(label["label"]), time.monotonic()))
+            self._waiting.append((label["event_id"], _label_value(label["label"]), time.monotonic()))
             return
-        self._feed_label(joined, int(label["label"]), out)
+        self._feed_label(joined, _label_value(label["label"]), out)
 
-    def _feed_label(self, joined: tuple[int, float | None, int], label: int, out: DriftOutputs) -> None:
+    def _feed_label(self, joined: tuple[int, float | None, int], label: float, out: DriftOutputs) -> None:
         version, score, event_time_ms = joined
         monitor = self.monitor
         if monitor is None or version != monitor.model_version:
@@ -191,15 +191,16 @@ class DriftTracker:
             log.warning("drift on %s v%d: %s -> retrain request %s", self.model_name, monitor.model_version,
                         chosen.reason, request["request_id"])
         for signal in signals:
-            cited = request is not None and signal is chosen
+            cited = request is not None and signal == dataclasses.replace(chosen, note=signal.note)
             out.rows.append(drift_row(signal, self.model_name, monitor.model_version,
                                       request["request_id"] if cited else None))
 
     # --- persistence ---------------------------------------------------------------
     def to_bytes(self) -> bytes:
-        """Monitor state + offsets + waiting labels (the score cache is not saved: after a
-        restart, labels of earlier predictions are joined through ClickHouse)."""
-        meta = {
+        """Monitor state + offsets + waiting labels as a version-2 checkpoint (streamscore.drift.state;
+        the score cache is not saved: after a restart, labels of earlier predictions are joined
+        through ClickHouse)."""
+        tracker = {
             "model_name": self.model_name,
             "offsets": {topic: {str(p): o for p, o in parts.items()} for topic, parts in self.offsets.items()},
             "waiting_labels": [[event_id, label] for event_id, label, _ in self._waiting],
@@ -207,35 +208,41 @@ class DriftTracker:
                          "labels_other_version": self.labels_other_version,
                          "labels_unmatched": self.labels_unmatched},
         }
-        meta_bytes = json.dumps(meta).encode()
-        monitor = self.monitor.to_bytes() if self.monitor is not None else b""
-        return (_STATE_HEADER + _STATE_VERSION.to_bytes(2, "big") + len(meta_bytes).to_bytes(4, "big")
-                + meta_bytes + monitor)
+        return encode_checkpoint(tracker, self.monitor.to_state() if self.monitor is not None else None)
 
     def restore(self, data: bytes) -> None:
-        """Continue from `to_bytes` output. A monitor saved under an incompatible drift
-        configuration is dropped (the next set_model starts a fresh one); offsets are kept."""
-        if not data.startswith(_STATE_HEADER):
-            raise IncompatibleDriftState("not a DriftTracker state (header missing)")
-        at = len(_STATE_HEADER)
-        version = int.from_bytes(data[at:at + 2], "big")
-        if version != _STATE_VERSION:
-            raise IncompatibleDriftState(f"DriftTracker state version {version}, this code reads {_STATE_VERSION}")
-        size = int.from_bytes(data[at + 2:at + 6], "big")
-        meta = json.loads(data[at + 6:at + 6 + size])
-        if meta["model_name"] != self.model_name:
-            raise IncompatibleDriftState(f"state is for model {meta['model_name']!r}, not {self.model_name!r}")
-        self.offsets = {topic: {int(p): int(o) for p, o in parts.items()} for topic, parts in meta["offsets"].items()}
+        """Continue from `to_bytes` output. Raises CorruptDriftState (nothing restored) for bytes that
+        are not a valid checkpoint: damaged, of an older format, or hostile (no code ever runs: the
+        format is JSON). A monitor saved under an incompatible drift configuration is dropped (the
+        next set_model starts a fresh one); offsets are kept."""
+        checkpoint = decode_checkpoint(data)
+        saved = checkpoint.tracker
+        if saved.model_name != self.model_name:
+            raise IncompatibleDriftState(f"state is for model {saved.model_name!r}, not {self.model_name!r}")
+        try:
+            offsets = {topic: {int(p): int(o) for p, o in parts.items()} for topic, parts in saved.offsets.items()}
+        except ValueError as exc:
+            raise IncompatibleDriftState(f"drift checkpoint: a partition is not a number ({exc})") from exc
+        monitor = None
+        if checkpoint.monitor is not None:
+            try:
+                monitor = DriftMonitor.from_state(checkpoint.monitor, self.config)
+            except IncompatibleDriftState as exc:
+                log.warning("saved drift monitor dropped, starting a fresh one: %s", exc)
+        self.offsets = offsets
         now = time.monotonic()
-        self._waiting = [(event_id, int(label), now) for event_id, label in meta["waiting_labels"]]
-        counters = meta.get("counters", {})
+        self._waiting = [(event_id, label, now) for event_id, label in saved.waiting_labels]
+        counters = saved.counters
         self.predictions_other_version = counters.get("predictions_other_version", 0)
         self.labels_other_version = counters.get("labels_other_version", 0)
         self.labels_unmatched = counters.get("labels_unmatched", 0)
-        monitor_bytes = data[at + 6 + size:]
-        self.monitor = None
-        if monitor_bytes:
-            try:
-                self.monitor = DriftMonitor.from_bytes(monitor_bytes, self.config)
-            except IncompatibleDriftState as exc:
-                log.warning("saved drift monitor dropped, starting a fresh one: %s", exc)
+        self.monitor = monitor
+
+
+def _label_value(value) -> float:
+    """A label as the monitor takes it: 0/1 for a classifier, any finite number for a regression."""
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, (int, float)):
+        return value
+    raise ValueError(f"label must be a number, got {value!r}")

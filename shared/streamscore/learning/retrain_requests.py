@@ -9,7 +9,9 @@ own restart. Two requests are the same when
 - they are about the same model version, detector and feature and their
   `detected_at` lie within the drift cool-down of each other: the monitor never
   asks twice for one version inside its cool-down, so such a pair can only be
-  a replay.
+  a replay. A request the monitor marks as a cool-down breakthrough (its reason contains
+  `BREAKTHROUGH_MARK`: the evidence of the previous request had cleared) is a new shift, not a
+  replay, and is only a duplicate by id.
 
 The record of handled requests that survives restarts is the model registry
 itself: the trainer registers each candidate with a reason made by
@@ -28,7 +30,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 
-from streamscore.drift.monitor import DriftSignal
+from streamscore.drift.monitor import BREAKTHROUGH_MARK, DriftSignal
 
 # "retrain for <request_id> (v<version> <detector>/<feature|-> at <detected_at ms>): <why>"
 _REASON = re.compile(r"^retrain for (?P<id>\S+) \(v(?P<version>\d+) (?P<detector>[^/\s]+)/(?P<feature>\S+) "
@@ -133,11 +135,13 @@ class HandledRequest:
     detector: str
     feature: str | None
     detected_at: int
+    breakthrough: bool = False
 
     @classmethod
     def of(cls, request: dict) -> "HandledRequest":
         return cls(request["request_id"], int(request["model_version"]), request["detector"],
-                   request.get("feature"), int(request["detected_at"]))
+                   request.get("feature"), int(request["detected_at"]),
+                   BREAKTHROUGH_MARK in (request.get("reason") or ""))
 
 
 def retrain_reason(request: dict) -> str:
@@ -154,7 +158,7 @@ def parse_retrain_reason(reason: str) -> HandledRequest | None:
         return None
     feature = match["feature"]
     return HandledRequest(match["id"], int(match["version"]), match["detector"],
-                          None if feature == "-" else feature, int(match["at"]))
+                          None if feature == "-" else feature, int(match["at"]), BREAKTHROUGH_MARK in reason)
 
 
 class HandledRequests:
@@ -186,6 +190,8 @@ class HandledRequests:
         """Why `request` is a duplicate, or None if it is new."""
         if request.request_id in self._ids:
             return f"request {request.request_id} was already handled"
+        if request.breakthrough:
+            return None
         key = (request.model_version, request.detector, request.feature)
         for at in self._by_key.get(key, ()):
             if abs(request.detected_at - at) < self.cooldown_ms:

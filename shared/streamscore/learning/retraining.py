@@ -38,12 +38,37 @@ class RetrainOutcome:
     shadowed: bool = False  # passed the offline gate and went into shadow instead of production
 
 
-def train_and_register(store: Store, registry: ModelRegistry, settings: Settings, spec: FeatureSpec, reason: str,
-                       since_ms: int | None = None, training_set: TrainingSet | None = None) -> RetrainOutcome:
-    """Build the point-in-time training set, train, compare with production on the
-    candidate's own recent holdout, register, then promote or reject."""
+@dataclass
+class Candidate:
+    """A trained candidate and the gate's verdict, not registered yet: what a training process hands back
+    (plain data; the model as LightGBM's text), so registering and promoting stay with the caller and a
+    training abandoned at shutdown leaves no trace."""
+
+    model_name: str
+    model_text: str
+    metrics: dict
+    baseline: dict
+    threshold: float | None
+    params: dict
+    train_rows: int
+    passed: bool
+    gate_reason: str
+    training_rows: int
+    events_replayed: int
+    rows_read: int
+    vocabularies: dict
+    train_start: int | None
+    train_end: int | None
+    seconds: float
+
+
+def train_candidate(store: Store, registry: ModelRegistry, settings: Settings, spec: FeatureSpec,
+                    since_ms: int | None = None, training_set: TrainingSet | None = None,
+                    read_from_ms: int | None = None) -> Candidate:
+    """Build the point-in-time training set, train, and compare with production on the candidate's own
+    recent holdout (reads the store and the registry, writes nothing)."""
     started = time.monotonic()
-    data = training_set or load_training_set(store, spec, since_ms=since_ms)
+    data = training_set or load_training_set(store, spec, since_ms=since_ms, read_from_ms=read_from_ms)
     order = data.event_times.argsort(kind="stable")  # time-ordered split: validate on the most recent
     X, y, times = data.X[order], data.y[order], data.event_times[order]
     objective = spec.objective
@@ -51,7 +76,8 @@ def train_and_register(store: Store, registry: ModelRegistry, settings: Settings
                                    params=spec.model.params or None,
                                    num_boost_round=settings.train_num_boost_round,
                                    validation_fraction=settings.train_validation_fraction,
-                                   alert_rate=settings.train_alert_rate, objective=objective)
+                                   alert_rate=settings.train_alert_rate, objective=objective,
+                                   drift_window=settings.drift_window)
     holdout = order[trained.train_rows:]
     model_name = settings.model_name or spec.model.name
     production = registry.production(model_name)
@@ -67,32 +93,61 @@ def train_and_register(store: Store, registry: ModelRegistry, settings: Settings
     else:
         verdict = training.gate(trained.metrics, production_metrics, min_auc=settings.gate_min_auc,
                                 max_auc_drop=settings.gate_max_auc_drop)
-    version = registry.register(
-        model_name, trained.booster, feature_set=spec.feature_set,
-        feature_names=spec.feature_names, categorical_features=spec.categorical_features,
-        train_rows=trained.train_rows, metrics=trained.metrics, baseline=trained.baseline,
-        threshold=trained.threshold, params=trained.params, reason=reason,
+    return Candidate(
+        model_name=model_name, model_text=trained.model_text, metrics=dict(trained.metrics),
+        baseline=trained.baseline, threshold=trained.threshold, params=trained.params,
+        train_rows=trained.train_rows, passed=verdict.passed, gate_reason=verdict.reason, training_rows=data.rows,
+        events_replayed=data.events_replayed, rows_read=data.rows_read, vocabularies=data.vocabularies,
         train_start=int(times[0]) if len(times) else None, train_end=int(times[-1]) if len(times) else None,
-        objective=objective, vocabularies=data.vocabularies, spec_name=spec.name,
+        seconds=time.monotonic() - started)
+
+
+def register_candidate(registry: ModelRegistry, spec: FeatureSpec, candidate: Candidate, reason: str,
+                       started: float | None = None, auto_shadow: bool = False) -> RetrainOutcome:
+    """Register `candidate`, then promote or reject it as its verdict says (fast: files in the registry). With
+    `auto_shadow` (STREAMSCORE_ROLLOUT_AUTO_SHADOW) a passing candidate goes into shadow for the online gate
+    instead of production, when there is a production version to compare it with."""
+    started = time.monotonic() - candidate.seconds if started is None else started
+    model_name, objective = candidate.model_name, spec.objective
+    version = registry.register(
+        model_name, candidate.model_text, feature_set=spec.feature_set,
+        feature_names=spec.feature_names, categorical_features=spec.categorical_features,
+        train_rows=candidate.train_rows, metrics=candidate.metrics, baseline=candidate.baseline,
+        threshold=candidate.threshold, params=candidate.params, reason=reason,
+        train_start=candidate.train_start, train_end=candidate.train_end,
+        objective=objective, vocabularies=candidate.vocabularies, spec_name=spec.name,
     )
     events = [registration_event(version)]
-    shadowed = bool(verdict.passed and settings.rollout_auto_shadow and production is not None)
+    shadowed = bool(candidate.passed and auto_shadow and version.parent_version is not None)
     if shadowed:
-        events.append(registry.shadow(model_name, version.version, reason=f"offline gate {verdict.reason}; "
+        events.append(registry.shadow(model_name, version.version, reason=f"offline gate {candidate.gate_reason}; "
                                       "in shadow for the online gate").event)
-    elif verdict.passed:
-        events.append(registry.promote(model_name, version.version, reason=verdict.reason).event)
+    elif candidate.passed:
+        events.append(registry.promote(model_name, version.version, reason=candidate.gate_reason).event)
     else:
-        events.append(registry.reject(model_name, version.version, verdict.reason).event)
+        events.append(registry.reject(model_name, version.version, candidate.gate_reason).event)
     headline = "rmse" if objective == "regression" else "auc"
-    action = "shadow" if shadowed else "promote" if verdict.passed else "reject"
+    action = "shadow" if shadowed else "promote" if candidate.passed else "reject"
     log.info("model %s v%d %s: %s", model_name, version.version,
-             {"shadow": "in shadow", "promote": "promoted", "reject": "rejected"}[action], verdict.reason,
+             {"shadow": "in shadow", "promote": "promoted", "reject": "rejected"}[action], candidate.gate_reason,
              extra={"model_name": model_name, "model_version": version.version,
                     "parent_version": version.parent_version, "action": action,
-                    headline: version.metrics.get(headline), "train_rows": data.rows, "reason": reason,
-                    "rows_read": data.rows_read, "seconds": round(time.monotonic() - started, 2)})
-    return RetrainOutcome(version=version, promoted=verdict.passed and not shadowed, gate_reason=verdict.reason,
-                          training_rows=data.rows, events_replayed=data.events_replayed,
-                          seconds=time.monotonic() - started, events=events, rows_read=data.rows_read,
-                          shadowed=shadowed)
+                    headline: version.metrics.get(headline), "train_rows": candidate.training_rows,
+                    "reason": reason, "rows_read": candidate.rows_read,
+                    "seconds": round(time.monotonic() - started, 2)})
+    return RetrainOutcome(version=version, promoted=candidate.passed and not shadowed,
+                          gate_reason=candidate.gate_reason, training_rows=candidate.training_rows,
+                          events_replayed=candidate.events_replayed, seconds=time.monotonic() - started,
+                          events=events, rows_read=candidate.rows_read, shadowed=shadowed)
+
+
+def train_and_register(store: Store, registry: ModelRegistry, settings: Settings, spec: FeatureSpec, reason: str,
+                       since_ms: int | None = None, training_set: TrainingSet | None = None,
+                       read_from_ms: int | None = None) -> RetrainOutcome:
+    """Build the point-in-time training set, train, compare with production on the
+    candidate's own recent holdout, register, then promote or reject."""
+    started = time.monotonic()
+    candidate = train_candidate(store, registry, settings, spec, since_ms=since_ms, training_set=training_set,
+                                read_from_ms=read_from_ms)
+    return register_candidate(registry, spec, candidate, reason, started=started,
+                              auto_shadow=settings.rollout_auto_shadow)

@@ -31,6 +31,7 @@ import numpy as np
 
 # The drift monitor's own binning rule, so baseline bins and live windows are counted alike.
 from streamscore.drift.monitor import histogram_bins
+from streamscore.drift.reference import MONITORING_KEY, build_monitoring_reference, feature_importance
 
 BASELINE_QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 SCORE_KEY = "score"
@@ -71,7 +72,9 @@ class TrainedModel:
     categorical_features: list[str]
     train_rows: int
     validation_rows: int
-    baseline: dict[str, Any]  # compute_baseline on the validation holdout, with its out-of-sample scores
+    baseline: dict[str, Any]  # compute_baseline on the validation holdout, with its out-of-sample scores,
+    # and under MONITORING_KEY the drift monitor's reference (streamscore.drift.reference): feature
+    # importance, calibration / loss model and healthy per-window variation, all from the holdout
 
     @property
     def model_text(self) -> str:
@@ -305,16 +308,18 @@ def train_model(
     validation_fraction: float = 0.2,
     alert_rate: float | None = None,
     objective: str = "binary",
+    drift_window: int = 2000,
 ) -> TrainedModel:
     """Train on the oldest rows, validate on the most recent `validation_fraction`.
 
     Rows must be in event-time order. `params` override DEFAULT_PARAMS. `objective` is "binary" (labels
     0/1; the threshold maximises F1 on the holdout, or flags the top `alert_rate` of it) or "regression"
-    (numeric labels, L2 loss; no threshold: RMSE, MAE and R² on the holdout).
+    (numeric labels, L2 loss; no threshold: RMSE, MAE and R² on the holdout). `drift_window`: the
+    drift service's window, the chunk size of the monitoring reference's healthy variation.
     """
     if objective == "regression":
         return _train_regression(X, y, feature_names, categorical_features, params, num_boost_round, seed,
-                                 validation_fraction)
+                                 validation_fraction, drift_window)
     if objective != "binary":
         raise ValueError(f"objective must be 'binary' or 'regression', got {objective!r}")
     feature_names = [str(n) for n in feature_names]
@@ -374,8 +379,20 @@ def train_model(
         train_rows=int(split),
         validation_rows=int(y.size - split),
         # On the recent out-of-sample slice: live traffic should look like it (in-sample scores are optimistic).
-        baseline=compute_baseline(X_valid, feature_names, valid_scores, categorical_features),
+        baseline=monitoring_baseline(booster, X_valid, y_valid, valid_scores, feature_names, categorical_features,
+                                     "binary", drift_window),
     )
+
+
+def monitoring_baseline(booster: lightgbm.Booster, X_holdout: np.ndarray, y_holdout: np.ndarray,
+                        holdout_scores: np.ndarray, feature_names: Sequence[str], categorical_features: Sequence[str],
+                        objective: str, drift_window: int) -> dict[str, Any]:
+    """compute_baseline of the holdout plus the drift monitor's reference under MONITORING_KEY."""
+    baseline = compute_baseline(X_holdout, feature_names, holdout_scores, categorical_features)
+    baseline[MONITORING_KEY] = build_monitoring_reference(
+        X_holdout, y_holdout, holdout_scores, feature_names, baseline, feature_importance(booster, feature_names),
+        objective, drift_window)
+    return baseline
 
 
 # --- promotion gate -----------------------------------------------------------
@@ -484,7 +501,7 @@ REGRESSION_PARAMS: dict[str, Any] = {**DEFAULT_PARAMS, "objective": "regression"
 
 
 def _train_regression(X, y, feature_names, categorical_features, params, num_boost_round, seed,
-                      validation_fraction) -> TrainedModel:
+                      validation_fraction, drift_window=2000) -> TrainedModel:
     feature_names = [str(n) for n in feature_names]
     if not 0 < validation_fraction < 1:
         raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction}")
@@ -505,7 +522,8 @@ def _train_regression(X, y, feature_names, categorical_features, params, num_boo
         params={**full_params, "num_boost_round": num_boost_round, "validation_fraction": validation_fraction},
         feature_names=feature_names, categorical_features=list(categorical_features), train_rows=int(split),
         validation_rows=int(y.size - split),
-        baseline=compute_baseline(X[split:], feature_names, valid, categorical_features),
+        baseline=monitoring_baseline(booster, X[split:], y[split:], valid, feature_names, categorical_features,
+                                     "regression", drift_window),
     )
 
 

@@ -64,14 +64,57 @@ class TrainingSet:
         return X
 
 
+@dataclass(frozen=True)
+class TrainingWindow:
+    """What a retrain reads: labelled events from `since_ms` on, replayed from `read_from_ms` on (the warm-up
+    their entity state needs); `rows_read` = what finding it cost."""
+
+    since_ms: int | None
+    read_from_ms: int | None
+    rows_read: int = 0
+
+
+def training_window(store: Store, spec: FeatureSpec, window_ms: int, max_events: int,
+                    max_history_events: int) -> TrainingWindow:
+    """The trainer's bounded window: from `window_ms` before the newest logged event, or later if that holds
+    more than `max_events` events (then from the newest `max_events`-th); replayed from the spec's history
+    before it (lateness + longest window), but at most `max_history_events` events before it. The warm-up
+    cap is what keeps a retrain flat in table size when the spec's windows are long (payments: 14 days):
+    the first events of the window then see a truncated history, the later ones (most of them, and the
+    gate's holdout, the newest) the same state the scorer had.
+
+    Both reads follow the table's time order: the newest event by the key, the caps by reading the newest
+    event times in reverse key order (optimize_read_in_order), so they too are bounded."""
+    newest = store.query("SELECT toUnixTimestamp64Milli(max(event_time)), count() FROM predictions")
+    (newest_ms, logged), = newest.rows
+    if not logged:
+        return TrainingWindow(None, None, newest.read_rows)
+    since = int(newest_ms) - int(window_ms)
+    read_from = since - spec.history_ms
+    newest_times = store.query(
+        "SELECT toUnixTimestamp64Milli(event_time) FROM predictions "
+        "WHERE event_time >= fromUnixTimestamp64Milli({start:Int64}, 'UTC') ORDER BY event_time DESC "
+        "LIMIT {limit:UInt64}", {"start": read_from, "limit": max_events + max_history_events})
+    times = [int(t) for (t,) in newest_times.rows]
+    if len(times) >= max_events:
+        since = max(since, times[max_events - 1])
+    if len(times) >= max_events + max_history_events:
+        read_from = max(read_from, times[-1])
+    return TrainingWindow(since, read_from, newest.read_rows + newest_times.read_rows)
+
+
 def load_logged_events(store: Store, spec: FeatureSpec, since_ms: int | None = None,
-                       until_ms: int | None = None) -> LoggedEvents:
-    """Logged events with event_time >= since_ms minus the spec's history (all when None) and < until_ms."""
+                       until_ms: int | None = None, read_from_ms: int | None = None) -> LoggedEvents:
+    """Logged events with event_time >= since_ms minus the spec's history (all when None; not before
+    `read_from_ms` when given, see training_window) and < until_ms."""
     event = spec.event
     fields = [name for name, _ in input_columns(spec)]
     conditions = []
     if since_ms is not None:
-        conditions.append(f"event_time >= fromUnixTimestamp64Milli({int(since_ms - spec.history_ms)}, 'UTC')")
+        start = int(since_ms - spec.history_ms)
+        if read_from_ms is not None:
+            start = max(start, int(read_from_ms))
+        conditions.append(f"event_time >= fromUnixTimestamp64Milli({start}, 'UTC')")
     if until_ms is not None:
         conditions.append(f"event_time < fromUnixTimestamp64Milli({int(until_ms)}, 'UTC')")
     where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
@@ -154,6 +197,7 @@ def build_training_set(spec: FeatureSpec, logged: LoggedEvents, labels: dict[str
 
 
 def load_training_set(store: Store, spec: FeatureSpec, since_ms: int | None = None, until_ms: int | None = None,
-                      vocabularies: dict[str, list[str]] | None = None) -> TrainingSet:
-    logged = load_logged_events(store, spec, since_ms, until_ms)
+                      vocabularies: dict[str, list[str]] | None = None,
+                      read_from_ms: int | None = None) -> TrainingSet:
+    logged = load_logged_events(store, spec, since_ms, until_ms, read_from_ms=read_from_ms)
     return build_training_set(spec, logged, load_labels(store, since_ms), since_ms, vocabularies)

@@ -15,7 +15,8 @@ from confluent_kafka.admin import AdminClient
 from streamscore.kafka.lag import GroupStatus, consumer_groups_status
 from streamscore.learning.registry import ModelRegistry
 from streamscore.settings import Settings
-from streamscore.clickhouse.store import QueryResult, Store, StoreError, open_store
+from streamscore.clickhouse.shared_store import RemoteStore, connect_store
+from streamscore.clickhouse.store import QueryResult, Store, StoreError
 
 RECENT_DRIFT_SQL = """SELECT formatDateTime(detected_at, '%F %T') AS detected_at, model_version, detector, feature, statistic, round(value, 4) AS value,
        round(threshold, 4) AS threshold, retrain_requested
@@ -24,6 +25,10 @@ FROM drift_events WHERE kind = 'drift' ORDER BY detected_at DESC LIMIT {limit:UI
 RECENT_MODEL_EVENTS_SQL = """SELECT formatDateTime(recorded_at, '%F %T') AS recorded_at, version, action,
        train_rows, round(metrics['auc'], 4) AS auc, reason
 FROM model_versions ORDER BY recorded_at DESC LIMIT {limit:UInt32}"""
+
+
+# Services that assign their partitions themselves (no consumer group membership to see them by).
+SELF_ASSIGNING = frozenset({"drift"})
 
 
 @dataclass
@@ -47,6 +52,18 @@ class OpsStatus:
     drift_events: QueryResult | None = None
     model_events: QueryResult | None = None
     store_error: str | None = None
+    # name -> running, from the process serving the embedded store (None: not known, e.g. a server store)
+    process_services: dict[str, bool] | None = None
+
+    def service_running(self, group: GroupStatus) -> bool | None:
+        """Whether the service of `group` runs: a member of its consumer group, or running in the process that
+        serves the store; None when neither can tell (a service that assigns its partitions itself, like
+        drift, has no group members)."""
+        if group.alive:
+            return True
+        if self.process_services is not None and group.service in self.process_services:
+            return self.process_services[group.service]
+        return None if group.service in SELF_ASSIGNING else False
 
 
 def registry_status(settings: Settings) -> RegistryStatus:
@@ -80,8 +97,10 @@ def collect_status(settings: Settings, services: Iterable[str], store: Store | N
     own_store = store is None
     try:
         if own_store:
-            store = open_store(settings)
+            store = connect_store(settings)
         try:
+            if isinstance(store, RemoteStore):  # the process holding the store says what it runs
+                status.process_services = store.services()
             status.drift_events = store.query(RECENT_DRIFT_SQL, {"limit": recent})
             status.model_events = store.query(RECENT_MODEL_EVENTS_SQL, {"limit": recent})
         finally:

@@ -19,6 +19,7 @@ from streamscore.drift.monitor import (
     psi,
     quantile_bins,
 )
+from streamscore.drift.reference import MONITORING_KEY, build_monitoring_reference
 from streamscore.settings import Settings
 from streamscore.learning.training import compute_baseline
 
@@ -57,6 +58,26 @@ def make_stream(n, seed, *, zscore_shift_at=None, zscore_shift=1.0, score_shift_
 def baseline():
     X, score, _ = make_stream(40_000, seed=1)
     return compute_baseline(X, NAMES, score, categorical_features=CATEGORICAL)
+
+
+IMPORTANCE = {"amount": 0.1, "count_1h": 0.1, "amount_zscore_7d": 0.6, "std_7d": 0.1, "mcc_code": 0.1}
+
+
+@pytest.fixture(scope="module")
+def monitored_baseline():
+    """A baseline with the trainer's monitoring reference (calibration, importance, healthy chunks)."""
+    X, score, labels = make_stream(40_000, seed=1)
+    baseline = compute_baseline(X, NAMES, score, categorical_features=CATEGORICAL)
+    baseline[MONITORING_KEY] = build_monitoring_reference(X, labels, score, NAMES, baseline, IMPORTANCE,
+                                                          "binary", WINDOW)
+    return baseline
+
+
+@pytest.fixture(scope="module")
+def importance_only_baseline(monitored_baseline):
+    """A monitoring reference without calibration: no label-free estimate to corroborate (or veto) with."""
+    reference = {k: v for k, v in monitored_baseline[MONITORING_KEY].items() if k != "calibration"}
+    return {**monitored_baseline, MONITORING_KEY: reference}
 
 
 def run(monitor, X, score, start=0, stop=None, step_ms=10):
@@ -105,7 +126,7 @@ def test_covariate_shift_is_reported_at_the_end_of_the_first_shifted_window(base
 
 def test_score_shift_is_caught_per_event_before_the_window_closes(baseline):
     X, score, _ = make_stream(40_000, seed=4, score_shift_at=30_500)
-    monitor = DriftMonitor(config(), baseline, "fraud", 1)
+    monitor = DriftMonitor(config(detectors={"adwin", "pagehinkley", "windowed"}), baseline, "fraud", 1)
     found = run(monitor, X, score)
     first_index, first = found[0]
     assert 30_500 <= first_index < 30_500 + 300
@@ -126,7 +147,8 @@ def test_never_seen_category_surge_shows_as_unknown_rate(baseline):
 
 def test_nan_surge_is_counted_not_fed_to_detectors(baseline):
     X, score, _ = make_stream(20_000, seed=6, nan_surge_at=10_000)
-    monitor = DriftMonitor(config(event_features=("std_7d",)), baseline, "fraud", 1)
+    monitor = DriftMonitor(config(detectors={"adwin", "pagehinkley", "windowed"}, event_features=("std_7d",)),
+                           baseline, "fraud", 1)
     found = run(monitor, X, score)
     assert found[0][0] == 11_999
     assert [(s.detector, s.feature) for i, s in found if i == 11_999] == [("nan_fraction", "std_7d")]
@@ -151,10 +173,14 @@ def test_performance_degradation_from_labels(baseline):
     first_index, first = found[0]
     assert first_index == 6207 and (first.detector, first.feature) == ("adwin", None)
     assert first.value > first.baseline  # an increase of the mean loss
-    # ...the rolling-window ratio follows at a check (every perf_window/10 labels).
+    assert first.harm is None  # recorded, not evidence of harm on its own
+    # ...the measured tests follow at a check (every perf_window/10 labels): evidence of harm.
     ratio_index, ratio = next((i, s) for i, s in found if s.detector == "logloss_ratio")
-    assert 6000 <= ratio_index <= 6400 and ratio_index % 100 == 99
-    assert ratio.feature is None and ratio.baseline == pytest.approx(expected_ll)
+    assert 6000 <= ratio_index <= 6700 and ratio_index % 100 == 99
+    assert ratio.feature is None and ratio.baseline == pytest.approx(expected_ll) and ratio.harm == "measured"
+    assert ratio.statistic == "log_loss_ratio_lower_bound"
+    drop = next(s for i, s in found if s.detector == "auc_drop")
+    assert drop.harm == "measured" and drop.threshold >= 0.1
     stats = {s.statistic: s for s in monitor.snapshot()}
     assert stats["log_loss"].window == 1000 and stats["auc"].value < 0.6
     assert {"precision", "recall", "positive_rate"} <= set(stats)
@@ -166,35 +192,90 @@ def test_performance_reference_self_calibrates_without_validation_metrics(baseli
     found = [s for sc, y in zip(score.tolist(), labels.tolist()) for s in monitor.update_label(sc, y)]
     assert found == []
     reference = next(s for s in monitor.snapshot() if s.statistic == "log_loss").baseline
-    assert reference == pytest.approx(0.14, abs=0.03)
+    first_half = score[:500], labels[:500]  # the first check: half a label window
+    assert reference == pytest.approx(float(np.mean(-np.log(np.where(first_half[1] == 1, first_half[0],
+                                                                      1 - first_half[0])))))
 
 
-def test_sustained_shift_gives_one_retrain_request_per_cooldown(baseline):
-    X, score, _ = make_stream(80_000, seed=10, zscore_shift_at=10_000)
-    monitor = DriftMonitor(config(cooldown_events=30_000, cooldown_s=120.0), baseline, "fraud", 1)
-    requests, signal_count = [], 0
+def harm(channel="measured", value=0.5, threshold=0.25, at_ms=0):
+    return DriftSignal("auc_drop", None, "auc_drop", value, threshold, WINDOW, at_ms, 0.9, harm=channel)
+
+
+def test_feature_drift_is_recorded_but_requests_nothing_without_evidence_of_harm(baseline):
+    X, score, _ = make_stream(30_000, seed=10, zscore_shift_at=10_000)
+    monitor = DriftMonitor(config(), baseline, "fraud", 1)  # no monitoring reference: no importance
+    found = run(monitor, X, score)
+    assert {s.detector for _, s in found} >= {"psi", "mean_shift"}
+    assert all(s.harm is None for _, s in found)
+    assert monitor.should_request_retrain([s for _, s in found], now_ms=10**9) is None
+
+
+def test_important_feature_drift_is_not_harm_while_the_scores_do_not_move(monitored_baseline):
+    # the scores of this stream do not depend on the features: the estimated AUC stays put, so the
+    # weighted PSI is recorded but not corroborated
+    X, score, _ = make_stream(20_000, seed=10, zscore_shift_at=10_000, zscore_shift=1.5)
+    monitor = DriftMonitor(config(), monitored_baseline, "fraud", 1)
+    found = [s for _, s in run(monitor, X, score)]
+    assert any(s.detector == "weighted_psi" for s in found)
+    assert not any(s.harm for s in found)
+    assert "estimated auc" in monitor.evidence()
+
+
+def test_important_feature_drift_requests_once_it_persists(importance_only_baseline):
+    X, score, _ = make_stream(40_000, seed=10, zscore_shift_at=10_000, zscore_shift=1.5)
+    monitor = DriftMonitor(config(cooldown_events=100_000), importance_only_baseline, "fraud", 1)
+    requests, recorded = [], []
     rows, scores = X.tolist(), score.tolist()
     for i in range(len(rows)):
         signals = monitor.update_prediction(dict(zip(NAMES, rows[i])), scores[i], i * 10)
-        signal_count += len(signals)
+        recorded += [s for s in signals if s.detector == "weighted_psi"]
         chosen = monitor.should_request_retrain(signals, now_ms=i * 10)
         if chosen is not None:
-            requests.append((i, chosen.detector, chosen.feature))
-    assert signal_count > 50  # every window of the shift keeps signalling...
-    # ...but requests come once per 30k events (the 120 s of event time pass after 12k).
-    assert requests == [(11_999, "psi", "amount_zscore_7d"), (41_999, "psi", "amount_zscore_7d"),
-                        (71_999, "psi", "amount_zscore_7d")]
+            requests.append((i, chosen))
+    # the first shifted window is recorded; the second (persist_windows=2) is evidence: one request
+    assert recorded[0].at_ms == 11_999 * 10 and recorded[0].harm is None
+    assert [(i, s.detector, s.harm) for i, s in requests] == [(13_999, "weighted_psi", "covariate")]
+    assert "evidence:" in requests[0][1].reason and "amount_zscore_7d" in requests[0][1].reason
 
 
 def test_cooldown_needs_both_events_and_time(baseline):
     monitor = DriftMonitor(config(cooldown_events=10, cooldown_s=60.0), baseline, "fraud", 1)
-    signal = DriftSignal("psi", "amount", "psi", 0.5, 0.25, WINDOW, 0)
-    assert monitor.should_request_retrain([signal], now_ms=0) == signal
+    signal = harm()
+    assert monitor.should_request_retrain([signal], now_ms=0).detector == "auc_drop"
     for _ in range(10):
         monitor.update_prediction({}, None, 0)
     assert monitor.should_request_retrain([signal], now_ms=59_999) is None  # events passed, time not
-    assert monitor.should_request_retrain([signal], now_ms=60_000) == signal
+    assert monitor.should_request_retrain([signal], now_ms=60_000) is not None
     assert monitor.should_request_retrain([], now_ms=10**9) is None
+    recorded_only = DriftSignal("psi", "amount", "psi", 5.0, 0.25, WINDOW, 0)
+    assert monitor.should_request_retrain([recorded_only], now_ms=10**12) is None
+
+
+def test_cooldown_breaks_through_once_the_cited_evidence_has_cleared(importance_only_baseline):
+    # a transient shift (3 windows) requests; the stream recovers; a later real shift must not wait out
+    # the 100k-event cool-down
+    X, score, _ = make_stream(40_000, seed=18)
+    X[10_000:16_000, 2] += 1.5
+    X[26_000:, 2] += 1.5
+    monitor = DriftMonitor(config(cooldown_events=100_000, cooldown_s=10**6, clear_windows=3),
+                           importance_only_baseline, "fraud", 1)
+    requests = []
+    rows, scores = X.tolist(), score.tolist()
+    for i in range(len(rows)):
+        signals = monitor.update_prediction(dict(zip(NAMES, rows[i])), scores[i], i * 10)
+        chosen = monitor.should_request_retrain(signals, now_ms=i * 10)
+        if chosen is not None:
+            requests.append((i, chosen))
+    # the second request comes with the second shift's second window, not 100k events later
+    assert [i for i, _ in requests] == [13_999, 29_999]
+    assert "cool-down breakthrough" in requests[1][1].reason and "breakthrough" not in requests[0][1].reason
+
+
+def test_harm_is_cited_by_channel_rank_then_strength(baseline):
+    monitor = DriftMonitor(config(), baseline, "fraud", 1)
+    covariate = DriftSignal("weighted_psi", None, "importance_weighted_psi", 9.0, 0.5, WINDOW, 0, harm="covariate")
+    measured = harm(value=0.2, threshold=0.1)
+    assert monitor.should_request_retrain([covariate, measured], now_ms=0).detector == "auc_drop"
 
 
 def test_state_round_trip_continues_identically(baseline):
@@ -224,8 +305,10 @@ def test_state_refuses_other_structure_and_garbage(baseline):
     assert looser.config.psi_threshold == 0.5
     with pytest.raises(IncompatibleDriftState, match="window"):
         DriftMonitor.from_bytes(data, config(window=1000))
-    with pytest.raises(IncompatibleDriftState, match="header"):
+    with pytest.raises(IncompatibleDriftState, match="not UTF-8 JSON"):
         DriftMonitor.from_bytes(b"not a state")
+    with pytest.raises(IncompatibleDriftState, match="field window_rows"):
+        DriftMonitor.from_bytes(data.replace(b'"window_rows":[]', b'"window_rows":"x"'))
 
 
 def test_reset_on_new_model_version_adopts_new_baseline(baseline):
@@ -233,7 +316,7 @@ def test_reset_on_new_model_version_adopts_new_baseline(baseline):
     monitor = DriftMonitor(config(cooldown_events=0, cooldown_s=0), baseline, "fraud", 1)
     found = run(monitor, X, score, 0, 4000)
     assert found[0][0] == 1999  # warm-up ends with the first window
-    assert monitor.should_request_retrain([s for _, s in found], now_ms=0) is not None
+    assert monitor.should_request_retrain([harm()], now_ms=0) is not None
     # The retrained model's baseline comes from shifted data: the shift is now normal.
     new_baseline = compute_baseline(X[:20_000], NAMES, score[:20_000], categorical_features=CATEGORICAL)
     monitor.reset(new_baseline, 2)
@@ -251,7 +334,8 @@ def test_warm_up_suppresses_alarms(baseline):
 
 def test_config_from_settings_and_validation():
     cfg = DriftConfig.from_settings(Settings())
-    assert cfg.detectors == {"adwin", "pagehinkley", "windowed", "performance"}
+    assert cfg.detectors == {"windowed", "performance", "estimated"}
+    assert cfg.min_positives == Settings().drift_min_positives and cfg.persist_windows == 2
     assert cfg.features == () and cfg.window == Settings().drift_window
     custom = DriftConfig.from_settings(Settings(drift_detectors="windowed", drift_features="score, amount"))
     assert custom.detectors == {"windowed"} and custom.features == ("score", "amount")

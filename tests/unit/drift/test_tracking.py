@@ -9,6 +9,8 @@ from streamscore.drift.tracking import DRIFT_EVENTS_COLUMNS, DriftOutputs, Drift
 from streamscore.learning.registry import ModelVersion
 from streamscore.learning.retrain_requests import (HandledRequest, HandledRequests, parse_retrain_reason, retrain_reason,
                                           retrain_request)
+from streamscore.drift.reference import MONITORING_KEY, build_monitoring_reference
+from streamscore.drift.state import CorruptDriftState
 from streamscore.learning.training import compute_baseline
 
 NAMES = ["amount", "mcc_code"]
@@ -20,6 +22,9 @@ def version(n: int, seed: int = 1) -> ModelVersion:
     X = np.column_stack([rng.lognormal(3, 1, 5000), rng.choice([2.0, 3.0, 4.0], 5000)])
     score = rng.beta(1, 30, 5000)
     baseline = compute_baseline(X, NAMES, score, categorical_features=["mcc_code"])
+    labels = (rng.random(5000) < score).astype(int)
+    baseline[MONITORING_KEY] = build_monitoring_reference(X, labels, score, NAMES, baseline,
+                                                          {"amount": 0.8, "mcc_code": 0.2}, "binary", WINDOW)
     return ModelVersion("fraud", n, 0, None, "fs", NAMES, ["mcc_code"], None, None, 5000,
                         {"log_loss": 0.1, "auc": 0.8}, baseline, 0.5, {}, "")
 
@@ -57,7 +62,11 @@ def test_statistics_per_window_and_one_request_for_a_sustained_shift():
     drift_rows = [row for row in drifted.rows if row[3] == "drift"]
     assert len(drifted.requests) == 1, "cool-down: one sustained shift, one retrain request"
     request = drifted.requests[0]
-    assert request["feature"] == "amount" and request["model_version"] == 1
+    # the amount's PSI is recorded; the request cites the importance-weighted PSI, with its evidence
+    assert {(row[4], row[5]) for row in drift_rows} >= {("psi", "amount"), ("weighted_psi", "")}
+    assert request["detector"] == "weighted_psi" and request["model_version"] == 1
+    assert request["reason"].startswith("covariate: ") and "evidence:" in request["reason"]
+    assert "amount psi" in request["reason"]
     cited = [row for row in drift_rows if row[-1] is not None]
     assert len(cited) == 1 and cited[0][-1] == request["request_id"] and cited[0][-2] == 1
     assert len(drift_rows) > 1  # later windows still report drift rows, without a request
@@ -105,6 +114,51 @@ def test_state_round_trip_keeps_monitor_offsets_and_waiting_labels():
     assert [r[:8] for r in a.rows] == [r[:8] for r in b.rows]
 
 
+class _Exploit:
+    def __reduce__(self):
+        import os
+        return (os.system, (f"touch {EXPLOIT_MARKER}",))
+
+
+EXPLOIT_MARKER = "/tmp/streamscore-drift-exploit-ran"
+
+
+def test_a_hostile_or_corrupt_checkpoint_is_refused_without_running_code(tmp_path):
+    import os
+    import pickle
+    import zlib
+
+    from streamscore.drift.state import CHECKPOINT_MAGIC
+
+    if os.path.exists(EXPLOIT_MARKER):
+        os.remove(EXPLOIT_MARKER)
+    t = tracker()
+    feed(t, WINDOW + 5)
+    good = t.to_bytes()
+    payload = pickle.dumps(_Exploit())
+    legacy = b"streamscore.drift.tracking.DriftTracker\n" + (1).to_bytes(2, "big") + payload  # the v1 layout
+    for data, reason in [
+        (payload, "prefix"),
+        (legacy, "prefix"),
+        (CHECKPOINT_MAGIC + zlib.compress(payload), "not UTF-8 JSON"),
+        (CHECKPOINT_MAGIC + b"garbage", "does not decompress"),
+        (good[:-7], "decompress"),
+        (CHECKPOINT_MAGIC + zlib.compress(b'{"format": "streamscore.drift.checkpoint", "version": 2}'), "field tracker"),
+        (CHECKPOINT_MAGIC + zlib.compress(b'{"version": 9}'), "version 9"),
+    ]:
+        fresh = DriftTracker(t.config, "fraud")
+        with pytest.raises(CorruptDriftState, match=reason):
+            fresh.restore(data)
+        assert fresh.monitor is None and fresh.offsets == {}  # nothing half-restored: a fresh start
+    assert not os.path.exists(EXPLOIT_MARKER), "the pickle payload ran"
+    # a valid checkpoint whose monitor part was tampered with: the tracker part is kept, the monitor is fresh
+    document = zlib.decompress(good[len(CHECKPOINT_MAGIC):]).replace(b'"predictions_seen":', b'"predictions_seen":"x",'
+                                                                     b'"bogus":')
+    restored = DriftTracker(t.config, "fraud")
+    restored.restore(CHECKPOINT_MAGIC + zlib.compress(document))
+    assert restored.monitor is None
+
+
 def test_state_of_another_model_is_refused():
     t = tracker()
     other = DriftTracker(t.config, "other")
@@ -143,6 +197,10 @@ def test_duplicates_by_id_or_same_detection_inside_the_cooldown():
     assert handled.duplicate_of(HandledRequest.of(other_feature)) is None
     next_version = retrain_request(signal(), "fraud", 2, 5000)
     assert handled.duplicate_of(HandledRequest.of(next_version)) is None
+    breakthrough = retrain_request(DriftSignal("psi", "amount", "psi", 0.4, 0.25, 2000, 1_060_000, 0.0,
+                                               note="cool-down breakthrough: ..."), "fraud", 1, 9000)
+    assert handled.duplicate_of(HandledRequest.of(breakthrough)) is None  # a new shift, not a replay
+    assert parse_retrain_reason(retrain_reason(breakthrough)).breakthrough
 
 
 def test_label_signals_wait_for_the_warm_up_after_a_swap():

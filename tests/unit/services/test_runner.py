@@ -53,3 +53,21 @@ def test_a_crash_stops_the_others_and_is_raised():
     assert group.stop.wait(5), "a crash must stop the other services"
     with pytest.raises(RuntimeError, match="service bad failed: boom"):
         group.join(5)
+
+
+class RecordsStop:
+    def __init__(self, name: str, stopped: list, linger_s: float = 0.0):
+        self.name, self.stopped, self.linger_s = name, stopped, linger_s
+
+    def run(self, stop: threading.Event) -> None:
+        stop.wait()
+        threading.Event().wait(self.linger_s)  # e.g. a retrain finishing within its grace period
+        self.stopped.append(self.name)
+
+
+def test_the_logger_stops_after_the_services_whose_output_it_records():
+    stopped: list[str] = []
+    group = group_of(logger=RecordsStop("logger", stopped), trainer=RecordsStop("trainer", stopped, 0.3),
+                     scorer=RecordsStop("scorer", stopped)).start()
+    group.shutdown(timeout_s=5)
+    assert stopped[-1] == "logger" and set(stopped) == {"logger", "trainer", "scorer"}
