@@ -323,7 +323,8 @@ def _json_value(value):
 
 
 # --- models -----------------------------------------------------------------
-models_app = typer.Typer(help="Model registry: list versions, show one, promote, roll back.", no_args_is_help=True)
+models_app = typer.Typer(help="Model registry: list versions, show one, shadow, canary, promote, reject, roll back.",
+                         no_args_is_help=True)
 app.add_typer(models_app, name="models")
 
 _MODEL_OPTION = typer.Option(None, "--model", "-m", help="Model name (default: STREAMSCORE_MODEL_NAME, else the "
@@ -376,7 +377,8 @@ def models_list(ctx: typer.Context, model: str | None = _MODEL_OPTION) -> None:
         column.no_wrap = True
     for v in versions:
         stage = stage_label(stages, v.version, rejected)
-        style = {"production": "bold green", "candidate": "cyan", "rejected": "red"}.get(stage)
+        style = {"production": "bold green", "candidate": "cyan", "rejected": "red", "shadow": "magenta"}.get(
+            stage, "yellow" if stage.startswith("canary") else None)
         headline = "rmse" if v.objective == "regression" else "auc"
         table.add_row(str(v.version), _utc(v.created_at)[:16], stage, v.feature_set[:12], _metric(v.metrics, headline),
                       str(v.train_rows), "-" if v.parent_version is None else str(v.parent_version), style=style)
@@ -417,9 +419,11 @@ def models_show(ctx: typer.Context, version: int = typer.Argument(..., help="Ver
     console.print(table)
     history = [h for h in stages["history"] if h["version"] == v.version]
     if history:
-        events = Table("at (UTC)", "action", "stage", "reason", title="history")
+        events = Table("at (UTC)", "action", "stage", "reason", "evidence", title="history")
         for h in history:
-            events.add_row(_utc(h["at"]), h["action"], h["stage"], h["reason"] or "-")
+            stage = h["stage"] + (f" {h['share']:.0%}" if h.get("share") else "")
+            evidence = "  ".join(f"{k}={val:.4g}" for k, val in sorted((h.get("evidence") or {}).items())) or "-"
+            events.add_row(_utc(h["at"]), h["action"], stage, h["reason"] or "-", evidence)
         console.print(events)
 
 
@@ -442,20 +446,87 @@ def models_promote(ctx: typer.Context, version: int = typer.Argument(..., help="
         _publish_update(ctx.obj, update.event)
 
 
-@models_app.command("rollback")
-def models_rollback(ctx: typer.Context, model: str | None = _MODEL_OPTION,
-                    reason: str = typer.Option("manual rollback", "--reason", help="Recorded in the history."),
-                    publish: bool = _PUBLISH_OPTION) -> None:
-    """Serve the previous production version again."""
+@models_app.command("shadow")
+def models_shadow(ctx: typer.Context, version: int = typer.Argument(..., help="Version to score in shadow."),
+                  model: str | None = _MODEL_OPTION,
+                  reason: str = typer.Option("manual shadow", "--reason", help="Recorded in the history."),
+                  publish: bool = _PUBLISH_OPTION) -> None:
+    """Score every event with VERSION too, never serving it (logged to shadow_predictions); the trainer's online
+    gate then moves it on (canary or promote) or rejects it."""
     from streamscore.learning.registry import RegistryError
 
     registry, name = _registry(ctx, model)
     try:
-        update = registry.rollback(name, reason=reason)
+        update = registry.shadow(name, version, reason=reason)
     except RegistryError as error:
         raise fail(str(error)) from error
-    console.print(f"model {name}: production v{update.previous_production} -> v{update.model_version.version} "
-                  f"({reason})", highlight=False)
+    console.print(f"model {name}: v{version} in shadow beside production "
+                  f"{'none' if update.previous_production is None else f'v{update.previous_production}'} ({reason})",
+                  highlight=False)
+    if publish:
+        _publish_update(ctx.obj, update.event)
+
+
+@models_app.command("canary")
+def models_canary(ctx: typer.Context, version: int = typer.Argument(..., help="Version to serve as the canary."),
+                  share: float = typer.Option(..., "--share", help="Share of entities it serves, 0 < share < 1 "
+                                              "(by a hash of the entity id: the same entities every time; run again "
+                                              "with a higher share to raise it)."),
+                  model: str | None = _MODEL_OPTION,
+                  reason: str = typer.Option("manual canary", "--reason", help="Recorded in the history."),
+                  publish: bool = _PUBLISH_OPTION) -> None:
+    """Serve VERSION to a sticky share of entities; production serves the rest."""
+    from streamscore.learning.registry import RegistryError
+
+    registry, name = _registry(ctx, model)
+    try:
+        update = registry.canary(name, version, share, reason=reason)
+    except (RegistryError, ValueError) as error:
+        raise fail(str(error)) from error
+    console.print(f"model {name}: v{version} serves {share:.1%} of entities as the canary, production "
+                  f"v{update.previous_production} the rest ({reason})", highlight=False)
+    if publish:
+        _publish_update(ctx.obj, update.event)
+
+
+@models_app.command("reject")
+def models_reject(ctx: typer.Context, version: int = typer.Argument(..., help="Version to reject."),
+                  model: str | None = _MODEL_OPTION,
+                  reason: str = typer.Option("manual reject", "--reason", help="Recorded in the history."),
+                  publish: bool = _PUBLISH_OPTION) -> None:
+    """Reject VERSION: it stops being shadowed or serving as the canary."""
+    from streamscore.learning.registry import RegistryError
+
+    registry, name = _registry(ctx, model)
+    try:
+        update = registry.reject(name, version, reason)
+    except RegistryError as error:
+        raise fail(str(error)) from error
+    console.print(f"model {name}: v{version} rejected ({reason})", highlight=False)
+    if publish:
+        _publish_update(ctx.obj, update.event)
+
+
+@models_app.command("rollback")
+def models_rollback(ctx: typer.Context, model: str | None = _MODEL_OPTION,
+                    reason: str = typer.Option("manual rollback", "--reason", help="Recorded in the history."),
+                    canary: bool = typer.Option(False, "--canary", help="End the canary (production serves every "
+                                                "entity again) instead of rolling production back."),
+                    publish: bool = _PUBLISH_OPTION) -> None:
+    """Serve the previous production version again (with --canary: end the canary instead)."""
+    from streamscore.learning.registry import RegistryError
+
+    registry, name = _registry(ctx, model)
+    try:
+        update = registry.rollback_canary(name, reason=reason) if canary else registry.rollback(name, reason=reason)
+    except RegistryError as error:
+        raise fail(str(error)) from error
+    if canary:
+        console.print(f"model {name}: canary v{update.model_version.version} rolled back, production "
+                      f"v{update.previous_production} serves every entity ({reason})", highlight=False)
+    else:
+        console.print(f"model {name}: production v{update.previous_production} -> v{update.model_version.version} "
+                      f"({reason})", highlight=False)
     if publish:
         _publish_update(ctx.obj, update.event)
 
@@ -620,7 +691,8 @@ def train(ctx: typer.Context,
         raise fail(str(error)) from error
     publish_model_updates(settings, AvroCodec(registry_url=settings.schema_registry_url,
                                               registry_config=schema_registry_config(settings)), outcome.events)
-    verdict = "promoted to production" if outcome.promoted else "rejected"
+    verdict = ("in shadow for the online gate" if outcome.shadowed else
+               "promoted to production" if outcome.promoted else "rejected")
     console.print(_verdict_line(settings, spec, outcome.version, verdict, outcome.gate_reason), highlight=False)
 
 
@@ -658,6 +730,8 @@ def _train_through_the_running_trainer(settings: Settings, spec, reason: str, wa
             if request["request_id"] in version.reason:
                 if registry.read_production_version(settings.model_name) == version.version:
                     verdict = "promoted to production"
+                elif version.version in registry.rollout(settings.model_name).shadows:
+                    verdict = "in shadow for the online gate"
                 elif version.version in registry.rejected_versions(settings.model_name):
                     verdict = "rejected by the gate (`streamscore models list` shows why)"
                 else:
@@ -681,6 +755,9 @@ def demo(ctx: typer.Context,
          seed: int = typer.Option(7, "--seed", help="Simulator seed."),
          drift: bool = typer.Option(False, "--drift", help="Also run drift + trainer, inject a drift in the live "
                                     "phase and show detection, retrain, the gate's verdict and v1 vs v2 metrics."),
+         rollout: bool = typer.Option(False, "--rollout", help="A staged rollout instead: v1 serving, a retrain, "
+                                      "v2 in shadow, the online gate over labelled live events, a canary, promotion; "
+                                      "then worse versions rejected from shadow and rolled back from canary."),
          drift_kind: str | None = typer.Option(None, "--drift-kind",
                                                help="With --drift: a drift of the spec's generator, default its "
                                                "first (payments: concept = the fraud pattern changes, covariate = "
@@ -695,7 +772,14 @@ def demo(ctx: typer.Context,
         kinds = drift_kinds(spec)
     except GeneratorError as error:
         raise fail(str(error)) from error
-    if drift:
+    if drift and rollout:
+        raise fail("--drift and --rollout are two demos: choose one")
+    if rollout:
+        from streamscore.services.tools.rollout_demo import ROLLOUT_DEMO_HISTORY
+
+        options = DemoOptions(history_events=history or ROLLOUT_DEMO_HISTORY, live_events=0, rate=rate, seed=seed,
+                              poison_every=0, rollout=True)
+    elif drift:
         drift_kind = drift_kind or (kinds[0] if kinds else None)
         if drift_kind not in kinds:
             raise fail(f"--drift-kind {drift_kind!r}: spec {spec.name!r}'s generator has {', '.join(kinds) or 'none'}")
@@ -754,8 +838,9 @@ def report(ctx: typer.Context,
 def bench(ctx: typer.Context,
           quick: bool = typer.Option(False, "--quick", help="Shorter runs (~2 min): fewer events, 4 s per rate, "
                                      "memory at 100k and 300k entities."),
-          sections: str = typer.Option("scorer,e2e,logger,memory", "--sections",
-                                       help="Comma list of scorer (with the naive baseline), e2e, logger, memory."),
+          sections: str = typer.Option("scorer,rollout,e2e,logger,memory", "--sections",
+                                       help="Comma list of scorer (with the naive baseline), rollout (the scorer "
+                                       "with shadows / a canary vs production only), e2e, logger, memory."),
           rates: str = typer.Option("1000,5000", "--rates", help="Offered events/s of the end-to-end runs."),
           seconds: float = typer.Option(0, "--seconds", min=0, help="Seconds per offered rate (0 = default)."),
           repeats: int = typer.Option(0, "--repeats", min=0, help="In-process runs per figure, median (0 = default)."),
@@ -778,9 +863,9 @@ def bench(ctx: typer.Context,
         _soak(settings, soak, soak_rate, soak_retrain_every)
         return
     chosen = tuple(s.strip() for s in sections.split(",") if s.strip())
-    unknown = set(chosen) - {"scorer", "e2e", "logger", "memory"}
+    unknown = set(chosen) - {"scorer", "rollout", "e2e", "logger", "memory"}
     if unknown:
-        raise fail(f"unknown --sections {sorted(unknown)}; choose from scorer, e2e, logger, memory")
+        raise fail(f"unknown --sections {sorted(unknown)}; choose from scorer, rollout, e2e, logger, memory")
     overrides: dict = {"sections": chosen, "rates": tuple(float(r) for r in rates.split(",") if r.strip())}
     if seconds:
         overrides["seconds_per_rate"] = seconds

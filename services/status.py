@@ -61,6 +61,10 @@ def _print_registry(console: Console, status: OpsStatus) -> None:
                   f"{'v' + str(r.production) if r.production else 'none'}{auc}, candidate "
                   f"{'v' + str(r.candidate) if r.candidate else 'none'}, {r.versions} version(s) registered",
                   highlight=False)
+    if r.canary is not None or r.shadows:
+        canary = f"canary v{r.canary} serving {r.canary_share:.0%} of entities" if r.canary is not None else "no canary"
+        shadows = ", ".join(f"v{v}" for v in r.shadows) or "none"
+        console.print(f"rollout: {canary}; in shadow: {shadows}", highlight=False)
 
 
 def _print_query(console: Console, title: str, result: QueryResult | None, empty: str) -> None:

@@ -1,4 +1,4 @@
-"""Logger: predictions, labels, dead letters and model updates -> ClickHouse.
+"""Logger: predictions, shadow scores, labels, dead letters and model updates -> ClickHouse.
 
 Loop: consume -> decode into rows, buffered per table -> when the buffer holds
 `logger_batch_rows` rows or is `logger_flush_interval_s` old, hand every table's
@@ -23,13 +23,15 @@ from confluent_kafka import KafkaError, Message
 from streamscore.kafka.config import schema_registry_config
 from streamscore.avro.codec import AvroCodec, DecodeError, SchemaCatalog
 from streamscore.clickhouse.blocks import PredictionBlockWriter
-from streamscore.clickhouse.rows import LABEL_COLUMNS, REJECTED_COLUMNS, InvalidRow, batch_token, label_row, rejected_row
+from streamscore.clickhouse.rows import (LABEL_COLUMNS, REJECTED_COLUMNS, SHADOW_COLUMNS, InvalidRow, batch_token,
+                                         label_row, rejected_row, shadow_rows)
 from streamscore.clickhouse.store import Store, open_store
 from streamscore.clickhouse.tables import feature_names_of
 from streamscore.kafka.io import commit, headers_dict, make_consumer
 from streamscore.learning.registry import ModelRegistry, RegistryError, model_versions_row
 from streamscore.ops.service_stats import ServiceStats
-from streamscore.settings import TOPIC_DEAD_LETTER, TOPIC_MODEL_UPDATES, TOPIC_PREDICTIONS, Settings
+from streamscore.settings import (TOPIC_DEAD_LETTER, TOPIC_MODEL_UPDATES, TOPIC_PREDICTIONS, TOPIC_SHADOW_PREDICTIONS,
+                                  Settings)
 from streamscore.spec import FeatureSpec, resolve
 
 log = logging.getLogger("streamscore.logger")
@@ -80,6 +82,7 @@ class PredictionSink:
         self.blocks: list[tuple[bytes, int]] = []  # sealed Native blocks of `predictions`: (block, rows)
         self.tables: dict[str, TableBuffer] = {
             "labels": TableBuffer(LABEL_COLUMNS),
+            "shadow_predictions": TableBuffer(SHADOW_COLUMNS),
             "rejected_events": TableBuffer(REJECTED_COLUMNS),
             "model_versions": TableBuffer([]),  # columns come with the first row
         }
@@ -107,6 +110,12 @@ class PredictionSink:
         if block.rows:
             self.blocks.append((block.data, block.rows))
         return [(messages[i], InvalidRow(r.reason, r.field, r.detail)) for i, r in block.rejected], block.generic_rows
+
+    def add_rows(self, table: str, rows: list[list], msg: Message) -> None:
+        """Several rows of one message (a ShadowScores record is a batch of events)."""
+        buffer = self.tables[table]
+        buffer.rows += rows
+        buffer.cover(msg)
 
     def add(self, table: str, row: list, msg: Message, columns: list[str] | None = None) -> None:
         buffer = self.tables[table]
@@ -173,6 +182,7 @@ class LoggerService:
         self._gave_up = False
         self.topics = {
             settings.topic(TOPIC_PREDICTIONS): self._on_prediction,
+            settings.topic(TOPIC_SHADOW_PREDICTIONS): self._on_shadow_scores,
             settings.topic(spec.label.topic): self._on_label,
             settings.topic(TOPIC_DEAD_LETTER): self._on_dead_letter,
             settings.topic(TOPIC_MODEL_UPDATES): self._on_model_update,
@@ -181,6 +191,9 @@ class LoggerService:
     # --- decoding one message into rows -----------------------------------------
     def _on_prediction(self, msg: Message) -> None:
         self.sink.add_encoded(msg.topic(), [msg])  # decoded a batch at a time by `seal`
+
+    def _on_shadow_scores(self, msg: Message) -> None:
+        self.sink.add_rows("shadow_predictions", shadow_rows(self.codec.decode(msg.value(), "shadow_scores")), msg)
 
     def _on_label(self, msg: Message) -> None:
         row = label_row(self.codec.decode(msg.value(), "label"), self.spec.label,

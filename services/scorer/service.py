@@ -21,6 +21,12 @@ already applied at another offset) is dead-lettered as `duplicate_event`. An ent
 whose newest event is older than the partition's watermark minus the spec's
 retention can never be read again: its state is dropped and a tombstone written,
 so memory follows the live entities, not every entity ever seen.
+
+Staged rollouts: the registry's rollout (production, canary and its share, shadows) is re-read when
+stages.json changes; every shadow and the canary score each event from the same feature matrix, the
+canary's score is served to its share of entities, and the unserved scores go to `shadow-predictions`
+(streamscore.scoring.rollout). A version that cannot be loaded is left out, loudly; production keeps
+serving.
 """
 from __future__ import annotations
 
@@ -40,8 +46,9 @@ from streamscore.kafka.membership import InstanceSlot
 from streamscore.learning.registry import ModelRegistry
 from streamscore.ops.service_stats import ServiceStats
 from streamscore.scoring.pipeline import InputMessage, ScoringPipeline
-from streamscore.scoring.served_model import load_production_model
-from streamscore.settings import TOPIC_PREDICTIONS, TOPIC_SCORER_STATE, Settings
+from streamscore.scoring.rollout import ServingModels
+from streamscore.scoring.served_model import ServedModel, load_production_model, served_model
+from streamscore.settings import TOPIC_PREDICTIONS, TOPIC_SCORER_STATE, TOPIC_SHADOW_PREDICTIONS, Settings
 from streamscore.spec import FeatureSpec, resolve
 from streamscore.spec.engine import FeatureEngine
 from streamscore.state.partition import PartitionState, StateFormatError
@@ -153,20 +160,59 @@ def freeze_survivors() -> None:
 
 
 class ModelWatcher:
-    """Notices a changed production pointer (checked at most once per `interval_s`)."""
+    """Notices a changed rollout: production, canary (and its share) or shadows (checked at most once per
+    `interval_s`: one small file read)."""
 
     def __init__(self, registry: ModelRegistry, model_name: str, interval_s: float = 0.5):
         self.registry = registry
         self.model_name = model_name
         self.interval_s = interval_s
         self._next_check = 0.0
+        self._applied: tuple | None = None  # the rollout last applied (rollout_key)
 
-    def changed(self, current_version: int) -> bool:
+    def changed(self) -> tuple | None:
+        """The registry's rollout (rollout_key) when it differs from the one last `applied`, else None."""
         now = time.monotonic()
         if now < self._next_check:
-            return False
+            return None
         self._next_check = now + self.interval_s
-        return (self.registry.read_production_version(self.model_name) or 0) != current_version
+        key = rollout_key(self.registry.rollout(self.model_name))
+        return key if key != self._applied else None
+
+    def applied(self, key: tuple) -> None:
+        """`key` is served now (a candidate left out of it is not retried until the rollout changes)."""
+        self._applied = key
+
+
+def rollout_key(rollout) -> tuple:
+    """A registry Rollout in the form of ServingModels.key."""
+    return (rollout.production or 0, rollout.canary, rollout.canary_share if rollout.canary else 0.0,
+            tuple(rollout.shadows))
+
+
+def load_serving(registry: ModelRegistry, spec: FeatureSpec, model_name: str,
+                 loaded: dict[int, ServedModel] | None = None) -> tuple[ServingModels, list[str]]:
+    """The registry's rollout loaded for serving (versions in `loaded` are reused), and what could not be
+    loaded (a canary or shadow that fails is left out; production failing raises)."""
+    loaded = loaded if loaded is not None else {}
+    rollout = registry.rollout(model_name)
+    production = load_production_model(registry, spec, model_name)
+    problems = []
+
+    def load(version: int) -> ServedModel | None:
+        if version in loaded:
+            return loaded[version]
+        try:
+            model = served_model(registry, spec, registry.get(model_name, version))
+        except Exception as exc:  # noqa: BLE001 - one bad candidate must not stop production serving
+            problems.append(f"v{version} left out: {exc}")
+            return None
+        loaded[version] = model
+        return model
+
+    canary = load(rollout.canary) if rollout.canary is not None and production.version else None
+    shadows = tuple(m for m in (load(v) for v in rollout.shadows) if m is not None)
+    return ServingModels(production, canary, rollout.canary_share if canary else 0.0, shadows), problems
 
 
 class ScorerService:
@@ -181,7 +227,9 @@ class ScorerService:
         self.registry = ModelRegistry(settings.registry_dir)
         self.pipeline = ScoringPipeline(spec, self.codec,
                                         load_production_model(self.registry, spec, settings.model_name),
-                                        topic=settings.topic(TOPIC_PREDICTIONS))
+                                        topic=settings.topic(TOPIC_PREDICTIONS),
+                                        shadow_topic=settings.topic(TOPIC_SHADOW_PREDICTIONS))
+        self._loaded: dict[int, ServedModel] = {}  # candidate versions loaded, by version
         self.watcher = ModelWatcher(self.registry, settings.model_name)
         self.stats = stats or ServiceStats(SERVICE)
         self.stats.model_version = self.pipeline.model.version
@@ -326,20 +374,35 @@ class ScorerService:
         return first + consumer.consume(self.settings.scorer_batch_size - 1, wait_s)
 
     def _maybe_swap_model(self) -> None:
-        if not self.watcher.changed(self.pipeline.model.version):
+        key = self.watcher.changed()
+        if key is None:
             return
+        before = self.pipeline.serving
         try:
-            model = load_production_model(self.registry, self.spec, self.settings.model_name)
+            serving, problems = load_serving(self.registry, self.spec, self.settings.model_name, self._loaded)
         except Exception as exc:  # keep serving the current model; say why loudly
             log.error("not swapping model: %s", exc)
             self.stats.errors += 1
             return
-        log.info("model swap: %s v%d -> v%d", model.name, self.pipeline.model.version, model.version,
-                 extra={"model_name": model.name, "model_version": model.version,
-                        "previous_version": self.pipeline.model.version})
-        self.pipeline.swap_model(model)
+        self.watcher.applied(key)
+        for problem in problems:
+            log.error("rollout: %s", problem)
+            self.stats.errors += 1
+        if serving.key == before.key:
+            return
+        active = {serving.production.version, *(m.version for m in serving.shadows)}
+        if serving.canary is not None:
+            active.add(serving.canary.version)
+        self._loaded = {v: m for v, m in self._loaded.items() if v in active}
+        model = serving.production
+        if model.version != before.production.version:
+            log.info("model swap: %s v%d -> v%d", model.name, before.production.version, model.version,
+                     extra={"model_name": model.name, "model_version": model.version,
+                            "previous_version": before.production.version})
+            self.stats.model_swaps += 1
+        log.info("serving %s", serving.describe())
+        self.pipeline.set_serving(serving)
         self.stats.model_version = model.version
-        self.stats.model_swaps += 1
 
     def run(self, stop: threading.Event) -> None:
         settings = self.settings
@@ -354,6 +417,7 @@ class ScorerService:
         self._sealed.clear()
         events_topic = settings.topic(self.spec.event.topic)
         predictions_topic = settings.topic(TOPIC_PREDICTIONS)
+        shadow_topic = settings.topic(TOPIC_SHADOW_PREDICTIONS)
         consumer.subscribe([events_topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
                            on_lost=self._on_lost)
         warm_up_state_kernels(self.pipeline.engine)  # while librdkafka joins the group in its own threads
@@ -382,11 +446,13 @@ class ScorerService:
                             producer.produce(predictions_topic, key=key, value=value, on_delivery=acks)
                         except (BufferError, KafkaException):  # ... goes through the shared produce path
                             produce(producer, predictions_topic, value, key, on_delivery=acks)
+                    for value in result.shadow:
+                        produce(producer, shadow_topic, value, on_delivery=acks)
                     for index, rejection, event_id in result.rejected:
                         dead_letter(producer, settings, messages[index], rejection, SERVICE, event_id=event_id,
                                     on_delivery=acks)
                         self.stats.count_rejection(rejection.reason)
-                    acks.produced += len(result.encoded) + len(result.rejected)
+                    acks.produced += len(result.encoded) + len(result.rejected) + len(result.shadow)
                     self.stats.count_generic_decodes(result.generic_rows)
                     self._uncommitted.extend(messages)
                     producer.poll(0)  # serve delivery callbacks

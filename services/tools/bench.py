@@ -30,6 +30,8 @@ measured in the same run.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import gc
 import json
 import os
@@ -69,7 +71,7 @@ BENCH_DATABASE = "streamscore_bench"
 @dataclass
 class BenchOptions:
     quick: bool = False
-    sections: tuple[str, ...] = ("scorer", "e2e", "logger", "memory")
+    sections: tuple[str, ...] = ("scorer", "rollout", "e2e", "logger", "memory")
     batch_sizes: tuple[int, ...] = (1, 10, 100, 500, 2000)
     rates: tuple[float, ...] = (1_000.0, 5_000.0)
     repeats: int = 3
@@ -195,6 +197,71 @@ def scorer_in_process(settings: Settings, codec: AvroCodec, model: ServedModel, 
     cpu_seconds = time.process_time() - cpu_started
     p50, p99 = percentiles(latencies)
     return InProcessFigure(batch_size, scored / seconds, p50 * 1e3, p99 * 1e3, scored, scored / cpu_seconds)
+
+
+ROLLOUT_BATCH = 500
+ROLLOUT_CONFIGURATIONS = ("production only", "1 shadow", "2 shadows", "canary 5%")
+
+
+def _rollout_pipeline(configuration: str):
+    """A `make` for scorer_in_process serving `configuration` (the extra versions: the bench model's booster
+    under other version numbers, so each costs what another 200-tree model of the spec costs)."""
+    from streamscore.scoring.rollout import ServingModels
+
+    def make(settings, codec, model) -> ScoringPipeline:
+        pipeline = ScoringPipeline(PAYMENTS, codec, model)
+        other = [dataclasses.replace(model, version=model.version + k) for k in (1, 2)]
+        serving = {"production only": ServingModels(model), "1 shadow": ServingModels(model, shadows=(other[0],)),
+                   "2 shadows": ServingModels(model, shadows=tuple(other)),
+                   "canary 5%": ServingModels(model, canary=other[0], canary_share=0.05)}[configuration]
+        pipeline.set_serving(serving)
+        return pipeline
+
+    return make
+
+
+def rollout_cost(settings: Settings, codec: AvroCodec, model: ServedModel, warm: list[bytes], timed: list[bytes],
+                 now_ms: int, repeats: int, max_seconds: float) -> list[dict]:
+    """Scorer throughput (batch 500, in process) with each rollout configuration. Interleaved batch by batch:
+    each repeat warms one pipeline per configuration on the same events, then scores every timed batch with
+    each of them in turn (the order rotating), so a load swing of the shared machine hits all of them alike;
+    the ratio to production only is per repeat, then its median."""
+    base = len(warm)
+    batches = [[InputMessage(value, 0, base + start + i) for i, value in enumerate(timed[start:start + ROLLOUT_BATCH])]
+               for start in range(0, len(timed), ROLLOUT_BATCH)]
+    wall: dict[str, list[float]] = {c: [] for c in ROLLOUT_CONFIGURATIONS}
+    cpu: dict[str, list[float]] = {c: [] for c in ROLLOUT_CONFIGURATIONS}
+    latencies: dict[str, list[float]] = {c: [] for c in ROLLOUT_CONFIGURATIONS}
+    scored: dict[str, int] = {c: 0 for c in ROLLOUT_CONFIGURATIONS}
+    for _ in range(repeats):
+        pipelines = {c: _warm_pipeline(_rollout_pipeline(c), settings, codec, model, warm, now_ms)
+                     for c in ROLLOUT_CONFIGURATIONS}
+        spent = {c: [0.0, 0.0] for c in ROLLOUT_CONFIGURATIONS}
+        gc.collect()
+        for k, batch in enumerate(batches):
+            order = ROLLOUT_CONFIGURATIONS[k % 4:] + ROLLOUT_CONFIGURATIONS[:k % 4]
+            for configuration in order:
+                c0, t0 = time.process_time(), time.perf_counter()
+                result = pipelines[configuration].score(batch, now_ms=now_ms)
+                seconds = time.perf_counter() - t0
+                spent[configuration][0] += seconds
+                spent[configuration][1] += time.process_time() - c0
+                latencies[configuration].append(seconds)
+                scored[configuration] += len(result.encoded)
+        for configuration, (seconds, cpu_seconds) in spent.items():
+            wall[configuration].append(seconds)
+            cpu[configuration].append(cpu_seconds)
+    n = len(timed)
+    out = []
+    for configuration in ROLLOUT_CONFIGURATIONS:
+        ratios = [b / s for s, b in zip(wall[configuration], wall["production only"])]
+        cpu_ratios = [b / s for s, b in zip(cpu[configuration], cpu["production only"])]
+        out.append({"configuration": configuration, "events_per_s": n / float(np.median(wall[configuration])),
+                    "events_per_cpu_s": n / float(np.median(cpu[configuration])),
+                    "batch_p50_ms": percentiles(latencies[configuration])[0] * 1e3,
+                    "ratio": float(np.median(ratios)), "cpu_ratio": float(np.median(cpu_ratios)),
+                    "ratios": ratios, "scored": scored[configuration]})
+    return out
 
 
 # --- 2. naive baseline -----------------------------------------------------------------------
@@ -632,6 +699,7 @@ class BenchReport:
     end_to_end: list[EndToEndFigure] = field(default_factory=list)
     logger: list[LoggerFigure] = field(default_factory=list)
     memory: list[dict] = field(default_factory=list)
+    rollout: list[dict] = field(default_factory=list)  # scorer throughput with shadows / a canary vs none
 
 
 def machine_description() -> dict:
@@ -694,6 +762,11 @@ def run_bench(base: Settings, options: BenchOptions, progress=print,
         runs = [naive_baseline(settings, model, events[:half], json_timed, now_ms, max_seconds)
                 for _ in range(options.repeats)]
         report.naive = _median_figure(runs)
+
+    if "rollout" in options.sections:
+        progress(f"scorer in process with shadows / a canary (batch {ROLLOUT_BATCH}) ...")
+        report.rollout = rollout_cost(settings, codec, model, warm, timed, now_ms, max(options.repeats, 3),
+                                      max_seconds)
 
     if "logger" in options.sections or "e2e" in options.sections:
         from streamscore.services.tools.demo import reset_namespace
@@ -770,6 +843,20 @@ def print_report(report: BenchReport, options: BenchOptions, console) -> None:
         console.print("naive = per message json.loads -> validate -> features -> predict 1 row -> json.dumps "
                       "(no batching, no Avro); batch latency = one ScoringPipeline.score call",
                       highlight=False)
+    if report.rollout:
+        table = Table(title=f"1b. staged rollouts: scorer in process at batch {ROLLOUT_BATCH} with versions scored "
+                            "besides production (same run, interleaved batch by batch)", title_justify="left")
+        for column in ("serving", "events/s", "x production only", "events/CPU-s", "x production only",
+                       "batch p50 ms", "per-repeat ratios"):
+            table.add_column(column, justify="right")
+        for r in report.rollout:
+            table.add_row(r["configuration"], f"{r['events_per_s']:,.0f}", f"{r['ratio']:.2f}x",
+                          f"{r['events_per_cpu_s']:,.0f}", f"{r['cpu_ratio']:.2f}x", f"{r['batch_p50_ms']:.2f}",
+                          " ".join(f"{x:.2f}" for x in r["ratios"]))
+        console.print(table)
+        console.print("a shadow = one more 200-tree prediction per event from the same feature matrix plus its "
+                      "ShadowScores record (one per batch and version); the canary is scored on every event too "
+                      "(its unserved scores and production's on its share are shadow rows)", highlight=False)
     if report.end_to_end:
         table = Table(title="2. end to end through the broker: event produced -> prediction received "
                             "(scorer in its own process)", title_justify="left")

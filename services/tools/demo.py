@@ -62,6 +62,8 @@ class DemoOptions:
     drift: bool = False
     drift_kind: str = "concept"  # a simulator DriftSpec kind: concept | covariate | new_categories
     drift_at: int = 3_000  # live event index where the drift starts
+    # --rollout: shadow, online gate, canary, promotion, a worse version stopped (services/tools/rollout_demo.py)
+    rollout: bool = False
 
 
 def drift_options(seed: int = 7, rate: float = 2_000.0, kind: str = "concept",
@@ -154,6 +156,9 @@ def run_demo(base: Settings, options: DemoOptions, console: Console | None = Non
     if options.drift:
         from streamscore.services.tools.drift_demo import DRIFT_DEMO_SETTINGS
         settings = settings.model_copy(update=DRIFT_DEMO_SETTINGS)
+    if options.rollout:
+        from streamscore.services.tools.rollout_demo import ROLLOUT_DEMO_SETTINGS
+        settings = settings.model_copy(update=ROLLOUT_DEMO_SETTINGS)
     entities = options.entities or getattr(load_generator(spec), "DEMO_ENTITIES", 2_000)
     figures: dict = {"spec": spec.name, "objective": spec.objective}
     broker = LocalKafkaBroker(settings) if settings.uses_local_broker else None
@@ -179,6 +184,18 @@ def run_demo(base: Settings, options: DemoOptions, console: Console | None = Non
         if options.drift:
             from streamscore.services.tools.drift_demo import run_drift_phases
             figures.update(run_drift_phases(console, settings, spec, store, codec, options, entities))
+            figures["total_seconds"] = time.monotonic() - t0
+            console.print(f"demo finished in {figures['total_seconds']:.1f} s")
+            return figures
+        if options.rollout:
+            from streamscore.services.tools.rollout_demo import run_rollout_phases
+            figures.update(run_rollout_phases(console, settings, spec, store, codec, options, entities))
+            report_path = settings.data_dir / "demo" / "report.html"
+            write_report(store, settings, report_path)
+            figures["report"] = str(report_path.resolve())
+            console.print(f"HTML report (shadow against production, plots + their SQL): [bold]{figures['report']}"
+                          "[/bold]", highlight=False)
+            _print_how_to_query(console, spec)
             figures["total_seconds"] = time.monotonic() - t0
             console.print(f"demo finished in {figures['total_seconds']:.1f} s")
             return figures

@@ -26,6 +26,15 @@ request. A request about a version that is no longer in production is stale
 A failed training (too few labels, one class only, ...) is logged, counted and
 kept in `outcomes` with its reason; its offset is committed like any other, so
 one bad request never becomes a crash loop.
+
+Between requests (and while a training runs in its process), at most every
+`rollout_gate_interval_s`: the online gate (streamscore.learning.rollout)
+judges the shadow and canary versions and publishes its actions; with
+`retrain_every_hours` set, the schedule issues a retrain request on the retrain
+topic when the newest logged event crosses its next boundary (handled like a
+drift request, without waiting for new labels: a schedule marks no new regime).
+With `rollout_auto_shadow` a candidate that passes the offline gate goes into
+shadow instead of production.
 """
 from __future__ import annotations
 
@@ -38,13 +47,15 @@ from confluent_kafka import KafkaError
 
 from streamscore.kafka.config import schema_registry_config
 from streamscore.avro.codec import AvroCodec, DecodeError, SchemaCatalog
-from streamscore.kafka.io import commit, make_consumer
+from streamscore.kafka.io import DeliveryTracker, commit, flush_or_raise, make_consumer, make_producer
 from streamscore.learning.model_updates import publish_model_updates
 from streamscore.learning.registry import ModelRegistry
-from streamscore.learning.retrain_requests import HandledRequest, HandledRequests, retrain_reason
+from streamscore.learning.retrain_requests import (SCHEDULE_DETECTOR, HandledRequest, HandledRequests, RetrainSchedule,
+                                                   retrain_reason, scheduled_request)
 from streamscore.clickhouse.shared_store import socket_path
 from streamscore.learning.retraining import Candidate, register_candidate, train_candidate
 from streamscore.learning.training_process import TrainingProcess
+from streamscore.learning.rollout import RolloutController
 from streamscore.learning.training_set import TrainingWindow, training_window
 from streamscore.ops.service_stats import ServiceStats
 from streamscore.settings import TOPIC_RETRAIN, Settings
@@ -66,7 +77,7 @@ class RequestOutcome:
     """What the trainer did with one request (kept in memory for the demo, tests and logs)."""
 
     request_id: str
-    action: str  # promoted | rejected | failed | duplicate | stale | abandoned
+    action: str  # promoted | shadowed | rejected | failed | duplicate | stale | abandoned
     reason: str
     version: int | None = None
     seconds: float = 0.0
@@ -90,6 +101,11 @@ class TrainerService:
                                                      cooldown_ms=int(settings.drift_cooldown_s * 1000))
         self.outcomes: list[RequestOutcome] = []
         self.training: TrainingProcess | None = None  # the training process in flight
+        self.rollout = RolloutController(self.store, self.registry, settings, spec.objective)
+        self.schedule = (RetrainSchedule.from_registry(settings.retrain_every_hours, self.registry, settings.model_name)
+                         if settings.retrain_every_hours > 0 else None)
+        self.scheduled: list[dict] = []  # the scheduled requests issued (for the demo, tests and logs)
+        self._next_tick = 0.0
         self._stop = threading.Event()  # run() replaces it with the group's stop event
 
     def training_window(self) -> TrainingWindow:
@@ -99,6 +115,46 @@ class TrainerService:
         settings = self.settings
         return training_window(self.store, self.spec, int(settings.trainer_window_days * DAY_MS),
                                settings.trainer_max_events, settings.trainer_max_history_events)
+
+    def newest_event_ms(self) -> int | None:
+        newest = self.store.query("SELECT toUnixTimestamp64Milli(max(event_time)), count() FROM predictions").rows[0]
+        return int(newest[0]) if newest[1] else None
+
+    def tick(self) -> None:
+        """The online gate's step, then the schedule's: at most every rollout_gate_interval_s. A store or
+        broker failure is logged and counted: it runs again next time."""
+        now = time.monotonic()
+        if now < self._next_tick:
+            return
+        self._next_tick = now + self.settings.rollout_gate_interval_s
+        try:
+            events = self.rollout.step()
+            if events:
+                publish_model_updates(self.settings, self.codec, events)
+                self.stats.model_version = self.registry.read_production_version(self.settings.model_name) or 0
+            if self.schedule is not None:
+                boundary = self.schedule.due(self.newest_event_ms())
+                if boundary is not None:
+                    self.request_scheduled_retrain(boundary)
+        except Exception:  # noqa: BLE001 - a store or broker hiccup: the gate runs again next tick
+            self.stats.errors += 1
+            log.exception("online gate / schedule step failed; trying again in %.0f s",
+                          self.settings.rollout_gate_interval_s)
+
+    def request_scheduled_retrain(self, boundary_ms: int) -> dict:
+        """Produce the schedule's retrain request for `boundary_ms` to the retrain topic (and wait for its ack)."""
+        settings = self.settings
+        production = self.registry.read_production_version(settings.model_name) or 0
+        request = scheduled_request(settings.model_name, production, boundary_ms, settings.retrain_every_hours)
+        producer = make_producer(settings)
+        tracker = DeliveryTracker()
+        producer.produce(settings.topic(TOPIC_RETRAIN), key=settings.model_name.encode(),
+                         value=self.codec.encode("retrain_request", request), on_delivery=tracker)
+        flush_or_raise(producer, tracker, timeout_s=30)
+        self.scheduled.append(request)
+        log.info("scheduled retrain requested for the boundary at %d ms (every %g h of event time)", boundary_ms,
+                 settings.retrain_every_hours, extra={"request_id": request["request_id"]})
+        return request
 
     def labelled_since(self, since_ms: int) -> int:
         return int(self.store.query(
@@ -137,7 +193,8 @@ class TrainerService:
             return self._outcome(request_id, "stale", f"request is about v{request['model_version']} but "
                                                      f"production is v{production} now")
         started = time.monotonic()
-        new_labels = self.wait_for_new_labels(int(request["detected_at"]))
+        new_labels = (self.labelled_since(int(request["detected_at"])) if request["detector"] == SCHEDULE_DETECTOR
+                      else self.wait_for_new_labels(int(request["detected_at"])))
         if self._stop.is_set():
             return self._outcome(request_id, ABANDONED, "stopping before training began: consumed again at the "
                                  "next start")
@@ -146,7 +203,7 @@ class TrainerService:
         try:
             candidate = self.train(self.training_window())
             outcome = register_candidate(self.registry, self.spec, candidate, reason=retrain_reason(request),
-                                         started=started)
+                                         started=started, auto_shadow=settings.rollout_auto_shadow)
         except TrainingAbandoned as exc:
             return self._outcome(request_id, ABANDONED, str(exc), seconds=time.monotonic() - started)
         except Exception as exc:  # noqa: BLE001 - a failed training must not crash-loop the service
@@ -158,7 +215,7 @@ class TrainerService:
                                  seconds=time.monotonic() - started)
         self.handled.add(key)
         publish_model_updates(settings, self.codec, outcome.events)
-        action = "promoted" if outcome.promoted else "rejected"
+        action = "shadowed" if outcome.shadowed else "promoted" if outcome.promoted else "rejected"
         return self._outcome(request_id, action, outcome.gate_reason, version=outcome.version.version,
                              seconds=outcome.seconds, training_rows=outcome.training_rows)
 
@@ -182,6 +239,7 @@ class TrainerService:
                 candidate = training.result(timeout_s=0.2)
                 if candidate is not None:
                     return candidate
+                self.tick()  # the online gate keeps judging while the candidate trains
                 if self._stop.is_set():
                     if deadline is None:
                         deadline = time.monotonic() + settings.trainer_shutdown_grace_s
@@ -213,6 +271,7 @@ class TrainerService:
         self.stats.running = True
         try:
             while not stop.is_set():
+                self.tick()
                 msg = consumer.poll(0.2)
                 if msg is None:
                     continue

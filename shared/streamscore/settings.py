@@ -19,6 +19,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 TOPIC_EVENTS = "events"
 TOPIC_LABELS = "labels"
 TOPIC_PREDICTIONS = "predictions"
+TOPIC_SHADOW_PREDICTIONS = "shadow-predictions"
 TOPIC_DEAD_LETTER = "events-dlq"
 TOPIC_RETRAIN = "retrain"
 TOPIC_MODEL_UPDATES = "model-updates"
@@ -165,15 +166,37 @@ class Settings(BaseSettings):
     train_num_boost_round: int = Field(default=200, ge=1, description="LightGBM boosting rounds per training run.")
     train_validation_fraction: float = Field(default=0.2, gt=0, lt=1, description="Most recent share of the training set held out for metrics, threshold and the gate.")
     train_alert_rate: float | None = Field(default=None, gt=0, lt=1, description="Serving threshold flags this top share of the holdout; unset = threshold maximising F1.")
-    gate_min_auc: float = Field(default=0.70, ge=0, le=1, description="Promotion gate: a candidate needs at least this holdout AUC.")
-    gate_max_auc_drop: float = Field(default=0.01, ge=0, le=1, description="Promotion gate: candidate AUC may be at most this much below production's on the same holdout.")
-    gate_max_rmse_increase: float = Field(default=0.02, ge=0, description="Promotion gate of a regression: candidate RMSE may be at most this share above production's on the same holdout.")
+    gate_min_auc: float = Field(default=0.70, ge=0, le=1, description="Promotion gate: a candidate needs at least this AUC (offline on the holdout, online on the labelled live events).")
+    gate_max_auc_drop: float = Field(default=0.01, ge=0, le=1, description="Promotion gate: candidate AUC may be at most this much below production's on the same events (the holdout offline, the labelled live events online).")
+    gate_max_rmse_increase: float = Field(default=0.02, ge=0, description="Promotion gate of a regression: candidate RMSE may be at most this share above production's on the same events (the holdout offline, the labelled live events online).")
     trainer_window_days: float = Field(default=30.0, gt=0, description="Trainer service: train on labelled events of the last N days, counted back from the newest logged event.")
     trainer_max_events: int = Field(default=200_000, ge=1_000, description="Trainer service: ...and at most the newest N logged events (plus the history their features need before them), so a retrain's time stays flat however long the table grows.")
     trainer_max_history_events: int = Field(default=200_000, ge=0, description="Trainer service: events replayed before the window to warm entity state up: the spec's history (lateness + longest window), but at most this many (the window's first events may then see a shorter history).")
     trainer_shutdown_grace_s: float = Field(default=20.0, ge=0, description="Trainer service: at a stop, a training in flight gets this long to finish (then it is registered, published and recorded like any other); past it, it is abandoned unregistered and its request handled at the next start. Keep it below the shutdown deadline (30 s).")
     trainer_min_new_labels: int = Field(default=1000, ge=0, description="Trainer service: before retraining, wait until this many labelled events newer than the drift detection are logged (the candidate must see the new regime, and the gate's recent holdout must contain it)...")
     trainer_max_wait_s: float = Field(default=300.0, ge=0, description="...but train anyway after waiting this long for them.")
+    retrain_every_hours: float = Field(
+        default=0.0, ge=0,
+        description="Trainer service: scheduled retraining, a retrain request on the retrain topic every N hours of "
+        "event time (at multiples of N hours since the epoch, counted from the newest logged event; 24 = daily; "
+        "0 = off). Handled like a drift request (dedup, gate, then shadow).")
+
+    # --- staged rollouts (streamscore.learning.rollout; run by the trainer service) ------------------
+    rollout_auto_shadow: bool = Field(
+        default=False,
+        description="A trainer candidate that passes the offline gate goes into shadow (scored on every event, "
+        "not served) for the online gate, instead of straight to production.")
+    rollout_min_labelled: int = Field(
+        default=1000, ge=1,
+        description="Online gate: labelled events scored by both production and the candidate (shadow or canary) "
+        "needed before a verdict; the same tolerances as the offline gate (STREAMSCORE_GATE_*).")
+    rollout_canary_shares: str = Field(
+        default="0.05,0.25",
+        description="Online gate: the canary shares a shadow version that passed goes through, step by step, each "
+        "gated again on its own labelled events before the next (comma list, increasing, each in (0, 1)); after "
+        "the last it is promoted. Empty: promote straight from shadow.")
+    rollout_gate_interval_s: float = Field(default=10.0, gt=0,
+                                           description="Trainer service: run the online gate at most this often.")
 
     log_level: str = Field(default="INFO", description="Log level: DEBUG, INFO, WARNING, ERROR.")
     log_format: str = Field(default="text", pattern=r"^(text|json)$",
@@ -225,7 +248,17 @@ class Settings(BaseSettings):
                              "STREAMSCORE_SCHEMA_REGISTRY_KEY_LOCATION are set together")
         return self
 
+    @field_validator("rollout_canary_shares")
+    @classmethod
+    def _check_canary_shares(cls, value: str) -> str:
+        parse_shares(value)
+        return value
+
     # --- derived ------------------------------------------------------------
+    @property
+    def canary_shares(self) -> tuple[float, ...]:
+        return parse_shares(self.rollout_canary_shares)
+
     @property
     def client_properties(self) -> dict[str, str]:
         """The properties file's entries ({} without one)."""
@@ -276,3 +309,21 @@ class Settings(BaseSettings):
 
     def group(self, service: str) -> str:
         return f"{self.consumer_group_prefix}-{service}"
+
+
+def parse_shares(text: str) -> tuple[float, ...]:
+    """STREAMSCORE_ROLLOUT_CANARY_SHARES as numbers; ValueError naming the setting and the bad value."""
+    shares = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        try:
+            share = float(part)
+        except ValueError:
+            raise ValueError(f"STREAMSCORE_ROLLOUT_CANARY_SHARES: {part!r} is not a number") from None
+        if not 0 < share < 1:
+            raise ValueError(f"STREAMSCORE_ROLLOUT_CANARY_SHARES: share {part} is not between 0 and 1 (exclusive)")
+        if shares and share <= shares[-1]:
+            raise ValueError(f"STREAMSCORE_ROLLOUT_CANARY_SHARES: shares must increase, {part} follows {shares[-1]:g}")
+        shares.append(share)
+    return tuple(shares)

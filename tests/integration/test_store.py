@@ -50,6 +50,12 @@ EXPECTED_COLUMNS = {
         "train_rows": "UInt64", "metrics": "Map(String, Float64)", "reason": "String",
     },
     "schema_migrations": {"version": "UInt32", "name": "String", "applied_at": "DateTime64(3, 'UTC')"},
+    "shadow_predictions": {
+        "event_id": "String", "entity_id": "String", "event_time": "DateTime64(3, 'UTC')",
+        "model_name": "LowCardinality(String)", "model_version": "UInt32", "score": "Float64",
+        "scored_at": "DateTime64(3, 'UTC')", "event_partition": "UInt32", "event_offset": "UInt64",
+        "logged_at": "DateTime64(3, 'UTC')",
+    },
     "feature_sets": {"feature_set": "String", "spec_name": "LowCardinality(String)", "spec_version": "UInt32",
                      "feature_names": "Array(String)", "description": "String",
                      "registered_at": "DateTime64(3, 'UTC')"},

@@ -21,6 +21,8 @@ class InvalidRow(ValueError):
 
 
 LABEL_COLUMNS = ["event_id", "entity_id", "label", "label_time"]
+SHADOW_COLUMNS = ["event_id", "entity_id", "event_time", "model_name", "model_version", "score", "scored_at",
+                  "event_partition", "event_offset"]
 REJECTED_COLUMNS = [
     "source_topic", "source_partition", "source_offset", "service", "reason", "field", "detail", "raw",
     "event_id", "rejected_at",
@@ -97,3 +99,25 @@ def batch_token(table: str, ranges: dict[tuple[str, int], tuple[int, int]]) -> s
     so ClickHouse drops the repeat (clickhouse-kafka-connect's scheme)."""
     parts = [f"{t}-{p}-{lo}-{hi}" for (t, p), (lo, hi) in sorted(ranges.items())]
     return table + ":" + hashlib.sha256(",".join(parts).encode()).hexdigest()[:32]
+
+
+def shadow_rows(record: dict) -> list[list]:
+    """The `shadow_predictions` rows (SHADOW_COLUMNS) of one decoded ShadowScores record: one per event.
+    Arrays of different lengths, a non-finite score or a time out of range refuse the whole record."""
+    import math
+
+    columns = ("event_ids", "entity_ids", "event_times", "scores", "event_partitions", "event_offsets")
+    n = len(record["event_ids"])
+    for name in columns:
+        if len(record[name]) != n:
+            raise InvalidRow("invalid_record", name, f"ShadowScores.{name} has {len(record[name])} values, "
+                                                     f"event_ids {n}")
+    name, version = record["model_name"], record["model_version"]
+    scored_at = checked_ms(record["scored_at"], "scored_at")
+    rows = []
+    for event_id, entity_id, event_time, score, partition, offset in zip(*(record[c] for c in columns)):
+        if not math.isfinite(score):
+            raise InvalidRow("invalid_value", "scores", f"score of event {event_id!r} is {score}")
+        rows.append([event_id, entity_id, checked_ms(event_time, "event_times"), name, version, score, scored_at,
+                     partition, offset])
+    return rows

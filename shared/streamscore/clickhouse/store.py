@@ -109,6 +109,24 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
         ORDER BY feature_set
         SETTINGS {DEDUP_WINDOW}""",
     ]),
+    (5, "shadow_predictions: the scores of versions in shadow or canary that were not served", [
+        # One row per (event, model version); a replayed batch collapses under FINAL like predictions.
+        f"""CREATE TABLE IF NOT EXISTS {{db}}.shadow_predictions (
+            event_id String,
+            entity_id String,
+            event_time DateTime64(3, 'UTC'),
+            model_name LowCardinality(String),
+            model_version UInt32,
+            score Float64,
+            scored_at DateTime64(3, 'UTC'),
+            event_partition UInt32,
+            event_offset UInt64,
+            logged_at DateTime64(3, 'UTC') DEFAULT now64(3)
+        ) ENGINE = ReplacingMergeTree
+        PARTITION BY toYYYYMM(event_time)
+        ORDER BY (model_name, model_version, event_id)
+        SETTINGS {DEDUP_WINDOW}""",
+    ]),
 ]
 
 SCHEMA_MIGRATIONS_DDL = """CREATE TABLE IF NOT EXISTS {db}.schema_migrations (

@@ -23,6 +23,7 @@ from streamscore.settings import (
     TOPIC_PREDICTIONS,
     TOPIC_RETRAIN,
     TOPIC_SCORER_STATE,
+    TOPIC_SHADOW_PREDICTIONS,
     Settings,
 )
 
@@ -54,6 +55,8 @@ def topic_specs(settings: Settings, spec=None) -> list[TopicSpec]:
         TopicSpec(spec.label.topic if spec is not None else TOPIC_LABELS, settings.partitions, stream),
         TopicSpec(TOPIC_PREDICTIONS, settings.partitions, stream),
         TopicSpec(TOPIC_DEAD_LETTER, settings.partitions, stream),
+        # Scores of versions in shadow / canary that were not served (one ShadowScores record per batch).
+        TopicSpec(TOPIC_SHADOW_PREDICTIONS, settings.partitions, stream),
         # Single partition: requests and registry updates are few and must stay in order.
         TopicSpec(TOPIC_RETRAIN, 1, control),
         TopicSpec(TOPIC_MODEL_UPDATES, 1, control),

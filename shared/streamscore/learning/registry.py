@@ -4,7 +4,10 @@ Layout (one directory per model):
 
     <root>/<model>/v<N>/model.txt       LightGBM text model      } written once into a temp dir,
     <root>/<model>/v<N>/metadata.json   ModelVersion as JSON     } renamed into place, then read-only
-    <root>/<model>/stages.json          stage pointers + history (replaced atomically on every action)
+    <root>/<model>/stages.json          stage pointers + history (replaced atomically on every action):
+                                        production, candidate, shadow (versions scored on every event
+                                        but never served), canary ({version, share} or null: served to a
+                                        sticky share of entities), and the history of every action
     <root>/<model>/.lock                flock'd while allocating a version or changing stages
 
 Why this shape: a version directory appears with a single rename, so a reader
@@ -41,12 +44,16 @@ if TYPE_CHECKING:  # lightgbm is imported lazily: polling the pointer must stay 
 
 STAGE_PRODUCTION = "production"
 STAGE_CANDIDATE = "candidate"
+STAGE_SHADOW = "shadow"
+STAGE_CANARY = "canary"
 STAGES = (STAGE_PRODUCTION, STAGE_CANDIDATE)
 
 ACTION_REGISTER = "register"
 ACTION_PROMOTE = "promote"
 ACTION_ROLLBACK = "rollback"
 ACTION_REJECT = "reject"
+ACTION_SHADOW = "shadow"
+ACTION_CANARY = "canary"
 
 # Column order of the ClickHouse `model_versions` table (see the contract).
 MODEL_VERSIONS_COLUMNS = (
@@ -145,14 +152,38 @@ class RegistryUpdate:
     previous_production: int | None
 
 
+@dataclass(frozen=True)
+class Rollout:
+    """What a scorer serves and shadows, read from stages.json: production serves every entity but the
+    canary's share; the canary (when set) serves `canary_share` of entities (by entity hash); every
+    shadow version scores every event without serving it."""
+
+    production: int | None
+    canary: int | None
+    canary_share: float
+    shadows: tuple[int, ...]
+
+    @classmethod
+    def of(cls, stages: dict[str, Any]) -> "Rollout":
+        canary = stages.get(STAGE_CANARY) or None
+        return cls(stages.get(STAGE_PRODUCTION), canary["version"] if canary else None,
+                   float(canary["share"]) if canary else 0.0, tuple(stages.get(STAGE_SHADOW) or ()))
+
+    def active_candidates(self) -> tuple[int, ...]:
+        """Versions scored besides production: the canary, then the shadows."""
+        return ((self.canary,) if self.canary is not None else ()) + self.shadows
+
+
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
 def registry_event(
-    model_version: ModelVersion, *, action: str, stage: str, reason: str, updated_at: int
+    model_version: ModelVersion, *, action: str, stage: str, reason: str, updated_at: int,
+    evidence: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    """The `streamscore.ModelUpdate` Avro record for one registry action."""
+    """The `streamscore.ModelUpdate` Avro record for one registry action (`evidence`: the figures it was
+    decided on, e.g. the online gate's labelled events and both versions' metrics)."""
     return {
         "model_name": model_version.model_name,
         "version": model_version.version,
@@ -161,7 +192,18 @@ def registry_event(
         "feature_set": model_version.feature_set,
         "reason": reason,
         "updated_at": int(updated_at),
+        "evidence": _checked_evidence(evidence),
     }
+
+
+def _checked_evidence(evidence: dict[str, float] | None) -> dict[str, float]:
+    checked = {}
+    for name, value in (evidence or {}).items():
+        value = float(value)
+        if not math.isfinite(value):
+            raise ValueError(f"evidence[{name!r}] is {value}; evidence must be finite numbers")
+        checked[str(name)] = value
+    return checked
 
 
 def registration_event(model_version: ModelVersion) -> dict[str, Any]:
@@ -203,7 +245,9 @@ def model_versions_row(
         "train_start": _ms_to_datetime(model_version.train_start),
         "train_end": _ms_to_datetime(model_version.train_end),
         "train_rows": int(model_version.train_rows),
-        "metrics": {str(k): float(v) for k, v in model_version.metrics.items()},
+        # the version's validation metrics, and the action's evidence under "online.<name>"
+        "metrics": {**{str(k): float(v) for k, v in model_version.metrics.items()},
+                    **{f"online.{k}": float(v) for k, v in (event.get("evidence") or {}).items()}},
         "reason": event["reason"],
     }
 
@@ -342,9 +386,23 @@ class ModelRegistry:
     def stages(self, model_name: str) -> dict[str, Any]:
         """{"production": N|None, "candidate": N|None, "history": [{stage, version, action, at, reason}, ...]}"""
         try:
-            return json.loads(self._stages_path(model_name).read_text())
+            stages = json.loads(self._stages_path(model_name).read_text())
         except FileNotFoundError:
-            return {STAGE_PRODUCTION: None, STAGE_CANDIDATE: None, "history": []}
+            stages = {STAGE_PRODUCTION: None, STAGE_CANDIDATE: None, "history": []}
+        stages.setdefault(STAGE_SHADOW, [])
+        stages.setdefault(STAGE_CANARY, None)
+        return stages
+
+    def rollout(self, model_name: str) -> Rollout:
+        """Production, canary (and its share) and shadow versions: what scorers serve and score."""
+        return Rollout.of(self.stages(model_name))
+
+    def stage_started_at(self, model_name: str, version: int, stage: str) -> int | None:
+        """When `version` last entered `stage` (shadow: its shadow action; canary: its latest canary step)."""
+        action = {STAGE_SHADOW: ACTION_SHADOW, STAGE_CANARY: ACTION_CANARY}.get(stage, ACTION_PROMOTE)
+        times = [h["at"] for h in self.stages(model_name)["history"]
+                 if h["version"] == version and h["action"] == action and h["stage"] == stage]
+        return times[-1] if times else None
 
     def read_production_version(self, model_name: str) -> int | None:
         """Cheap (one small file read): for scorers polling for a new production model."""
@@ -459,7 +517,11 @@ class ModelRegistry:
                          model_version.reason, model_version.created_at)
         return model_version
 
-    def promote(self, model_name: str, version: int, stage: str = STAGE_PRODUCTION, reason: str = "") -> RegistryUpdate:
+    def promote(self, model_name: str, version: int, stage: str = STAGE_PRODUCTION, reason: str = "",
+                evidence: dict[str, float] | None = None) -> RegistryUpdate:
+        """Make `version` the production (or candidate) version; promoted to production it stops being a
+        shadow or the canary."""
+        evidence = _checked_evidence(evidence)
         if stage not in STAGES:
             raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
         with self._locked(model_name):
@@ -469,9 +531,76 @@ class ModelRegistry:
             if stages[stage] == version:
                 raise RegistryError(f"model {model_name!r} version {version} is already {stage}")
             at = now_ms()
-            self._record(model_name, stages, stage, version, ACTION_PROMOTE, reason, at)
-        event = registry_event(model_version, action=ACTION_PROMOTE, stage=stage, reason=reason, updated_at=at)
+            self._record(model_name, stages, stage, version, ACTION_PROMOTE, reason, at, evidence)
+        event = registry_event(model_version, action=ACTION_PROMOTE, stage=stage, reason=reason, updated_at=at,
+                               evidence=evidence)
         return RegistryUpdate(model_version, event, previous)
+
+    def shadow(self, model_name: str, version: int, reason: str = "",
+               evidence: dict[str, float] | None = None) -> RegistryUpdate:
+        """Put `version` in shadow: scorers score every event with it too (logged to shadow_predictions),
+        never serving its score. A canary put back in shadow stops serving."""
+        evidence = _checked_evidence(evidence)
+        with self._locked(model_name):
+            model_version = self.get(model_name, version)
+            stages = self.stages(model_name)
+            if stages[STAGE_PRODUCTION] == version:
+                raise RegistryError(f"model {model_name!r} version {version} is in production: it cannot be "
+                                    "its own shadow")
+            if version in stages[STAGE_SHADOW]:
+                raise RegistryError(f"model {model_name!r} version {version} is already in shadow")
+            at = now_ms()
+            self._record(model_name, stages, STAGE_SHADOW, version, ACTION_SHADOW, reason, at, evidence)
+        event = registry_event(model_version, action=ACTION_SHADOW, stage=STAGE_SHADOW, reason=reason,
+                               updated_at=at, evidence=evidence)
+        return RegistryUpdate(model_version, event, stages[STAGE_PRODUCTION])
+
+    def canary(self, model_name: str, version: int, share: float, reason: str = "",
+               evidence: dict[str, float] | None = None) -> RegistryUpdate:
+        """Serve `version` to `share` (0 < share < 1) of the entities, chosen by a hash of the entity id, so
+        the same entities every time, and a raised share keeps those and adds more. Calling it again for
+        the canary raises (or lowers) its share; one canary at a time."""
+        evidence = _checked_evidence(evidence)
+        share = float(share)
+        if not 0 < share < 1:
+            raise ValueError(f"canary share must be between 0 and 1 (exclusive), got {share}: promote the "
+                             "version to serve every entity")
+        with self._locked(model_name):
+            model_version = self.get(model_name, version)
+            stages = self.stages(model_name)
+            if stages[STAGE_PRODUCTION] is None:
+                raise RegistryError(f"model {model_name!r} has no production version: a canary shares the "
+                                    "traffic with production (promote a version first)")
+            if stages[STAGE_PRODUCTION] == version:
+                raise RegistryError(f"model {model_name!r} version {version} is in production already")
+            current = stages[STAGE_CANARY]
+            if current and current["version"] != version:
+                raise RegistryError(f"model {model_name!r} version {current['version']} is the canary (share "
+                                    f"{current['share']:g}): promote, reject or roll it back first")
+            at = now_ms()
+            self._record(model_name, stages, STAGE_CANARY, version, ACTION_CANARY, reason, at, evidence,
+                         share=share)
+        event = registry_event(model_version, action=ACTION_CANARY, stage=STAGE_CANARY, reason=reason,
+                               updated_at=at, evidence={**evidence, "canary_share": share})
+        return RegistryUpdate(model_version, event, stages[STAGE_PRODUCTION])
+
+    def rollback_canary(self, model_name: str, reason: str = "",
+                        evidence: dict[str, float] | None = None) -> RegistryUpdate:
+        """Stop the canary: every entity is served by production again (recorded as a rollback of stage
+        canary)."""
+        evidence = _checked_evidence(evidence)
+        with self._locked(model_name):
+            stages = self.stages(model_name)
+            current = stages[STAGE_CANARY]
+            if not current:
+                raise RegistryError(f"model {model_name!r} has no canary to roll back")
+            model_version = self.get(model_name, current["version"])
+            at = now_ms()
+            self._record(model_name, stages, STAGE_CANARY, current["version"], ACTION_ROLLBACK, reason, at,
+                         evidence)
+        event = registry_event(model_version, action=ACTION_ROLLBACK, stage=STAGE_CANARY, reason=reason,
+                               updated_at=at, evidence=evidence)
+        return RegistryUpdate(model_version, event, stages[STAGE_PRODUCTION])
 
     def rollback(self, model_name: str, reason: str = "") -> RegistryUpdate:
         """Production goes back to the version that was production before the current one.
@@ -496,8 +625,11 @@ class ModelRegistry:
         event = registry_event(model_version, action=ACTION_ROLLBACK, stage=STAGE_PRODUCTION, reason=reason, updated_at=at)
         return RegistryUpdate(model_version, event, current)
 
-    def reject(self, model_name: str, version: int, reason: str) -> RegistryUpdate:
-        """Record that a candidate failed the validation gate (clears the candidate pointer)."""
+    def reject(self, model_name: str, version: int, reason: str,
+               evidence: dict[str, float] | None = None) -> RegistryUpdate:
+        """Record that a candidate failed a validation gate (clears the candidate pointer; a rejected shadow
+        stops being scored, a rejected canary stops serving)."""
+        evidence = _checked_evidence(evidence)
         with self._locked(model_name):
             model_version = self.get(model_name, version)
             stages = self.stages(model_name)
@@ -507,17 +639,32 @@ class ModelRegistry:
                     "version instead of rejecting it"
                 )
             at = now_ms()
-            self._record(model_name, stages, STAGE_CANDIDATE, version, ACTION_REJECT, reason, at)
-        event = registry_event(model_version, action=ACTION_REJECT, stage=STAGE_CANDIDATE, reason=reason, updated_at=at)
+            self._record(model_name, stages, STAGE_CANDIDATE, version, ACTION_REJECT, reason, at, evidence)
+        event = registry_event(model_version, action=ACTION_REJECT, stage=STAGE_CANDIDATE, reason=reason,
+                               updated_at=at, evidence=evidence)
         return RegistryUpdate(model_version, event, stages[STAGE_PRODUCTION])
 
     # --- internals (call with the lock held) -----------------------------------
     def _record(self, model_name: str, stages: dict[str, Any], stage: str, version: int,
-                action: str, reason: str, at: int) -> None:
-        stages = {**stages, "history": [*stages["history"],
-                                        {"stage": stage, "version": version, "action": action, "at": at, "reason": reason}]}
-        if action in (ACTION_REGISTER, ACTION_PROMOTE, ACTION_ROLLBACK):
+                action: str, reason: str, at: int, evidence: dict[str, float] | None = None,
+                share: float | None = None) -> None:
+        entry = {"stage": stage, "version": version, "action": action, "at": at, "reason": reason}
+        if evidence:
+            entry["evidence"] = evidence
+        if share is not None:
+            entry["share"] = share
+        stages = {**stages, "history": [*stages["history"], entry]}
+        if action in (ACTION_REGISTER, ACTION_PROMOTE, ACTION_ROLLBACK) and stage in STAGES:
             stages[stage] = version
+        # A version is in at most one of production, canary and shadow: any action on it but `shadow` ends
+        # its shadowing, any but `canary` ends its canary (promoted, rejected, rolled back, back in shadow).
+        shadows = [v for v in stages.get(STAGE_SHADOW) or [] if v != version]
+        stages[STAGE_SHADOW] = sorted(shadows + [version]) if action == ACTION_SHADOW else shadows
+        canary = stages.get(STAGE_CANARY) or None
+        if action == ACTION_CANARY:
+            stages[STAGE_CANARY] = {"version": version, "share": share}
+        elif canary and canary["version"] == version:
+            stages[STAGE_CANARY] = None
         if action == ACTION_PROMOTE and stage == STAGE_PRODUCTION and stages[STAGE_CANDIDATE] == version:
             stages[STAGE_CANDIDATE] = None  # the candidate graduated
         if action == ACTION_REJECT and stages[STAGE_CANDIDATE] == version:
@@ -545,9 +692,15 @@ def _production_chain(history: list[dict[str, Any]]) -> list[int]:
 
 
 def stage_label(stages: dict[str, Any], version: int, rejected: set[int] | None = None) -> str:
-    """Human label for a version's state, for tables: production, candidate, rejected, retired or ''."""
+    """Human label for a version's state, for tables: production, canary NN%, shadow, candidate, rejected,
+    retired or ''."""
     if stages.get(STAGE_PRODUCTION) == version:
         return STAGE_PRODUCTION
+    canary = stages.get(STAGE_CANARY)
+    if canary and canary["version"] == version:
+        return f"{STAGE_CANARY} {canary['share']:.0%}"
+    if version in (stages.get(STAGE_SHADOW) or ()):
+        return STAGE_SHADOW
     if stages.get(STAGE_CANDIDATE) == version:
         return STAGE_CANDIDATE
     if rejected is None:

@@ -18,6 +18,11 @@ itself: the trainer registers each candidate with a reason made by
 `retrain_reason`, and `HandledRequests.from_registry` parses those reasons back.
 A request whose training failed registers nothing; its offset is committed, so
 it is not redelivered — only a crash between failure and commit retries it once.
+
+Scheduled retraining (`RetrainSchedule`, STREAMSCORE_RETRAIN_EVERY_HOURS) issues requests of detector
+`schedule` through the same topic: one when the newest logged event crosses a multiple of the period
+(event time, since the epoch), with a request_id made of the model and that boundary, so a request
+issued twice (a restart) is recognised like any other duplicate.
 """
 from __future__ import annotations
 
@@ -67,6 +72,60 @@ def retrain_request(signal: DriftSignal, model_name: str, model_version: int, pr
         "window": int(signal.window),
         "detected_at": int(signal.at_ms),
     }
+
+
+SCHEDULE_DETECTOR = "schedule"
+HOUR_MS = 3_600_000
+
+
+def scheduled_request(model_name: str, model_version: int, boundary_ms: int, every_hours: float) -> dict:
+    """The RetrainRequest of the schedule's boundary `boundary_ms` (event time, epoch ms)."""
+    return {
+        "request_id": f"{model_name}-schedule-{int(boundary_ms)}",
+        "model_name": model_name,
+        "model_version": int(model_version),
+        "reason": f"scheduled retraining every {every_hours:g} h of event time",
+        "detector": SCHEDULE_DETECTOR,
+        "feature": None,
+        "statistic": "schedule",
+        "value": float(every_hours),
+        "threshold": float(every_hours),
+        "window": 0,
+        "detected_at": int(boundary_ms),
+    }
+
+
+class RetrainSchedule:
+    """When the next scheduled retrain is due: at each multiple of `every_hours` (event time) that the newest
+    logged event reaches. The first boundary counted is the one after the newest event when the schedule
+    starts (or after the last scheduled retrain the registry records), so a history loaded at once asks
+    for one retrain, not one per period it spans."""
+
+    def __init__(self, every_hours: float, last_boundary_ms: int | None = None):
+        if every_hours <= 0:
+            raise ValueError(f"STREAMSCORE_RETRAIN_EVERY_HOURS must be > 0 for a schedule, got {every_hours}")
+        self.every_hours = float(every_hours)
+        self.period_ms = int(round(every_hours * HOUR_MS))
+        self.last_boundary_ms = last_boundary_ms
+
+    @classmethod
+    def from_registry(cls, every_hours: float, registry, model_name: str) -> "RetrainSchedule":
+        fired = [r.detected_at for r in (parse_retrain_reason(v.reason) for v in registry.list(model_name))
+                 if r is not None and r.detector == SCHEDULE_DETECTOR]
+        return cls(every_hours, max(fired) if fired else None)
+
+    def due(self, newest_event_ms: int | None) -> int | None:
+        """The boundary a retrain is due for now (and remember it), or None."""
+        if newest_event_ms is None:
+            return None
+        boundary = (int(newest_event_ms) // self.period_ms) * self.period_ms
+        if self.last_boundary_ms is None:
+            self.last_boundary_ms = boundary  # the schedule starts here
+            return None
+        if boundary <= self.last_boundary_ms:
+            return None
+        self.last_boundary_ms = boundary
+        return boundary
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,9 @@ registry; publishing the returned ModelUpdate events to Kafka is the caller's jo
 uses is read here: the training window's holdout (STREAMSCORE_TRAIN_VALIDATION_FRACTION), the
 classifier's threshold policy (STREAMSCORE_TRAIN_ALERT_RATE), the rounds (STREAMSCORE_TRAIN_NUM_BOOST_ROUND)
 and the gate (STREAMSCORE_GATE_MIN_AUC and STREAMSCORE_GATE_MAX_AUC_DROP for a classifier,
-STREAMSCORE_GATE_MAX_RMSE_INCREASE for a regression).
+STREAMSCORE_GATE_MAX_RMSE_INCREASE for a regression). A candidate that passes is promoted, or with
+STREAMSCORE_ROLLOUT_AUTO_SHADOW (and a production version to compare with) put in shadow for the online
+gate (streamscore.learning.rollout).
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ class RetrainOutcome:
     seconds: float
     events: list[dict] = field(default_factory=list)  # ModelUpdate records to publish
     rows_read: int = 0
+    shadowed: bool = False  # passed the offline gate and went into shadow instead of production
 
 
 @dataclass
@@ -100,8 +103,10 @@ def train_candidate(store: Store, registry: ModelRegistry, settings: Settings, s
 
 
 def register_candidate(registry: ModelRegistry, spec: FeatureSpec, candidate: Candidate, reason: str,
-                       started: float | None = None) -> RetrainOutcome:
-    """Register `candidate`, then promote or reject it as its verdict says (fast: files in the registry)."""
+                       started: float | None = None, auto_shadow: bool = False) -> RetrainOutcome:
+    """Register `candidate`, then promote or reject it as its verdict says (fast: files in the registry). With
+    `auto_shadow` (STREAMSCORE_ROLLOUT_AUTO_SHADOW) a passing candidate goes into shadow for the online gate
+    instead of production, when there is a production version to compare it with."""
     started = time.monotonic() - candidate.seconds if started is None else started
     model_name, objective = candidate.model_name, spec.objective
     version = registry.register(
@@ -113,21 +118,27 @@ def register_candidate(registry: ModelRegistry, spec: FeatureSpec, candidate: Ca
         objective=objective, vocabularies=candidate.vocabularies, spec_name=spec.name,
     )
     events = [registration_event(version)]
-    if candidate.passed:
+    shadowed = bool(candidate.passed and auto_shadow and version.parent_version is not None)
+    if shadowed:
+        events.append(registry.shadow(model_name, version.version, reason=f"offline gate {candidate.gate_reason}; "
+                                      "in shadow for the online gate").event)
+    elif candidate.passed:
         events.append(registry.promote(model_name, version.version, reason=candidate.gate_reason).event)
     else:
         events.append(registry.reject(model_name, version.version, candidate.gate_reason).event)
     headline = "rmse" if objective == "regression" else "auc"
+    action = "shadow" if shadowed else "promote" if candidate.passed else "reject"
     log.info("model %s v%d %s: %s", model_name, version.version,
-             "promoted" if candidate.passed else "rejected", candidate.gate_reason,
+             {"shadow": "in shadow", "promote": "promoted", "reject": "rejected"}[action], candidate.gate_reason,
              extra={"model_name": model_name, "model_version": version.version,
-                    "parent_version": version.parent_version, "action": "promote" if candidate.passed else "reject",
+                    "parent_version": version.parent_version, "action": action,
                     headline: version.metrics.get(headline), "train_rows": candidate.training_rows,
                     "reason": reason, "rows_read": candidate.rows_read,
                     "seconds": round(time.monotonic() - started, 2)})
-    return RetrainOutcome(version=version, promoted=candidate.passed, gate_reason=candidate.gate_reason,
-                          training_rows=candidate.training_rows, events_replayed=candidate.events_replayed,
-                          seconds=time.monotonic() - started, events=events, rows_read=candidate.rows_read)
+    return RetrainOutcome(version=version, promoted=candidate.passed and not shadowed,
+                          gate_reason=candidate.gate_reason, training_rows=candidate.training_rows,
+                          events_replayed=candidate.events_replayed, seconds=time.monotonic() - started,
+                          events=events, rows_read=candidate.rows_read, shadowed=shadowed)
 
 
 def train_and_register(store: Store, registry: ModelRegistry, settings: Settings, spec: FeatureSpec, reason: str,
@@ -138,4 +149,5 @@ def train_and_register(store: Store, registry: ModelRegistry, settings: Settings
     started = time.monotonic()
     candidate = train_candidate(store, registry, settings, spec, since_ms=since_ms, training_set=training_set,
                                 read_from_ms=read_from_ms)
-    return register_candidate(registry, spec, candidate, reason, started=started)
+    return register_candidate(registry, spec, candidate, reason, started=started,
+                              auto_shadow=settings.rollout_auto_shadow)

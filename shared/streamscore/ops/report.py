@@ -369,6 +369,85 @@ def online_metrics_section(store: Store, bucket_s: int, objective: str = "binary
     return section
 
 
+def _scored_metrics(score: str, prefix: str, objective: str) -> str:
+    """The two plotted metrics of `score` (an expression) against l.label, named <prefix>_<metric>."""
+    if objective == "binary":
+        return (f"arrayAUC(groupArray(({score}, l.label)).1, groupArray(({score}, l.label)).2) AS {prefix}_auc, "
+                f"avg(-(l.label * log(greatest({score}, 1e-15)) + (1 - l.label) * log(greatest(1 - {score}, 1e-15)))) "
+                f"AS {prefix}_log_loss")
+    return (f"sqrt(avg(pow({score} - l.label, 2))) AS {prefix}_rmse, avg(abs({score} - l.label)) AS {prefix}_mae")
+
+
+def shadow_sql(objective: str = "binary") -> list[str]:
+    """Per version scored in shadow and version that served the same events: both on those labelled events;
+    and a sample of (shadow score, served score) pairs."""
+    return [
+        f"""SELECT s.model_version AS shadow_version, p.model_version AS served_version, count() AS labelled,
+       {_scored_metrics("s.score", "shadow", objective)},
+       {_scored_metrics("assumeNotNull(p.score)", "served", objective)}
+FROM shadow_predictions AS s FINAL
+INNER JOIN predictions AS p FINAL ON s.event_id = p.event_id
+INNER JOIN labels AS l FINAL ON s.event_id = l.event_id
+WHERE p.score IS NOT NULL
+GROUP BY shadow_version, served_version ORDER BY shadow_version, served_version""",
+        """SELECT s.model_version AS shadow_version, p.model_version AS served_version, s.score AS shadow_score,
+       assumeNotNull(p.score) AS served_score
+FROM shadow_predictions AS s FINAL
+INNER JOIN predictions AS p FINAL ON s.event_id = p.event_id
+WHERE p.score IS NOT NULL
+ORDER BY cityHash64(s.event_id, s.model_version) LIMIT 6000""",
+    ]
+
+
+def shadow_section(store: Store, objective: str = "binary") -> Section:
+    per_pair_sql, sample_sql = shadow_sql(objective)
+    _, plotted, axis_labels = _OBJECTIVE_METRICS[objective]
+    section = Section("shadow", "Shadow against production",
+                      "Versions in shadow (or the canary, and production on the canary's share) scored the same "
+                      "events as the version that served them: their scores side by side, and both versions' "
+                      f"{' and '.join(axis_labels)} on the same labelled events (what the online gate compares).",
+                      [per_pair_sql, sample_sql])
+    section.table = store.query(per_pair_sql)
+    sample = store.query(sample_sql).rows
+    section.data = {"pairs": [dict(zip(section.table.column_names, row)) for row in section.table.rows],
+                    "sample": len(sample)}
+    if not sample:
+        section.note = "no version was scored in shadow"
+        return section
+    figure = Figure(figsize=(11, 3.8))
+    scatter, bars = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
+    by_pair: dict[tuple[int, int], list] = defaultdict(list)
+    for shadow, served, shadow_score, served_score in sample:
+        by_pair[(int(shadow), int(served))].append((served_score, shadow_score))
+    for (shadow, served), points in sorted(by_pair.items()):
+        xs, ys = zip(*points)
+        scatter.scatter(xs, ys, s=4, alpha=0.4, label=f"v{shadow} (shadow) vs v{served} (served)")
+    low = min(min(p) for points in by_pair.values() for p in points)
+    high = max(max(p) for points in by_pair.values() for p in points)
+    scatter.plot([low, high], [low, high], color="#888", linewidth=0.8)
+    scatter.set_xlabel("served score")
+    scatter.set_ylabel("shadow score")
+    scatter.legend(fontsize=7, markerscale=3)
+    metric = plotted[0]
+    labels, shadow_values, served_values = [], [], []
+    for pair in section.data["pairs"]:
+        labels.append(f"v{pair['shadow_version']}/v{pair['served_version']}\nn={pair['labelled']}")
+        shadow_values.append(_finite(pair[f"shadow_{metric}"]) or math.nan)
+        served_values.append(_finite(pair[f"served_{metric}"]) or math.nan)
+    positions = range(len(labels))
+    bars.bar([x - 0.2 for x in positions], shadow_values, width=0.4, label="shadow version")
+    bars.bar([x + 0.2 for x in positions], served_values, width=0.4, label="serving version")
+    bars.set_xticks(list(positions), labels, fontsize=7)
+    bars.set_ylabel(f"{axis_labels[0]} on the same events")
+    bars.legend(fontsize=8)
+    if metric == "auc":
+        finite = [v for v in shadow_values + served_values if math.isfinite(v)]
+        if finite:
+            bars.set_ylim(max(0.0, min(finite) - 0.05), min(1.0, max(finite) + 0.02))
+    section.png = _png(figure)
+    return section
+
+
 REJECTED_SQL = """SELECT reason, service, count() AS events
 FROM rejected_events FINAL
 GROUP BY reason, service ORDER BY events DESC, reason"""
@@ -469,6 +548,8 @@ def build_report(store: Store, settings: Settings, registry: ModelRegistry | Non
         rejected_section(store),
         retrain_section(store, spec.objective),
     ]
+    if store.query("SELECT count() FROM shadow_predictions").rows[0][0]:  # only where a rollout ran
+        sections.insert(3, shadow_section(store, spec.objective))
     return Report(generated_at=datetime.now(timezone.utc), database=settings.clickhouse_database,
                   topic_prefix=settings.topic_prefix, model_name=settings.model_name, bucket_s=bucket_s,
                   sections={s.key: s for s in sections})

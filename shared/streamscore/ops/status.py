@@ -39,6 +39,9 @@ class RegistryStatus:
     candidate: int | None
     versions: int
     production_auc: float | None = None
+    canary: int | None = None
+    canary_share: float = 0.0
+    shadows: tuple[int, ...] = ()
 
 
 @dataclass
@@ -69,9 +72,11 @@ def registry_status(settings: Settings) -> RegistryStatus:
     name = settings.model_name
     stages = registry.stages(name)
     production = registry.production(name)
+    rollout = registry.rollout(name)
     return RegistryStatus(model_name=name, production=stages.get("production"), candidate=stages.get("candidate"),
                           versions=len(registry.list(name)),
-                          production_auc=production.metrics.get("auc") if production else None)
+                          production_auc=production.metrics.get("auc") if production else None,
+                          canary=rollout.canary, canary_share=rollout.canary_share, shadows=rollout.shadows)
 
 
 def collect_status(settings: Settings, services: Iterable[str], store: Store | None = None,

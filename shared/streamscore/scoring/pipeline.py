@@ -6,6 +6,10 @@ served. It never touches Kafka, so it is unit-testable and benchmarkable in proc
 services/scorer wraps it in a consume/produce/commit loop. Everything it does comes from the
 feature spec: the event layout (the compiled scanner), the checks (EventValidator), the features
 (FeatureEngine), and the Prediction it writes (PredictionWriter).
+
+During a staged rollout (`set_serving`, scoring/rollout.py) the same feature matrix is also scored by the
+canary and the shadow versions: the canary's score is served to its share of entities (the prediction
+records the version that served it), and every score not served leaves as a ShadowScores record.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from streamscore.avro.codec import AvroCodec
 from streamscore.avro.scanner import ROW_FAILED, RecordReader, ScannedBatch
 from streamscore.kafka.io import Rejection
 from streamscore.scoring.predictions import PredictionWriter
+from streamscore.scoring.rollout import ServingModels, ShadowWriter, entity_positions, same_encoding
 from streamscore.scoring.served_model import ServedModel
 from streamscore.scoring.validation import DUPLICATE_EVENT, EventValidator
 from streamscore.spec.engine import DUPLICATE, FeatureEngine
@@ -49,6 +54,8 @@ class BatchResult:
         self.matrix = np.empty((0, 0))
         self.scores: np.ndarray | None = None
         self.generic_rows = 0  # messages the compiled scan left to the generic decoder
+        self.shadow: list[bytes] = []  # ShadowScores records: the scores computed but not served
+        self.served_by_canary = np.zeros(0, dtype=bool)  # per scored event
         self._codec = codec
 
     @property
@@ -58,14 +65,17 @@ class BatchResult:
 
 
 class ScoringPipeline:
-    def __init__(self, spec: FeatureSpec, codec: AvroCodec, model: ServedModel, topic: str | None = None):
+    def __init__(self, spec: FeatureSpec, codec: AvroCodec, model: ServedModel, topic: str | None = None,
+                 shadow_topic: str | None = None):
         self.spec = spec
         self.codec = codec
         self.model = model
+        self.serving = ServingModels(model)
         self.engine = FeatureEngine(spec)
         self.reader = RecordReader(codec, "event")
         self.validator = EventValidator(spec)
         self.writer = PredictionWriter(codec, spec.feature_set, topic)
+        self.shadow_writer = ShadowWriter(codec, shadow_topic)
         self.states: dict[int, PartitionState] = {}
         layout = spec.event.layout
         self._id = layout.index(spec.event.id_field)
@@ -89,7 +99,13 @@ class ScoringPipeline:
         return sum(len(s) for s in self.states.values())
 
     def swap_model(self, model: ServedModel) -> None:
-        self.model = model
+        """Serve `model` alone (no canary, no shadows)."""
+        self.set_serving(ServingModels(model))
+
+    def set_serving(self, serving: ServingModels) -> None:
+        """Serve production and the canary's share, score the shadows too (scoring/rollout.py)."""
+        self.serving = serving
+        self.model = serving.production
 
     # --- the batch step ----------------------------------------------------------
     def score(self, messages: list[InputMessage], now_ms: int | None = None) -> BatchResult:
@@ -109,6 +125,7 @@ class ScoringPipeline:
         offsets = np.fromiter((msg.offset for msg in messages), dtype=np.int64, count=len(messages))
         matrix = np.empty((len(accepted), self.engine.n_features), dtype=np.float64)
         keep = np.ones(len(accepted), dtype=bool)
+        groups = []  # (positions, engine inputs) per partition: to encode the matrix for another version
         if len(accepted):
             of_accepted = partitions[accepted]
             for partition in np.unique(of_accepted).tolist():
@@ -118,16 +135,26 @@ class ScoringPipeline:
                 part_matrix, status, first_offsets = self.engine.compute(self.state(partition), inputs)
                 self.engine.encode(part_matrix, inputs, self.model.vocabularies)
                 matrix[positions] = part_matrix
+                groups.append((positions, inputs))
                 for k in np.flatnonzero(status == DUPLICATE).tolist():
                     keep[positions[k]] = False
                     result.rejected.append(self._duplicate(batch, int(rows[k]), int(first_offsets[k]), partition,
                                                            int(offsets[rows[k]])))
+        full_matrix = matrix
         if not keep.all():
             accepted, matrix = accepted[keep], matrix[keep]
         result.rejected.sort(key=lambda rejected: rejected[0])  # input order
         model = self.model
         scores = model.predict(matrix)
-        result.matrix, result.scores = matrix, scores
+        scored_at = int(time.time() * 1000)
+        models = [(model.name, model.version)]
+        model_of = np.zeros(len(accepted), dtype=np.int64)
+        features = matrix
+        serving = self.serving
+        if (serving.canary is not None or serving.shadows) and len(accepted):
+            scores, features = self._score_rollout(result, batch, accepted, groups, full_matrix, keep, matrix,
+                                                   scores, partitions, offsets, scored_at, models, model_of)
+        result.matrix, result.scores = features, scores
         result.sources = list(zip(partitions[accepted].tolist(), offsets[accepted].tolist()))
         result.keys = batch.texts(self._entity, accepted)
         message_starts, message_lengths = batch.message_span()
@@ -137,9 +164,65 @@ class ScoringPipeline:
             (batch.ints[accepted, self._entity], batch.lengths[accepted, self._entity]),
             (message_starts[accepted], message_lengths[accepted]),
             batch.ints[accepted, self._time] // self.spec.event.time_divisor,
-            int(time.time() * 1000), [(model.name, model.version)], np.zeros(len(accepted), dtype=np.int64),
-            scores, matrix, partitions[accepted], offsets[accepted])
+            scored_at, models, model_of, scores, features, partitions[accepted], offsets[accepted])
         return result
+
+    def _score_rollout(self, result: BatchResult, batch: ScannedBatch, accepted: np.ndarray, groups: list,
+                       full_matrix: np.ndarray, keep: np.ndarray, matrix: np.ndarray, scores: np.ndarray | None,
+                       partitions: np.ndarray, offsets: np.ndarray, scored_at: int, models: list,
+                       model_of: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+        """Score the canary and the shadows on the batch's feature matrix; serve the canary's share (fills
+        `models` / `model_of`), collect the unserved scores as ShadowScores records in `result.shadow`.
+        Returns the served scores and the features they were computed from."""
+        serving = self.serving
+        production = serving.production
+        n = len(accepted)
+        src = batch.buffer
+        id_spans = (batch.ints[accepted, self._id], batch.lengths[accepted, self._id])
+        entity_spans = (batch.ints[accepted, self._entity], batch.lengths[accepted, self._entity])
+        times = batch.ints[accepted, self._time] // self.spec.event.time_divisor
+        where = (partitions[accepted], offsets[accepted])
+        everyone = np.arange(n)
+
+        def matrix_for(other: ServedModel) -> np.ndarray:
+            if same_encoding(other, production):
+                return matrix
+            encoded = full_matrix.copy()
+            for positions, inputs in groups:
+                part = encoded[positions]
+                self.engine.encode(part, inputs, other.vocabularies)
+                encoded[positions] = part
+            return encoded[keep]
+
+        def unserved(other: ServedModel, rows: np.ndarray, other_scores: np.ndarray) -> None:
+            record = self.shadow_writer.encode(other, rows, other_scores, scored_at, src, id_spans, entity_spans,
+                                               times, *where)
+            if record is not None:
+                result.shadow.append(record)
+
+        features = matrix
+        canary = serving.canary
+        if canary is not None and scores is not None:
+            canary_matrix = matrix_for(canary)
+            canary_scores = canary.predict(canary_matrix)
+            positions = np.empty(n, dtype=np.float64)
+            entity_positions(src, entity_spans[0].astype(np.int64), entity_spans[1].astype(np.int64), positions)
+            chosen = positions < serving.canary_share
+            result.served_by_canary = chosen
+            unserved(canary, np.flatnonzero(~chosen), canary_scores)
+            unserved(production, np.flatnonzero(chosen), scores)
+            if chosen.any():
+                served = scores.copy()
+                served[chosen] = canary_scores[chosen]
+                if canary_matrix is not matrix:
+                    features = matrix.copy()
+                    features[chosen] = canary_matrix[chosen]
+                scores = served
+                models.append((canary.name, canary.version))
+                model_of[chosen] = 1
+        for shadow in serving.shadows:
+            unserved(shadow, everyone, shadow.predict(matrix_for(shadow)))
+        return scores, features
 
     def _duplicate(self, batch: ScannedBatch, row: int, first: int, partition: int, offset: int):
         """A re-sent event (its event id already applied to its entity's state) becomes a rejection, not a

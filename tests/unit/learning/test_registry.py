@@ -168,7 +168,8 @@ def test_promote_rollback_history(tmp_path, booster):
     first = registry.promote(MODEL, 1, reason="initial")
     assert first.previous_production is None
     assert first.event == {"model_name": MODEL, "version": 1, "stage": "production", "action": "promote",
-                           "feature_set": "fs-aaaa", "reason": "initial", "updated_at": first.event["updated_at"]}
+                           "feature_set": "fs-aaaa", "reason": "initial", "updated_at": first.event["updated_at"],
+                           "evidence": {}}
     registry.promote(MODEL, 2)
     third = registry.promote(MODEL, 3, reason="gate passed")
     assert third.previous_production == 2
@@ -243,7 +244,7 @@ def test_events_and_model_versions_rows(tmp_path, booster):
     version = register(registry, booster, created_at=1_700_000_400_000)
     event = registration_event(version)
     assert event == {"model_name": MODEL, "version": 1, "stage": "candidate", "action": "register",
-                     "feature_set": "fs-aaaa", "reason": "test", "updated_at": 1_700_000_400_000}
+                     "feature_set": "fs-aaaa", "reason": "test", "updated_at": 1_700_000_400_000, "evidence": {}}
     row = model_versions_row(version, event)
     assert tuple(row) == MODEL_VERSIONS_COLUMNS
     assert row["created_at"] == datetime(2023, 11, 14, 22, 20, tzinfo=timezone.utc)
