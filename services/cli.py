@@ -79,45 +79,77 @@ def infra_install(ctx: typer.Context) -> None:
     console.print(f"Kafka {version}{note} jars in {broker.libs_dir(version)} [{time.perf_counter() - started:.1f} s]")
 
 
+# `infra up` exit codes besides 0 (all done) and 1 (failed): the broker is fine (started, restarted or
+# running) but the embedded store is open in another streamscore process, so its tables were not checked.
+EXIT_STORE_BUSY = 3
+
+
 @infra_app.command("up")
-def infra_up(ctx: typer.Context, spec_path: Path | None = _SPEC_OPTION) -> None:
-    """Install and start the local broker (unless KAFKA_BOOTSTRAP_SERVERS is set), create topics, migrate tables."""
+def infra_up(ctx: typer.Context, spec_path: Path | None = _SPEC_OPTION,
+             secure: bool = typer.Option(False, "--secure", help="Also give the local broker a SASL_SSL listener "
+                                         "(SCRAM-SHA-512, certificates made here) and write the client settings "
+                                         "file that connects to it (docs/connectivity.md).")) -> None:
+    """Install and start the local broker (unless KAFKA_BOOTSTRAP_SERVERS is set), create topics, migrate tables.
+
+    Exit code 0: done; 1: failed; 3: the broker is up (its message says started, restarted or already
+    running) but the embedded ClickHouse store is busy, held by a running `streamscore run`/`demo` that
+    migrated it itself: nothing to stop or fix."""
     from confluent_kafka import KafkaException
 
-    from streamscore.clickhouse.store import StoreError, open_store
+    from streamscore.clickhouse.store import StoreError, StoreLockedError, open_store
     from streamscore.clickhouse.tables import ensure_spec_tables
     from streamscore.dev.kafka_broker import KafkaBrokerError, LocalKafkaBroker
     from streamscore.kafka.topics import ensure_topics
 
     settings, spec = _with_spec(ctx, spec_path)
+    broker_state = "external cluster"
+    store_busy = None
     try:
         if settings.uses_local_broker:
-            broker = LocalKafkaBroker(settings)
+            broker = LocalKafkaBroker(settings, secure=secure)
             with _step("install Kafka jars") as note:
                 note(f"Kafka {broker.install()}")
             with _step("start Kafka broker") as note:
-                was_running = broker.status().running
+                broker_state = broker.start_state()
                 broker.start()
-                state = "already running" if was_running else "started"
-                note(f"{state}, pid {broker.status().pid}, {settings.bootstrap_servers}, logs in {broker.log_dir}")
+                note(f"{broker_state}, pid {broker.status().pid}, {settings.bootstrap_servers}, logs in {broker.log_dir}")
+            if secure:
+                with _step("secure listener") as note:
+                    note(f"SASL_SSL (SCRAM-SHA-512) on {broker.secure_bootstrap}; client settings in "
+                         f"{broker.client_properties_file}: export STREAMSCORE_KAFKA_CLIENT_PROPERTIES="
+                         f"{broker.client_properties_file}")
         else:
+            if secure:
+                raise fail("--secure configures the local broker, but an external Kafka cluster is configured "
+                           f"({settings.bootstrap_servers}); see docs/connectivity.md for its settings")
             with _step("check external Kafka cluster") as note:
                 note(_check_external_kafka(settings))
         with _step("create topics") as note:
             created = ensure_topics(settings, spec=spec)
             note(f"created {', '.join(created)}" if created else "all present")
         with _step("migrate ClickHouse") as note:
-            store = open_store(settings)
             try:
-                applied = store.migrate()
-                evolved = ensure_spec_tables(store, spec)
-            finally:
-                store.close()
-            versions = ", ".join(map(str, applied)) if applied else "none (up to date)"
-            note(f"{store.location} database {settings.clickhouse_database}: applied {versions}; spec "
-                 f"{spec.name!r} (feature set {spec.feature_set}): " + ("; ".join(evolved) or "tables up to date"))
+                store = open_store(settings)
+            except StoreLockedError as error:
+                store_busy = error
+                note(f"skipped, store busy: {(settings.data_dir / 'clickhouse').resolve()} is open in another "
+                     "streamscore process (`run` or `demo`), which migrated it when it started")
+            else:
+                try:
+                    applied = store.migrate()
+                    evolved = ensure_spec_tables(store, spec)
+                finally:
+                    store.close()
+                versions = ", ".join(map(str, applied)) if applied else "none (up to date)"
+                note(f"{store.location} database {settings.clickhouse_database}: applied {versions}; spec "
+                     f"{spec.name!r} (feature set {spec.feature_set}): " + ("; ".join(evolved) or "tables up to date"))
     except (KafkaBrokerError, StoreError, KafkaException, RuntimeError) as error:
         raise fail(str(error)) from error
+    if store_busy is not None:
+        errors.print(f"[yellow]store busy:[/yellow] broker {broker_state}, topics ready; the embedded ClickHouse store "
+                     "is held by a running streamscore process, which reconnects to the broker by itself. Nothing "
+                     f"to stop (exit code {EXIT_STORE_BUSY}).", highlight=False)
+        raise typer.Exit(EXIT_STORE_BUSY)
 
 
 @infra_app.command("down")
@@ -173,19 +205,21 @@ def infra_status(ctx: typer.Context) -> None:
 
 
 def _check_external_kafka(settings: Settings, timeout_s: float = 10.0) -> str:
-    from confluent_kafka.admin import AdminClient
+    from streamscore.kafka.config import KafkaConnectionError, check_connection
 
     try:
-        metadata = AdminClient({"bootstrap.servers": settings.bootstrap_servers}).list_topics(timeout=timeout_s)
-    except Exception as error:
-        raise RuntimeError(f"Kafka at {settings.bootstrap_servers} (KAFKA_BOOTSTRAP_SERVERS) does not answer: {error}") from error
+        metadata = check_connection(settings, timeout_s=timeout_s)
+    except KafkaConnectionError as error:
+        raise RuntimeError(str(error)) from error
     return f"answers, {len(metadata.brokers)} broker(s)"
 
 
 def _topic_summary(settings: Settings, names: list[str]) -> str:
     from confluent_kafka.admin import AdminClient
 
-    existing = AdminClient({"bootstrap.servers": settings.bootstrap_servers}).list_topics(timeout=10).topics
+    from streamscore.kafka.config import admin_config
+
+    existing = AdminClient(admin_config(settings)).list_topics(timeout=10).topics
     present = [name for name in names if name in existing]
     missing = [name for name in names if name not in existing]
     text = f"{len(present)}/{len(names)} present"
@@ -539,12 +573,15 @@ def _publish_update(settings: Settings, event: dict) -> None:
     from confluent_kafka import KafkaException
 
     from streamscore.avro.codec import AvroCodec
+    from streamscore.kafka.config import schema_registry_config
     from streamscore.kafka.io import DeliveryFailed
     from streamscore.learning.model_updates import publish_model_updates
     from streamscore.settings import TOPIC_MODEL_UPDATES
 
     try:
-        publish_model_updates(settings, AvroCodec(registry_url=settings.schema_registry_url), [event], timeout_s=15)
+        publish_model_updates(settings, AvroCodec(registry_url=settings.schema_registry_url,
+                                                  registry_config=schema_registry_config(settings)), [event],
+                              timeout_s=15)
     except (DeliveryFailed, KafkaException) as error:
         raise fail(f"the registry was updated, but the model update was not published to "
                    f"{settings.topic(TOPIC_MODEL_UPDATES)} ({error}); scorers still pick the change up from the "
@@ -567,10 +604,12 @@ def run(ctx: typer.Context,
         configure_logging(settings)
     except ValueError as error:
         raise fail(str(error)) from error
+    from streamscore.kafka.config import KafkaConnectionError
+
     names = list(SERVICE_NAMES) if services == ["all"] else services
     try:
         group = ServiceGroup(settings, names, spec=spec)
-    except (ValueError, StoreError) as error:
+    except (ValueError, StoreError, KafkaConnectionError) as error:
         raise fail(str(error)) from error
     # One endpoint per process, exposing every service it runs (STREAMSCORE_METRICS_PORT, 0 = off).
     metrics = None
@@ -598,6 +637,7 @@ def simulate(ctx: typer.Context,
     """Produce the spec's generated events (and delayed labels) to its events/labels topics."""
     from streamscore.avro.codec import AvroCodec, SchemaCatalog
     from streamscore.dev.generators import Drift, GeneratorError, generator_ending_now
+    from streamscore.kafka.config import schema_registry_config
     from streamscore.services.tools.simulate import produce_simulation
 
     settings, spec = _with_spec(ctx, spec_path)
@@ -606,7 +646,8 @@ def simulate(ctx: typer.Context,
                                          None if drift == "none" else Drift(kind=drift, at_event=drift_at))
     except (GeneratorError, ValueError) as error:
         raise fail(str(error)) from error
-    codec = AvroCodec(SchemaCatalog.for_spec(spec), registry_url=settings.schema_registry_url)
+    codec = AvroCodec(SchemaCatalog.for_spec(spec), registry_url=settings.schema_registry_url,
+                      registry_config=schema_registry_config(settings))
     report = produce_simulation(settings, spec, codec, generator, events, rate=rate or None, poison_every=poison_every)
     console.print(f"produced {report.events} events, {report.labels} labels, {report.poison} poison messages "
                   f"in {report.seconds:.1f} s ({report.events / max(report.seconds, 1e-9):,.0f} events/s)")
@@ -623,6 +664,7 @@ def train(ctx: typer.Context,
     """Build the training set from ClickHouse (offline feature path), train, gate, register, maybe promote.
     While `streamscore run` holds the embedded store, its trainer does it (a request on the retrain topic)."""
     from streamscore.avro.codec import AvroCodec
+    from streamscore.kafka.config import schema_registry_config
     from streamscore.learning.model_updates import publish_model_updates
     from streamscore.learning.registry import ModelRegistry
     from streamscore.learning.retraining import train_and_register
@@ -647,7 +689,8 @@ def train(ctx: typer.Context,
                                      since_ms=since_ms)
     except (StoreError, TrainingDataError) as error:
         raise fail(str(error)) from error
-    publish_model_updates(settings, AvroCodec(registry_url=settings.schema_registry_url), outcome.events)
+    publish_model_updates(settings, AvroCodec(registry_url=settings.schema_registry_url,
+                                              registry_config=schema_registry_config(settings)), outcome.events)
     verdict = ("in shadow for the online gate" if outcome.shadowed else
                "promoted to production" if outcome.promoted else "rejected")
     console.print(_verdict_line(settings, spec, outcome.version, verdict, outcome.gate_reason), highlight=False)
@@ -663,7 +706,8 @@ def _train_through_the_running_trainer(settings: Settings, spec, reason: str, wa
     """Ask the trainer of the process holding the store, through the retrain topic, and report its verdict
     (the registry is a directory both processes read)."""
     from streamscore.avro.codec import AvroCodec, SchemaCatalog
-    from streamscore.kafka.io import DeliveryTracker, flush_or_raise, make_producer
+    from streamscore.kafka.config import schema_registry_config
+    from streamscore.kafka.io import DeliveryTracker, flush_or_raise, make_producer, produce
     from streamscore.learning.registry import ModelRegistry
     from streamscore.learning.retrain_requests import manual_request
     from streamscore.settings import TOPIC_RETRAIN
@@ -671,10 +715,12 @@ def _train_through_the_running_trainer(settings: Settings, spec, reason: str, wa
     registry = ModelRegistry(settings.registry_dir)
     production = registry.read_production_version(settings.model_name) or 0
     request = manual_request(settings.model_name, production, reason, int(time.time() * 1000))
-    codec = AvroCodec(SchemaCatalog.for_spec(spec), registry_url=settings.schema_registry_url)
+    codec = AvroCodec(SchemaCatalog.for_spec(spec), registry_url=settings.schema_registry_url,
+                      registry_config=schema_registry_config(settings))
     producer, delivered = make_producer(settings), DeliveryTracker()
-    producer.produce(settings.topic(TOPIC_RETRAIN), key=settings.model_name.encode(), on_delivery=delivered,
-                     value=codec.encode("retrain_request", request, topic=settings.topic(TOPIC_RETRAIN)))
+    produce(producer, settings.topic(TOPIC_RETRAIN),
+            codec.encode("retrain_request", request, topic=settings.topic(TOPIC_RETRAIN)),
+            settings.model_name.encode(), on_delivery=delivered)
     flush_or_raise(producer, delivered, timeout_s=30.0)
     console.print(f"the store is held by a running `streamscore run`: asked its trainer (request "
                   f"{request['request_id']}) ...", highlight=False)

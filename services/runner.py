@@ -16,6 +16,8 @@ from collections.abc import Callable
 from streamscore.clickhouse.shared_store import RemoteStore, StoreServer, socket_path
 from streamscore.clickhouse.store import Store, open_store
 from streamscore.clickhouse.tables import ensure_spec_tables
+from streamscore.kafka.config import check_connection
+from streamscore.services.restarts import RestartPolicy, run_with_restarts
 from streamscore.settings import Settings
 from streamscore.spec import FeatureSpec, resolve
 
@@ -26,33 +28,37 @@ NEEDS_STORE = {"logger", "drift", "trainer"}
 STOPS_LAST = {"logger"}  # it records what the others produce (model updates of a retrain finishing at a stop)
 
 
-def build_service(name: str, settings: Settings, store: Store | None, spec: FeatureSpec):
+def build_service(name: str, settings: Settings, store: Store | None, spec: FeatureSpec, stats=None):
+    """A new instance of service `name`; `stats`: keep counting in these (a restarted service's)."""
     # Imported here so `streamscore run scorer` does not load what it does not run.
     if name == "scorer":
         from streamscore.services.scorer.service import ScorerService
-        return ScorerService(settings, spec=spec)
+        return ScorerService(settings, spec=spec, stats=stats)
     if name == "logger":
         from streamscore.services.logger.service import LoggerService
-        return LoggerService(settings, store=store, spec=spec)
+        return LoggerService(settings, store=store, spec=spec, stats=stats)
     if name == "drift":
         from streamscore.services.drift.service import DriftService
-        return DriftService(settings, store=store, spec=spec)
+        return DriftService(settings, store=store, spec=spec, stats=stats)
     if name == "trainer":
         from streamscore.services.trainer.service import TrainerService
-        return TrainerService(settings, store=store, spec=spec)
+        return TrainerService(settings, store=store, spec=spec, stats=stats)
     raise ValueError(f"unknown service {name!r}; choose from {', '.join(SERVICE_NAMES)} or 'all'")
 
 
 class ServiceGroup:
-    """Services running as threads; the first one to crash stops the others."""
+    """Services running as threads; a crashed one is restarted with backoff (services/restarts.py), and
+    only one that keeps crashing stops the others."""
 
     def __init__(self, settings: Settings, names: list[str], store: Store | None = None,
-                 spec: FeatureSpec | None = None):
+                 spec: FeatureSpec | None = None, restart_policy: RestartPolicy | None = None):
         unknown = [n for n in names if n not in SERVICE_NAMES]
         if unknown:
             raise ValueError(f"unknown service(s) {unknown}; choose from {', '.join(SERVICE_NAMES)} or 'all'")
         if spec is None:
             settings, spec = resolve(settings)
+        if names:  # refused credentials or an untrusted certificate: a clear error now, not a silent hang
+            check_connection(settings, timeout_s=10, wait_for_broker=True)
         if store is None and NEEDS_STORE & set(names):
             store = open_store(settings)
             store.migrate()
@@ -66,11 +72,23 @@ class ServiceGroup:
         self.services = {name: build_service(name, settings, store, spec) for name in names}
         self.failures: dict[str, BaseException] = {}
         self._threads: list[threading.Thread] = []
+        self.restart_policy = restart_policy or RestartPolicy.from_settings(settings)
+        self.build = lambda name, stats: build_service(name, settings, store, spec, stats=stats)
         # chDB has one process per data dir: this one serves it to `streamscore query`, `status`, the trainer's
         # training process... on a local socket while it runs (clickhouse/shared_store.py)
         self.store_server: StoreServer | None = None
         if store is not None and store.is_embedded and not isinstance(store, RemoteStore):
             self.store_server = StoreServer(store, socket_path(settings), services=self.running_services)
+
+    def _rebuild(self, name: str):
+        stats = getattr(self.services[name], "stats", None)
+        self.services[name] = self.build(name, stats)
+        return self.services[name]
+
+    def _count_restart(self, name: str) -> None:
+        stats = getattr(self.services[name], "stats", None)
+        if stats is not None and hasattr(stats, "count_restart"):
+            stats.count_restart()
 
     def running_services(self) -> dict[str, bool]:
         """name -> running, of the services of this group (what `streamscore status` shows)."""
@@ -93,7 +111,8 @@ class ServiceGroup:
 
     def _run_one(self, name: str, service) -> None:
         try:
-            service.run(self._stop_event(name))
+            run_with_restarts(name, service, lambda: self._rebuild(name), self._stop_event(name),
+                              self.restart_policy, on_restart=lambda *_: self._count_restart(name))
         except BaseException as exc:  # noqa: BLE001 - reported and re-raised by join()
             log.exception("service %s crashed", name)
             self.failures[name] = exc

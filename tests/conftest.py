@@ -69,22 +69,26 @@ def docker_engine_reachable(timeout_s: float = 2.0) -> bool:
         return False
 
 
-def free_port_pair() -> int:
-    """A port p with p and p+1 both free (the local broker's client and controller ports)."""
+def free_port_pair(count: int = 2) -> int:
+    """A port p with p .. p+count-1 all free (the local broker's client and controller ports, and with
+    count=3 its SASL_SSL port)."""
     for _ in range(50):
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
-        if port >= 65535:
+        if port + count - 1 > 65535:
             continue
+        sockets = [socket.socket() for _ in range(count)]
         try:
-            with socket.socket() as a, socket.socket() as b:
-                a.bind(("127.0.0.1", port))
-                b.bind(("127.0.0.1", port + 1))
+            for offset, sock in enumerate(sockets):
+                sock.bind(("127.0.0.1", port + offset))
             return port
         except OSError:
             continue
-    raise RuntimeError("no two consecutive free ports found on 127.0.0.1")
+        finally:
+            for sock in sockets:
+                sock.close()
+    raise RuntimeError(f"no {count} consecutive free ports found on 127.0.0.1")
 
 
 @pytest.fixture(scope="session")

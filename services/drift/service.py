@@ -38,10 +38,12 @@ import time
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
+from streamscore.kafka.config import schema_registry_config
 from streamscore.avro.codec import AvroCodec, DecodeError, SchemaCatalog
 from streamscore.drift.monitor import DriftConfig, IncompatibleDriftState
 from streamscore.drift.tracking import DRIFT_EVENTS_COLUMNS, KIND_DRIFT, DriftOutputs, DriftTracker
-from streamscore.kafka.io import DeliveryTracker, flush_or_raise, make_consumer, make_producer
+from streamscore.kafka.io import (DeliveryTracker, commit_offsets, flush_or_raise, make_consumer, make_producer,
+                                  make_reader, produce)
 from streamscore.learning.registry import ModelRegistry
 from streamscore.ops.logs import RepeatedWarning
 from streamscore.ops.service_stats import ServiceStats
@@ -63,8 +65,7 @@ def read_checkpoint(settings: Settings, model_name: str, timeout_s: float = 60.0
     Reads backwards from the end in growing steps: compaction only cleans closed
     segments, so the topic may hold many old checkpoints; the newest is last."""
     topic = settings.topic(TOPIC_DRIFT_STATE)
-    reader = Consumer({"bootstrap.servers": settings.bootstrap_servers, "group.id": "unused",
-                       "enable.auto.commit": False, "enable.partition.eof": True})
+    reader = make_reader(settings, **{"enable.partition.eof": True})
     key = model_name.encode()
     deadline = time.monotonic() + timeout_s
     try:
@@ -105,7 +106,8 @@ class DriftService:
         self.settings = settings
         self.spec = spec
         self.store = store or open_store(settings)
-        self.codec = codec or AvroCodec(SchemaCatalog.for_spec(spec), registry_url=settings.schema_registry_url)
+        self.codec = codec or AvroCodec(SchemaCatalog.for_spec(spec), registry_url=settings.schema_registry_url,
+                                        registry_config=schema_registry_config(settings))
         self.registry = ModelRegistry(settings.registry_dir)
         self.stats = stats or ServiceStats(SERVICE)
         self.tracker = DriftTracker(DriftConfig.from_settings(settings), settings.model_name,
@@ -251,17 +253,18 @@ class DriftService:
             self._export_metrics(outputs.rows)
         tracker = DeliveryTracker()
         for request in outputs.requests:
-            producer.produce(self.retrain_topic, key=request["model_name"].encode(),
-                             value=self.encode_request(request), on_delivery=tracker)
-        producer.produce(self.state_topic, key=self.settings.model_name.encode(), value=self.tracker.to_bytes(),
-                         on_delivery=tracker)
+            produce(producer, self.retrain_topic, self.encode_request(request), request["model_name"].encode(),
+                    on_delivery=tracker)
+        produce(producer, self.state_topic, self.tracker.to_bytes(), self.settings.model_name.encode(),
+                on_delivery=tracker)
         flush_or_raise(producer, tracker)
         now = time.time()
         self.requests_sent += [(now, request) for request in outputs.requests]
         offsets = [TopicPartition(topic, partition, offset)
                    for topic, parts in self.tracker.offsets.items() for partition, offset in parts.items()]
-        if offsets:
-            consumer.commit(offsets=offsets, asynchronous=False)
+        # The shared path: a coordinator loading after a broker restart is retried, and still failing it is
+        # not fatal (the checkpoint just written holds these offsets; the group's are only a fallback).
+        commit_offsets(consumer, offsets)
         self.stats.record_batch(n_in=0, n_out=len(outputs.rows) + len(outputs.requests),
                                 seconds=time.perf_counter() - started)
         outputs.clear()

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from confluent_kafka import KafkaError, Message
 
+from streamscore.kafka.config import schema_registry_config
 from streamscore.avro.codec import AvroCodec, DecodeError, SchemaCatalog
 from streamscore.clickhouse.blocks import PredictionBlockWriter
 from streamscore.clickhouse.rows import (LABEL_COLUMNS, REJECTED_COLUMNS, SHADOW_COLUMNS, InvalidRow, batch_token,
@@ -168,7 +169,8 @@ class LoggerService:
         self.settings = settings
         self.spec = spec
         self.store = store or open_store(settings)
-        self.codec = codec or AvroCodec(SchemaCatalog.for_spec(spec), registry_url=settings.schema_registry_url)
+        self.codec = codec or AvroCodec(SchemaCatalog.for_spec(spec), registry_url=settings.schema_registry_url,
+                                        registry_config=schema_registry_config(settings))
         self.registry = ModelRegistry(settings.registry_dir)
         self.stats = stats or ServiceStats(SERVICE)
         self.predictions_topic = settings.topic(TOPIC_PREDICTIONS)

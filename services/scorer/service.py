@@ -38,9 +38,10 @@ from collections import deque
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
+from streamscore.kafka.config import schema_registry_config
 from streamscore.avro.codec import AvroCodec, SchemaCatalog
-from streamscore.kafka.io import (CLIENT_LOG, AckBatch, DeliveryFailed, commit, dead_letter, log_commit_errors,
-                                  make_consumer, make_producer)
+from streamscore.kafka.io import (AckBatch, DeliveryFailed, commit, dead_letter, log_commit_errors, make_consumer,
+                                  make_producer, make_reader, produce)
 from streamscore.kafka.membership import InstanceSlot
 from streamscore.learning.registry import ModelRegistry
 from streamscore.ops.service_stats import ServiceStats
@@ -89,9 +90,7 @@ def read_changelogs(settings: Settings, engine: FeatureEngine, partitions: list[
     # fetch.wait.max.ms: the broker answers a fetch at once, not after 500 ms (librdkafka's default) when it has
     # little; consume() returns after 50 ms, not after waiting 0.5 s to fill 10,000: a restart restored 500
     # entities (a few thousand changelog values) in 1.4-3.5 s before, ~0.1-0.3 s now.
-    reader = Consumer({"bootstrap.servers": settings.bootstrap_servers, "group.id": "unused",
-                       "enable.auto.commit": False, "enable.partition.eof": True, "fetch.wait.max.ms": 5,
-                       "logger": CLIENT_LOG})
+    reader = make_reader(settings, **{"enable.partition.eof": True, "fetch.wait.max.ms": 5})
     refused = 0
     # the newest value of each key (None: a tombstone), decoded once at the end: the changelog's uncompacted
     # tail holds a value per checkpoint that changed the entity (500 entities: ~10k values, 1.3-2 s to decode
@@ -223,7 +222,8 @@ class ScorerService:
             settings, spec = resolve(settings)
         self.settings = settings
         self.spec = spec
-        self.codec = codec or AvroCodec(SchemaCatalog.for_spec(spec), registry_url=settings.schema_registry_url)
+        self.codec = codec or AvroCodec(SchemaCatalog.for_spec(spec), registry_url=settings.schema_registry_url,
+                                        registry_config=schema_registry_config(settings))
         self.registry = ModelRegistry(settings.registry_dir)
         self.pipeline = ScoringPipeline(spec, self.codec,
                                         load_production_model(self.registry, spec, settings.model_name),
@@ -318,14 +318,14 @@ class ScorerService:
             if state is None:
                 continue
             if slot is None:  # dropped past retention: a tombstone compacts the changelog too
-                producer.produce(state_topic, key=entity, value=None, partition=partition, on_delivery=acks)
+                produce(producer, state_topic, None, entity, partition=partition, on_delivery=acks)
                 acks.produced += 1
             elif slot < len(state.entity_ids) and state.entity_ids[slot] == entity:  # (a dropped slot is reused)
                 by_partition.setdefault(partition, []).append(slot)
         for partition, slots in by_partition.items():
             # the state now (maybe ahead of the checkpoint's offsets: replayed offsets are not re-applied)
             for entity, value in self.pipeline.states[partition].encode(slots):
-                producer.produce(state_topic, key=entity, value=value, partition=partition, on_delivery=acks)
+                produce(producer, state_topic, value, entity, partition=partition, on_delivery=acks)
                 acks.produced += 1
         if not self._state_queue:
             acks.seal(self._checkpointing)
@@ -442,9 +442,12 @@ class ScorerService:
                     result = self.pipeline.score(inputs)
                     acks = self._acks
                     for key, value in zip(result.keys, result.encoded):
-                        producer.produce(predictions_topic, key=key, value=value, on_delivery=acks)
+                        try:  # the hot path calls the client directly; a full queue or a retriable error
+                            producer.produce(predictions_topic, key=key, value=value, on_delivery=acks)
+                        except (BufferError, KafkaException):  # ... goes through the shared produce path
+                            produce(producer, predictions_topic, value, key, on_delivery=acks)
                     for value in result.shadow:
-                        producer.produce(shadow_topic, value=value, on_delivery=acks)
+                        produce(producer, shadow_topic, value, on_delivery=acks)
                     for index, rejection, event_id in result.rejected:
                         dead_letter(producer, settings, messages[index], rejection, SERVICE, event_id=event_id,
                                     on_delivery=acks)

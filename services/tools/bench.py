@@ -47,6 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
+from streamscore.kafka.config import schema_registry_config
 from streamscore.avro.codec import AvroCodec, SchemaCatalog
 from streamscore.dev.generators import generator_ending_now, load_generator
 from streamscore.learning import training
@@ -325,11 +326,12 @@ class PredictionWatcher:
     def __init__(self, settings: Settings):
         from confluent_kafka import Consumer, TopicPartition
 
+        from streamscore.kafka.config import reader_config
+
         self.received: dict[str, tuple[float, int]] = {}  # event id -> (receive time s, CreateTime ms)
         self._stop = threading.Event()
         topic = settings.topic(TOPIC_PREDICTIONS)
-        self.consumer = Consumer({"bootstrap.servers": settings.bootstrap_servers, "group.id": "bench-watcher",
-                                  "enable.auto.commit": False, "fetch.wait.max.ms": 5})
+        self.consumer = Consumer(reader_config(settings, **{"group.id": "bench-watcher", "fetch.wait.max.ms": 5}))
         metadata = self.consumer.list_topics(topic, timeout=10).topics[topic]
         self.consumer.assign([TopicPartition(topic, p, -1) for p in metadata.partitions])  # -1 = OFFSET_END
         self._thread = threading.Thread(target=self._run, name="bench-watcher", daemon=True)
@@ -732,7 +734,8 @@ def run_bench(base: Settings, options: BenchOptions, progress=print,
     settings = bench_settings(base)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     report = BenchReport(machine=machine_description())
-    codec = AvroCodec(SchemaCatalog.for_spec(PAYMENTS), registry_url=settings.schema_registry_url)
+    codec = AvroCodec(SchemaCatalog.for_spec(PAYMENTS), registry_url=settings.schema_registry_url,
+                      registry_config=schema_registry_config(settings))
     history = 30_000 if options.quick else 60_000
     progress(f"training the bench model (200 trees) on {history:,} simulated events ...")
     model, train_seconds = train_bench_model(settings, options.seed, history)

@@ -22,11 +22,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from streamscore.kafka.config import schema_registry_config
 from streamscore.avro.codec import AvroCodec, SchemaCatalog
 from streamscore.clickhouse.store import Store, open_store
 from streamscore.clickhouse.tables import ensure_spec_tables
 from streamscore.dev.generators import generator_ending_now, load_generator
 from streamscore.dev.kafka_broker import LocalKafkaBroker
+from streamscore.kafka.config import admin_config
 from streamscore.kafka.io import admin_result
 from streamscore.kafka.topics import ensure_topics, topic_names
 from streamscore.learning.model_updates import publish_model_updates
@@ -76,7 +78,7 @@ def drift_options(seed: int = 7, rate: float = 2_000.0, kind: str = "concept",
 
 def reset_namespace(settings: Settings, store: Store, keep_models: bool = False, spec: FeatureSpec | None = None) -> None:
     """Delete the demo's topics, tables and (unless `keep_models`) models so every run starts from nothing."""
-    admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers})
+    admin = AdminClient(admin_config(settings))
     existing = set(admin.list_topics(timeout=10).topics)
     doomed = [t for t in topic_names(settings, spec) if t in existing]
     if doomed:
@@ -175,7 +177,8 @@ def run_demo(base: Settings, options: DemoOptions, console: Console | None = Non
         console.print(f"[bold]infra ready[/bold] in {time.monotonic() - t0:.1f} s: spec {spec.name!r} "
                       f"({len(spec.features)} features, {spec.objective}), Kafka {settings.bootstrap_servers}, "
                       f"ClickHouse {store.location} (database {settings.clickhouse_database})")
-        codec = AvroCodec(SchemaCatalog.for_spec(spec), registry_url=settings.schema_registry_url)
+        codec = AvroCodec(SchemaCatalog.for_spec(spec), registry_url=settings.schema_registry_url,
+                          registry_config=schema_registry_config(settings))
         registry = ModelRegistry(settings.registry_dir)
         total = options.history_events + options.live_events
         if options.drift:

@@ -6,13 +6,14 @@ arrives after the decision. Optional poison messages exercise the dead-letter pa
 """
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from streamscore.avro.codec import AvroCodec
-from streamscore.kafka.io import DeliveryTracker, flush_or_raise, make_producer
+from streamscore.kafka.io import DeliveryTracker, flush_or_raise, make_producer, produce
 from streamscore.settings import Settings
 from streamscore.spec.model import FeatureSpec
 
@@ -29,9 +30,11 @@ class SimulationReport:
 
 def produce_simulation(settings: Settings, spec: FeatureSpec, codec: AvroCodec, simulator, n_events: int,
                        rate: float | None = None, label_delay_s: float = 1.0, poison_every: int = 0,
-                       keep_ids: bool = False, progress: Callable[[int], None] | None = None) -> SimulationReport:
+                       keep_ids: bool = False, progress: Callable[[int], None] | None = None,
+                       stop: threading.Event | None = None) -> SimulationReport:
     """Produce `n_events` from `simulator` (a streamscore.dev.generators generator of `spec`'s records) at
-    `rate` events/s (None: as fast as possible), each label `label_delay_s` of wall time after its event."""
+    `rate` events/s (None: as fast as possible), each label `label_delay_s` of wall time after its event;
+    fewer when `stop` is set meanwhile (fault drills stop the stream when their faults are done)."""
     producer = make_producer(settings)
     tracker = DeliveryTracker()
     encode_event = codec.encoder("event", settings.topic(spec.event.topic))
@@ -47,17 +50,19 @@ def produce_simulation(settings: Settings, spec: FeatureSpec, codec: AvroCodec, 
     def send_due_labels(now: float, everything: bool = False) -> None:
         while pending_labels and (everything or pending_labels[0][0] <= now):
             _, key, label = pending_labels.popleft()
-            producer.produce(labels_topic, key=key, value=encode_label(label), on_delivery=tracker)
+            produce(producer, labels_topic, encode_label(label), key, on_delivery=tracker)
             report.labels += 1
 
     for i, (event, label) in enumerate(simulator.events(n_events)):
+        if stop is not None and stop.is_set():
+            break
         if rate:
             # Pace against the schedule, not the previous send: no drift over long runs.
             delay = started + i / rate - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
         key = event[entity_field].encode()
-        producer.produce(events_topic, key=key, value=encode_event(event), on_delivery=tracker)
+        produce(producer, events_topic, encode_event(event), key, on_delivery=tracker)
         report.events += 1
         if keep_ids:
             report.event_ids.append(event[spec.event.id_field])
@@ -67,7 +72,7 @@ def produce_simulation(settings: Settings, spec: FeatureSpec, codec: AvroCodec, 
         send_due_labels(now)
         if poison_every and (i + 1) % poison_every == 0:
             bad = poison[(report.poison) % len(poison)]
-            producer.produce(events_topic, key=b"poison", value=bad.value)
+            produce(producer, events_topic, bad.value, b"poison")
             report.poison += 1
         if i % 1000 == 0:
             producer.poll(0)

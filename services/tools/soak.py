@@ -28,6 +28,7 @@ import numpy as np
 
 from streamscore.avro.codec import AvroCodec, SchemaCatalog
 from streamscore.dev.generators import generator_ending_now
+from streamscore.kafka.config import schema_registry_config
 from streamscore.settings import TOPIC_PREDICTIONS, TOPIC_RETRAIN, Settings
 from streamscore.spec import FeatureSpec, resolve
 
@@ -88,12 +89,13 @@ class LatencyWatcher:
     def __init__(self, settings: Settings, started: float):
         from confluent_kafka import Consumer, TopicPartition
 
+        from streamscore.kafka.config import reader_config
+
         self.started = started
         self.by_minute: dict[int, list[float]] = {}
         self._stop = threading.Event()
         topic = settings.topic(TOPIC_PREDICTIONS)
-        self.consumer = Consumer({"bootstrap.servers": settings.bootstrap_servers, "group.id": "soak-watcher",
-                                  "enable.auto.commit": False, "fetch.wait.max.ms": 5})
+        self.consumer = Consumer(reader_config(settings, **{"group.id": "soak-watcher", "fetch.wait.max.ms": 5}))
         metadata = self.consumer.list_topics(topic, timeout=10).topics[topic]
         self.consumer.assign([TopicPartition(topic, p, -1) for p in metadata.partitions])
         self._thread = threading.Thread(target=self._run, name="soak-watcher", daemon=True)
@@ -194,7 +196,8 @@ def run_soak(base: Settings, minutes: float, rate: float = 2_500.0, entities: in
     settings, spec = resolve(soak_settings(base))
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     ensure_topics(settings, spec=spec)
-    codec = AvroCodec(SchemaCatalog.for_spec(spec), registry_url=settings.schema_registry_url)
+    codec = AvroCodec(SchemaCatalog.for_spec(spec), registry_url=settings.schema_registry_url,
+                      registry_config=schema_registry_config(settings))
     live_events = int(rate * minutes * 60)
     progress(f"soak: {settings.data_dir}, {history_events:,} history events then {live_events:,} at {rate:,.0f}/s")
     simulator = StampedEvents(generator_ending_now(spec, seed, entities, history_events + live_events), spec)

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 
 from confluent_kafka import KafkaError
 
+from streamscore.kafka.config import schema_registry_config
 from streamscore.avro.codec import AvroCodec, DecodeError, SchemaCatalog
 from streamscore.kafka.io import DeliveryTracker, commit, flush_or_raise, make_consumer, make_producer
 from streamscore.learning.model_updates import publish_model_updates
@@ -92,7 +93,8 @@ class TrainerService:
         self.settings = settings
         self.spec = spec
         self.store = store or open_store(settings)
-        self.codec = codec or AvroCodec(SchemaCatalog.for_spec(spec), registry_url=settings.schema_registry_url)
+        self.codec = codec or AvroCodec(SchemaCatalog.for_spec(spec), registry_url=settings.schema_registry_url,
+                                        registry_config=schema_registry_config(settings))
         self.registry = ModelRegistry(settings.registry_dir)
         self.stats = stats or ServiceStats(SERVICE)
         self.handled = HandledRequests.from_registry(self.registry, settings.model_name,

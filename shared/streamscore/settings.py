@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, field_validator
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Logical topic names; the physical name is `topic_prefix + name` (tests use a
@@ -49,6 +51,35 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("SCHEMA_REGISTRY_URL", "schema_registry_url"),
         description="Confluent schema registry; when unset, Avro single-object encoding with schemas from schemas/.",
     )
+    # --- connecting to secured infrastructure (docs/connectivity.md) ------------------
+    kafka_client_properties: Path | None = Field(
+        default=None,
+        description="librdkafka properties file (the `client.properties` convention: key=value lines, # comments) "
+        "applied to every Kafka client; a Java `sasl.jaas.config` line is read for its username and password. "
+        "The STREAMSCORE_KAFKA_* security settings below win over it; its bootstrap.servers is used when "
+        "KAFKA_BOOTSTRAP_SERVERS is unset.")
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] | None = Field(
+        default=None, description="Kafka security.protocol; unset: the properties file's, else PLAINTEXT.")
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
+        default=None, description="Kafka SASL mechanism (with a SASL_* security protocol).")
+    kafka_sasl_username: str | None = Field(default=None, description="Kafka SASL username.")
+    kafka_sasl_password: SecretStr | None = Field(
+        default=None, description="Kafka SASL password (never printed: status, logs and errors show ***).")
+    kafka_ssl_ca_location: Path | None = Field(
+        default=None, description="PEM file of the CA(s) that signed the brokers' certificates; unset: the "
+        "system's trust store.")
+    kafka_ssl_certificate_location: Path | None = Field(
+        default=None, description="Client certificate (PEM) for mutual TLS; needs STREAMSCORE_KAFKA_SSL_KEY_LOCATION.")
+    kafka_ssl_key_location: Path | None = Field(default=None, description="Private key (PEM) of the client certificate.")
+    kafka_ssl_key_password: SecretStr | None = Field(default=None, description="Password of the private key, if it has one.")
+    schema_registry_username: str | None = Field(default=None, description="Schema registry basic-auth user (or API key).")
+    schema_registry_password: SecretStr | None = Field(default=None, description="Schema registry basic-auth password (or API secret).")
+    schema_registry_ca_location: Path | None = Field(default=None, description="PEM CA file the schema registry's TLS certificate is checked against.")
+    schema_registry_certificate_location: Path | None = Field(default=None, description="Client certificate (PEM) for a schema registry that asks for mutual TLS.")
+    schema_registry_key_location: Path | None = Field(default=None, description="Private key (PEM) of that client certificate.")
+    clickhouse_ca_cert: Path | None = Field(default=None, description="PEM CA file the ClickHouse server's TLS certificate (https CLICKHOUSE_URL) is checked against.")
+    clickhouse_verify: bool = Field(default=True, description="Check the ClickHouse server's TLS certificate and host name (false only for a test server).")
+
     cache_dir: Path = Field(default=Path(".cache"), description="Downloaded artifacts (Kafka jars). Safe to delete.")
     data_dir: Path = Field(default=Path(".data"), description="Broker logs, embedded ClickHouse, model registry.")
     topic_prefix: str = Field(default="", description="Prefix of every topic name (isolates tests and tenants).")
@@ -174,7 +205,48 @@ class Settings(BaseSettings):
     # --- operations ---------------------------------------------------------------
     metrics_port: int = Field(default=0, ge=0, le=65535,
                               description="Serve Prometheus metrics of the services run by this process on this port (0 = off).")
+    metrics_host: str = Field(default="127.0.0.1", min_length=1,
+                              description="Address the metrics endpoint listens on (127.0.0.1: this machine only; "
+                              "0.0.0.0 in a container that Prometheus scrapes).")
+    service_max_restarts: int = Field(default=5, ge=0,
+                                      description="`run`: a crashed service is restarted with backoff; after this "
+                                      "many crashes in a row (none running for service_healthy_s) the process exits 1.")
+    service_restart_backoff_s: float = Field(default=1.0, gt=0, description="First restart delay; doubles per crash in a row up to 60 s.")
+    service_healthy_s: float = Field(default=60.0, gt=0, description="A service that ran this long before crashing starts its restart count again.")
     metrics_lag_interval_s: float = Field(default=10.0, gt=0, description="How often the consumer lag gauges are refreshed from Kafka.")
+
+    # --- validation -----------------------------------------------------------
+    @field_validator("kafka_client_properties", "kafka_ssl_ca_location", "kafka_ssl_certificate_location",
+                     "kafka_ssl_key_location", "schema_registry_ca_location", "schema_registry_certificate_location",
+                     "schema_registry_key_location", "clickhouse_ca_cert")
+    @classmethod
+    def _file_exists(cls, path: Path | None, info) -> Path | None:
+        if path is not None and not path.is_file():
+            raise ValueError(f"STREAMSCORE_{info.field_name.upper()}={path}: no such file")
+        return path
+
+    @model_validator(mode="after")
+    def _consistent_security(self) -> "Settings":
+        from streamscore.kafka.properties import read_client_properties
+
+        if self.kafka_client_properties is not None:
+            read_client_properties(self.kafka_client_properties)  # a bad file fails here, naming its line
+        protocol = self.kafka_security_protocol
+        if protocol is not None and protocol.startswith("SASL") and self.kafka_sasl_mechanism is None:
+            raise ValueError(f"STREAMSCORE_KAFKA_SECURITY_PROTOCOL={protocol} needs STREAMSCORE_KAFKA_SASL_MECHANISM "
+                             "(PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512)")
+        if (self.kafka_sasl_username is None) != (self.kafka_sasl_password is None):
+            raise ValueError("STREAMSCORE_KAFKA_SASL_USERNAME and STREAMSCORE_KAFKA_SASL_PASSWORD are set together")
+        if (self.kafka_ssl_certificate_location is None) != (self.kafka_ssl_key_location is None):
+            raise ValueError("STREAMSCORE_KAFKA_SSL_CERTIFICATE_LOCATION and STREAMSCORE_KAFKA_SSL_KEY_LOCATION are "
+                             "set together (mutual TLS needs both)")
+        if (self.schema_registry_username is None) != (self.schema_registry_password is None):
+            raise ValueError("STREAMSCORE_SCHEMA_REGISTRY_USERNAME and STREAMSCORE_SCHEMA_REGISTRY_PASSWORD are set "
+                             "together")
+        if (self.schema_registry_certificate_location is None) != (self.schema_registry_key_location is None):
+            raise ValueError("STREAMSCORE_SCHEMA_REGISTRY_CERTIFICATE_LOCATION and "
+                             "STREAMSCORE_SCHEMA_REGISTRY_KEY_LOCATION are set together")
+        return self
 
     @field_validator("rollout_canary_shares")
     @classmethod
@@ -188,12 +260,35 @@ class Settings(BaseSettings):
         return parse_shares(self.rollout_canary_shares)
 
     @property
+    def client_properties(self) -> dict[str, str]:
+        """The properties file's entries ({} without one)."""
+        from streamscore.kafka.properties import read_client_properties
+
+        if self.kafka_client_properties is None:
+            return {}
+        return read_client_properties(self.kafka_client_properties)
+
+    @property
     def bootstrap_servers(self) -> str:
-        return self.kafka_bootstrap_servers or f"127.0.0.1:{self.kafka_port}"
+        return (self.kafka_bootstrap_servers or self.client_properties.get("bootstrap.servers")
+                or f"127.0.0.1:{self.kafka_port}")
 
     @property
     def uses_local_broker(self) -> bool:
-        return not self.kafka_bootstrap_servers
+        return not self.kafka_bootstrap_servers and "bootstrap.servers" not in self.client_properties
+
+    @property
+    def clickhouse_location(self) -> str:
+        """CLICKHOUSE_URL without its password, for messages."""
+        from urllib.parse import urlsplit, urlunsplit
+
+        if not self.clickhouse_url:
+            return self.clickhouse_dsn
+        parts = urlsplit(self.clickhouse_url)
+        if parts.password is None:
+            return self.clickhouse_url
+        netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+        return urlunsplit(parts._replace(netloc=netloc))
 
     @property
     def clickhouse_dsn(self) -> str:

@@ -135,3 +135,64 @@ def test_infra_up_then_down_leaves_no_broker_process(tmp_path):
         assert "was not running" in run("infra", "down")
     finally:
         subprocess.run([*cli, "infra", "down"], env=env, capture_output=True, timeout=60)
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds processes through /proc")
+def test_infra_up_after_a_broker_crash_says_restarted_and_store_busy_with_its_own_exit_code(tmp_path):
+    """The drill's case: the broker died while `streamscore run` holds the embedded store. `infra up`
+    restarts the broker and says so; the busy store is not a failure to fix (exit 3, not 1)."""
+    import signal
+    import time
+
+    from streamscore.dev.kafka_broker import LocalKafkaBroker
+    from streamscore.services.cli import EXIT_STORE_BUSY
+    from streamscore.settings import Settings
+
+    data_dir, port = tmp_path / "data", free_port_pair()
+    env = {key: value for key, value in os.environ.items() if key not in ("KAFKA_BOOTSTRAP_SERVERS", "CLICKHOUSE_URL")
+           and not key.startswith("STREAMSCORE_")}
+    env.update(STREAMSCORE_DATA_DIR=str(data_dir), STREAMSCORE_KAFKA_PORT=str(port),
+               STREAMSCORE_CACHE_DIR=str(CACHE_DIR), STREAMSCORE_CLICKHOUSE_DATABASE=f"cli_{uuid.uuid4().hex[:8]}")
+    cli = [sys.executable, "-c", "from streamscore.services.cli import main; main()"]
+    broker = LocalKafkaBroker(Settings(kafka_bootstrap_servers=None, kafka_port=port, data_dir=data_dir,
+                                       cache_dir=CACHE_DIR))
+
+    def up() -> tuple[int, str]:
+        result = subprocess.run([*cli, "infra", "up"], env=env, capture_output=True, text=True, timeout=180)
+        return result.returncode, " ".join((result.stdout + result.stderr).split())
+
+    service = None
+    try:
+        code, output = up()
+        assert code == 0, output
+        log = open(tmp_path / "run.log", "wb")
+        service = subprocess.Popen([*cli, "run", "logger"], env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while "service logger" not in (tmp_path / "run.log").read_text() and "logger" not in _group_states(port):
+            assert service.poll() is None and time.monotonic() < deadline, (tmp_path / "run.log").read_text()
+            time.sleep(0.5)
+        assert broker.kill() is not None
+        code, output = up()
+        print(f"\ninfra up after kill -9 of the broker, store held by `run logger`: exit {code}: {output}")
+        assert code == EXIT_STORE_BUSY, output
+        assert "restarted" in output and "store busy" in output
+        assert "Fix: stop the other" not in output and "failed" not in output
+        assert service.poll() is None, "the running service must not be disturbed"
+    finally:
+        if service is not None and service.poll() is None:
+            service.send_signal(signal.SIGTERM)
+            service.wait(60)
+        subprocess.run([*cli, "infra", "down"], env=env, capture_output=True, timeout=60)
+
+
+def _group_states(port: int) -> str:
+    """Names of the consumer groups that have members on the broker at `port` ('' while none or down)."""
+    from confluent_kafka.admin import AdminClient
+
+    try:
+        admin = AdminClient({"bootstrap.servers": f"127.0.0.1:{port}", "log_level": 0})
+        groups = admin.list_consumer_groups(request_timeout=5).result(timeout=10)
+        return " ".join(g.group_id for g in groups.valid)
+    except Exception:  # noqa: BLE001 - broker not answering yet
+        return ""

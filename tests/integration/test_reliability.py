@@ -25,10 +25,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
 from streamscore.avro.codec import AvroCodec
-from streamscore.kafka.io import admin_result
+from streamscore.kafka.config import admin_config, client_config, reader_config
+from streamscore.kafka.io import admin_result, is_retriable
 from streamscore.dev.generators import generator_ending_now
 from streamscore.services.tools.simulate import SimulationReport, produce_simulation
 from streamscore.settings import TOPIC_DEAD_LETTER, TOPIC_PREDICTIONS, Settings
@@ -58,16 +59,22 @@ def wait_until(condition, timeout_s: float, what: str, interval_s: float = 0.25)
 def positions(settings: Settings, group: str, topic: str) -> tuple[list[int], list[int]]:
     """(committed offset, end offset) per partition of `topic` for consumer group `group`
     (a never-committed partition counts as 0)."""
-    reader = Consumer({"bootstrap.servers": settings.bootstrap_servers, "group.id": group,
-                       "enable.auto.commit": False})
+    reader = Consumer(reader_config(settings, **{"group.id": group}))
+    deadline = time.monotonic() + 60
     try:
-        partitions = reader.list_topics(topic, timeout=10).topics[topic].partitions
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-        committed = [max(tp.offset, 0) for tp in reader.committed(tps, timeout=10)]
-        ends = [reader.get_watermark_offsets(tp, timeout=10)[1] for tp in tps]
+        while True:
+            try:
+                partitions = reader.list_topics(topic, timeout=10).topics[topic].partitions
+                tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+                committed = [max(tp.offset, 0) for tp in reader.committed(tps, timeout=10)]
+                ends = [reader.get_watermark_offsets(tp, timeout=10)[1] for tp in tps]
+                return committed, ends
+            except KafkaException as error:  # coordinator loading / moving just after a broker restart
+                if not is_retriable(error.args[0]) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
     finally:
         reader.close()
-    return committed, ends
 
 
 def scorer_position(settings: Settings, spec=PAYMENTS) -> tuple[int, int]:
@@ -80,7 +87,7 @@ def wait_services_ready(settings: Settings, services=("scorer", "logger"), timeo
     from confluent_kafka import ConsumerGroupState
     from confluent_kafka.admin import AdminClient
 
-    admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers})
+    admin = AdminClient(admin_config(settings))
 
     def ready() -> bool:
         groups = [settings.group(service) for service in services]
@@ -120,13 +127,14 @@ class BackgroundProducer:
                  spec=PAYMENTS):
         self.report: SimulationReport | None = None
         self.error: BaseException | None = None
+        self.stop = threading.Event()  # set: the stream ends early (its report counts what was produced)
         simulator = generator_ending_now(spec, seed, 500, n_events)
         codec = CODEC if spec is PAYMENTS else spec_codec(spec)
 
         def produce() -> None:
             try:
                 self.report = produce_simulation(settings, spec, codec, simulator, n_events, rate=rate,
-                                                 label_delay_s=0.2, poison_every=poison_every)
+                                                 label_delay_s=0.2, poison_every=poison_every, stop=self.stop)
             except BaseException as exc:  # noqa: BLE001 - re-raised by result()
                 self.error = exc
 
@@ -438,6 +446,69 @@ def test_broker_restart_mid_stream_services_reconnect_and_lose_nothing(make_sett
     assert counts.labels == report.labels
 
 
+@pytest.mark.slow
+def test_broker_kill9_five_times_mid_stream_run_all_stays_up_and_loses_nothing(make_settings, own_broker):
+    """kill -9 of the broker JVM (no controlled shutdown: no flush, no leader handover), 5 times while
+    events flow, with all four services running as `run all` runs them: none may end, and every event
+    is in predictions FINAL exactly once. Each kill comes once the logger committed 1000 more
+    predictions since the broker came back (so it lands mid-stream, with commits in flight)."""
+    from streamscore.services.runner import ServiceGroup
+
+    kills = 5
+    settings = make_settings(kafka_bootstrap_servers=own_broker.bootstrap)
+    ensure_topics(settings)
+    store = migrated_store(settings)
+    rows: list[str] = []
+    group = None
+    try:
+        group = ServiceGroup(settings, ["scorer", "logger", "drift", "trainer"], store=store).start()
+        wait_services_ready(settings)
+        producer = BackgroundProducer(settings, 300_000, rate=500, seed=9)  # stopped after the last kill
+        started_at = time.monotonic()
+        for kill in range(1, kills + 1):
+            mark = logged_predictions(settings)
+            wait_until(lambda: group.failures or logged_predictions(settings) >= mark + 1_000, 120,
+                       f"the logger to commit 1000 more predictions before kill {kill}")
+            assert not group.failures, group.failures
+            assert producer.running, f"the stream ended before kill {kill} ({producer.error!r}); raise n_events"
+            killed_at = time.monotonic()
+            pid = own_broker.kill()
+            assert pid is not None
+            time.sleep(1.0)  # the outage: clients see connection refused
+            own_broker.start(die_with_parent=True)
+            ready_at = time.monotonic()
+            before = logged_predictions(settings)
+            wait_until(lambda: group.failures or logged_predictions(settings) > before, 120,
+                       f"the logger to commit again after kill {kill}")
+            resumed_at = time.monotonic()
+            rows.append(f"kill {kill} at {killed_at - started_at:.0f} s: broker pid {pid} killed, answering again "
+                        f"after {ready_at - killed_at:.1f} s, logger committing again {resumed_at - ready_at:.1f} s later")
+            print(rows[-1], flush=True)
+            assert all(thread.is_alive() for thread in group._threads), "a service thread ended"
+        time.sleep(3)  # events after the last recovery, then the stream ends
+        producer.stop.set()
+        report = producer.result()
+        wait_drained(settings, timeout_s=180)
+        assert not group.failures, group.failures
+        drained_at = time.monotonic()
+        restarts = {name: getattr(service.stats, "restarts", 0) for name, service in group.services.items()}
+        group.shutdown()
+        counts = store_counts(store)
+    finally:
+        if group is not None and not group.stop.is_set():  # a failed assertion: stop the threads first
+            group.stop.set()
+            for thread in group._threads:
+                thread.join(30)
+        store.command(f"DROP DATABASE IF EXISTS {settings.clickhouse_database}")
+        store.close()
+    print("\n" + "\n".join(rows) + f"\nservice restarts by the runner: {restarts}; {report.events} events at 500/s "
+          f"drained {drained_at - started_at:.0f} s after the stream started")
+    report_fault(f"Kafka broker JVM kill -9 x{kills} mid-stream, `run all` services", settings, report.events,
+                 counts, f"(restarts {restarts})")
+    assert counts.rows == report.events and counts.unique == report.events
+    assert counts.labels == report.labels
+
+
 # --- in-process services on the session store --------------------------------------------------
 class ServiceThread:
     """One service's run(stop) in a thread with its own stop event (so one can stop while others run)."""
@@ -594,7 +665,7 @@ def poison_messages(settings: Settings) -> list[tuple[bytes | None, str]]:
 
 def produce_backlog(settings: Settings, n_good: int, poison_every: int, seed: int) -> tuple[int, list]:
     """n_good simulated events, a poison message after every `poison_every`-th; returns (good, poison sent)."""
-    producer = Producer({"bootstrap.servers": settings.bootstrap_servers, "linger.ms": 5})
+    producer = Producer(client_config(settings, **{"linger.ms": 5}))
     encode = CODEC.encoder("event")
     topic = settings.topic(PAYMENTS.event.topic)
     cases = poison_messages(settings)
@@ -652,8 +723,7 @@ def test_poison_is_dead_lettered_with_reasons_and_does_not_slow_good_events(make
     assert poisoned_rate > 0.35 * clean_rate
 
     # Every poison message is in the dead-letter topic with its reason and original bytes ...
-    dlq = Consumer({"bootstrap.servers": poisoned.bootstrap_servers, "group.id": "test-dlq-reader",
-                    "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    dlq = Consumer(reader_config(poisoned, **{"group.id": "test-dlq-reader", "auto.offset.reset": "earliest"}))
     dlq.subscribe([poisoned.topic(TOPIC_DEAD_LETTER)])
     dead: list[tuple[bytes, dict]] = []
     deadline = time.monotonic() + 60

@@ -172,6 +172,18 @@ def test_environment_variables_are_settings(name, monkeypatch):
 
 
 @pytest.mark.parametrize("name", STREAMSCORE_SERVICES)
+def test_metrics_address_is_explicit_where_metrics_are_served(name):
+    """Metrics listen on 127.0.0.1 unless configured: a container that Prometheus (another container)
+    scrapes must say which address it listens on, and it must be one reachable from outside."""
+    env = environment(SERVICES[name])
+    if int(env.get("STREAMSCORE_METRICS_PORT", "0") or 0) == 0:
+        return
+    assert "STREAMSCORE_METRICS_HOST" in env, (f"service {name} serves metrics but leaves STREAMSCORE_METRICS_HOST "
+                                               "to its default, 127.0.0.1: Prometheus could not scrape it")
+    assert env["STREAMSCORE_METRICS_HOST"] in ("0.0.0.0", "::"), env["STREAMSCORE_METRICS_HOST"]
+
+
+@pytest.mark.parametrize("name", STREAMSCORE_SERVICES)
 def test_addresses_point_at_compose_services(name):
     env = environment(SERVICES[name])
     assert "KAFKA_BOOTSTRAP_SERVERS" in env, f"service {name} would start a local broker inside the container"

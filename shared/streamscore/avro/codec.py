@@ -532,6 +532,7 @@ class AvroCodec:
         registry_url: str | None = None,
         *,
         registry_client=None,
+        registry_config: dict | None = None,
         validate: bool = False,
     ) -> None:
         self.catalog = catalog or SchemaCatalog()
@@ -540,7 +541,8 @@ class AvroCodec:
             from confluent_kafka.schema_registry import SchemaRegistryClient
 
             # new_client gives the in-memory MockSchemaRegistryClient for "mock://..." urls.
-            registry_client = SchemaRegistryClient.new_client({"url": registry_url})
+            # registry_config: basic auth and TLS (streamscore.kafka.config.schema_registry_config).
+            registry_client = SchemaRegistryClient.new_client({"url": registry_url, **(registry_config or {})})
         self.registry = registry_client
         self.registry_url = registry_url
         self._encoders: dict[tuple[str, str | None], Encoder] = {}

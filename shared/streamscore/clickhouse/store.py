@@ -16,6 +16,7 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Sequence
+from urllib.parse import urlsplit
 
 import clickhouse_connect
 
@@ -338,7 +339,7 @@ def open_store(settings: Settings) -> Store:
     if settings.is_embedded_store:
         (settings.data_dir / "clickhouse").resolve().mkdir(parents=True, exist_ok=True)
     try:
-        client = clickhouse_connect.get_client(dsn=dsn)
+        client = clickhouse_connect.get_client(dsn=dsn, **tls_options(settings))
     except Exception as error:
         raise _explain_open_error(settings, error) from error
     client.command(f"CREATE DATABASE IF NOT EXISTS {settings.clickhouse_database}")
@@ -346,10 +347,29 @@ def open_store(settings: Settings) -> Store:
     return Store(client, settings)
 
 
+def tls_options(settings: Settings) -> dict:
+    """clickhouse-connect's TLS options of a server (https CLICKHOUSE_URL): the CA to trust, whether to verify."""
+    if settings.is_embedded_store:
+        return {}
+    options: dict = {}
+    if settings.clickhouse_ca_cert is not None:
+        options["ca_cert"] = str(settings.clickhouse_ca_cert)
+    if not settings.clickhouse_verify:
+        options["verify"] = False
+    return options
+
+
 def _explain_open_error(settings: Settings, error: Exception) -> Exception:
     text = str(error)
     if not settings.is_embedded_store:
-        return StoreError(f"cannot connect to ClickHouse at {settings.clickhouse_url}: {text}")
+        hint = ""
+        if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
+            hint = (" (the server's TLS certificate is not trusted: set STREAMSCORE_CLICKHOUSE_CA_CERT to the PEM file "
+                    "of its CA)")
+        password = urlsplit(settings.clickhouse_url).password
+        if password:
+            text = text.replace(password, "***")
+        return StoreError(f"cannot connect to ClickHouse at {settings.clickhouse_location}{hint}: {text}")
     path = (settings.data_dir / "clickhouse").resolve()
     if "Error initializing EmbeddedServer" in text:
         return StoreLockedError(

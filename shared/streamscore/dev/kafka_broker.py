@@ -8,12 +8,19 @@ down`, a test session's teardown) find and stop it.
 
 When settings.kafka_bootstrap_servers points at an external cluster nothing
 here is used: the broker refuses to start so a misconfiguration is loud.
+
+Secure mode (`streamscore infra up --secure`, docs/connectivity.md): the broker also
+listens with SASL_SSL on port+2, SCRAM-SHA-512 user `streamscore`, a TLS
+certificate signed by a CA made here with openssl (<data_dir>/kafka/tls/, 0600,
+git-ignored with the data dir), and <data_dir>/kafka/client.properties holds what a
+client needs to connect through it. Once secured, later starts keep the listener.
 """
 from __future__ import annotations
 
 import base64
 import fcntl
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -53,14 +60,21 @@ class BrokerStatus:
     version: str | None  # installed Kafka version, None when not installed
 
 
+SCRAM_USER = "streamscore"
+SCRAM_MECHANISM = "SCRAM-SHA-512"
+
+
 class LocalKafkaBroker:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, secure: bool = False):
         self.settings = settings
         self.port = settings.kafka_port
         self.controller_port = settings.kafka_port + 1
+        self.secure_port = settings.kafka_port + 2
         self.bootstrap = f"127.0.0.1:{self.port}"
+        self.secure_bootstrap = f"127.0.0.1:{self.secure_port}"
         self.home = (settings.data_dir / "kafka").resolve()
         self.cache = (settings.cache_dir / "kafka").resolve()
+        self.secure = secure or (self.tls_dir / "SECURE").is_file()  # once secured, it stays so
         self._process: subprocess.Popen | None = None  # set only when this process started the broker
 
     # --- paths --------------------------------------------------------------
@@ -90,6 +104,27 @@ class LocalKafkaBroker:
 
     def libs_dir(self, version: str) -> Path:
         return self.cache / version / "libs"
+
+    @property
+    def tls_dir(self) -> Path:
+        return self.home / "tls"
+
+    @property
+    def ca_file(self) -> Path:
+        return self.tls_dir / "ca.pem"
+
+    @property
+    def client_properties_file(self) -> Path:
+        """What a client needs to connect through the SASL_SSL listener (STREAMSCORE_KAFKA_CLIENT_PROPERTIES)."""
+        return self.home / "client.properties"
+
+    def start_state(self) -> str:
+        """What start() is about to do, for humans: already running, restarted (data kept) or started."""
+        if self._running_pid() is not None:
+            return "already running"
+        if (self.data_dir / "meta.properties").is_file():
+            return "restarted (it was not running; its topics and data are kept)"
+        return "started"
 
     # --- install ------------------------------------------------------------
     def installed_version(self) -> str | None:
@@ -172,10 +207,16 @@ class LocalKafkaBroker:
             )
         pid = self._running_pid()
         if pid is not None:
+            if self.secure and f"SASL_SSL://127.0.0.1:{self.secure_port}" not in self.server_properties.read_text():
+                raise KafkaBrokerError(
+                    f"the local broker (pid {pid}) runs without the SASL_SSL listener: stop it with "
+                    "`streamscore infra down`, then `streamscore infra up --secure`")
             self._wait_until_ready(pid, timeout_s=READY_TIMEOUT_S)
+            if self.secure:
+                self._ensure_scram_user()
             return
         self.pid_file.unlink(missing_ok=True)
-        for port in (self.port, self.controller_port):
+        for port in (self.port, self.controller_port, *((self.secure_port,) if self.secure else ())):
             if not _port_is_free(port):
                 raise KafkaBrokerError(
                     f"port {port} on 127.0.0.1 is already in use by another program, so the local Kafka broker "
@@ -186,7 +227,10 @@ class LocalKafkaBroker:
         libs = self.libs_dir(version)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self.secure:
+            self._ensure_certificates()
         self.server_properties.write_text(self._server_properties())
+        self.server_properties.chmod(0o600)  # holds the keystore password in secure mode
         self.log4j_properties.write_text(_LOG4J2_PROPERTIES)
         self._format_storage(libs)
         java = _java()
@@ -200,6 +244,79 @@ class LocalKafkaBroker:
             )
         self.pid_file.write_text(f"{self._process.pid}\n")
         self._wait_until_ready(self._process.pid, timeout_s=READY_TIMEOUT_S)
+        if self.secure:
+            self._ensure_scram_user()
+
+    def kill(self) -> int | None:
+        """kill -9 of the broker JVM (fault drills); returns its pid, None when none was running."""
+        pid = self._running_pid()
+        if pid is None:
+            return None
+        _signal_group(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while self._is_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return pid
+
+    # --- secure listener -----------------------------------------------------------
+    def _secret(self, name: str) -> str:
+        """A random secret kept in tls_dir/<name> (made once, 0600)."""
+        path = self.tls_dir / name
+        if not path.is_file():
+            path.write_text(secrets.token_urlsafe(24) + "\n")
+            path.chmod(0o600)
+        return path.read_text().strip()
+
+    def _ensure_certificates(self) -> None:
+        """A CA and the broker's certificate (SAN 127.0.0.1 and localhost) in a PKCS12 keystore, made once."""
+        self.tls_dir.mkdir(parents=True, exist_ok=True)
+        self.tls_dir.chmod(0o700)
+        keystore = self.tls_dir / "broker.p12"
+        if not keystore.is_file():
+            make_certificate_authority(self.tls_dir)
+            _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "broker.key", "-out", "broker.csr",
+                     "-subj", "/CN=localhost", cwd=self.tls_dir)
+            (self.tls_dir / "broker.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+                                                     "extendedKeyUsage=serverAuth\n")
+            _openssl("x509", "-req", "-in", "broker.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                     "-out", "broker.pem", "-days", "3650", "-sha256", "-extfile", "broker.ext", cwd=self.tls_dir)
+            _openssl("pkcs12", "-export", "-in", "broker.pem", "-inkey", "broker.key", "-certfile", "ca.pem",
+                     "-name", "broker", "-out", "broker.p12", "-passout", f"pass:{self._secret('keystore.password')}",
+                     cwd=self.tls_dir)
+            for path in self.tls_dir.iterdir():
+                path.chmod(0o600)
+        (self.tls_dir / "SECURE").write_text("the local broker has a SASL_SSL listener (infra up --secure)\n")
+
+    def _ensure_scram_user(self) -> None:
+        """Create (or reset) the SCRAM user, through the plain listener, and write client.properties."""
+        from confluent_kafka.admin import AdminClient, ScramCredentialInfo, ScramMechanism, UserScramCredentialUpsertion
+
+        from streamscore.kafka.io import admin_result
+
+        password = self._secret("scram.password")
+        admin = AdminClient({"bootstrap.servers": self.bootstrap})
+        upsert = UserScramCredentialUpsertion(SCRAM_USER, ScramCredentialInfo(ScramMechanism.SCRAM_SHA_512, 4096),
+                                              password.encode())
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while True:
+            try:
+                for future in admin.alter_user_scram_credentials([upsert], request_timeout=10).values():
+                    admin_result(future)
+                break
+            except Exception as error:  # noqa: BLE001 - the controller may still be electing itself
+                if time.monotonic() > deadline:
+                    raise KafkaBrokerError(f"could not create the SCRAM user {SCRAM_USER}: {error}") from error
+                time.sleep(0.5)
+        self.client_properties_file.write_text(
+            "# Written by `streamscore infra up --secure`: the local broker's SASL_SSL listener.\n"
+            "# Use it with STREAMSCORE_KAFKA_CLIENT_PROPERTIES=<this file> (docs/connectivity.md).\n"
+            f"bootstrap.servers={self.secure_bootstrap}\n"
+            "security.protocol=SASL_SSL\n"
+            f"sasl.mechanisms={SCRAM_MECHANISM}\n"
+            f"sasl.username={SCRAM_USER}\n"
+            f"sasl.password={password}\n"
+            f"ssl.ca.location={self.ca_file}\n")
+        self.client_properties_file.chmod(0o600)
 
     def stop(self) -> bool:
         """Stop the broker of this data dir; returns False when none was running. Leaves no process behind."""
@@ -259,6 +376,20 @@ class LocalKafkaBroker:
             # Topics are created explicitly (shared/topics.py) with their partition counts and configs.
             "auto.create.topics.enable": "false",
         }
+        if self.secure:
+            tls = self.tls_dir
+            props["listeners"] += f",SASL_SSL://127.0.0.1:{self.secure_port}"
+            props["advertised.listeners"] += f",SASL_SSL://127.0.0.1:{self.secure_port}"
+            props["listener.security.protocol.map"] += ",SASL_SSL:SASL_SSL"
+            props.update({
+                "sasl.enabled.mechanisms": SCRAM_MECHANISM,
+                "listener.name.sasl_ssl.sasl.enabled.mechanisms": SCRAM_MECHANISM,
+                "listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config":
+                    "org.apache.kafka.common.security.scram.ScramLoginModule required;",
+                "listener.name.sasl_ssl.ssl.keystore.type": "PKCS12",
+                "listener.name.sasl_ssl.ssl.keystore.location": str(tls / "broker.p12"),
+                "listener.name.sasl_ssl.ssl.keystore.password": self._secret("keystore.password"),
+            })
         header = "# Written by streamscore (shared/kafka_broker.py) on every start; edits are overwritten.\n"
         return header + "".join(f"{key}={value}\n" for key, value in props.items())
 
@@ -387,6 +518,25 @@ logger.coordinator.level = WARN
 # (-XX:+AlwaysPreTouch would add 2 s to every start to save page faults in the broker's first minute.)
 JVM_HEAP_FLAGS = ("-Xms1g", "-Xmx1g")
 JVM_PERFORMANCE_FLAGS = ("-server", "-XX:+UseZGC", "-Djava.awt.headless=true")
+
+
+def make_certificate_authority(directory: Path, name: str = "streamscore local CA") -> Path:
+    """A self-signed CA (ca.key, ca.pem) in `directory`; returns the path of ca.pem."""
+    directory.mkdir(parents=True, exist_ok=True)
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-sha256", "-days", "3650", "-nodes", "-keyout", "ca.key",
+             "-out", "ca.pem", "-subj", f"/CN={name}", "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=directory)
+    return directory / "ca.pem"
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        raise KafkaBrokerError("`openssl` is not on PATH; `infra up --secure` needs it once to make the local "
+                               "broker's TLS certificates")
+    result = subprocess.run([openssl, *args], capture_output=True, text=True, cwd=cwd)
+    if result.returncode != 0:
+        raise KafkaBrokerError(f"openssl {args[0]} failed: {(result.stdout + result.stderr).strip()}")
 
 
 def _java() -> str:

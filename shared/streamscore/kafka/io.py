@@ -15,19 +15,16 @@ from dataclasses import dataclass, field
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
+from streamscore.kafka.config import CLIENT_LOG, client_config, reader_config
 from streamscore.settings import TOPIC_DEAD_LETTER, Settings
 
 # librdkafka's own log lines (e.g. transient "coordinator load in progress" while
-# a fresh broker starts) go through Python logging instead of raw stderr.
-CLIENT_LOG = logging.getLogger("streamscore.kafka")
+# a fresh broker starts) go through Python logging (CLIENT_LOG) instead of raw stderr.
 DEAD_LETTER_LOG = logging.getLogger("streamscore.dead_letter")
 
 
 def producer_config(settings: Settings, **overrides) -> dict:
-    config = {
-        "bootstrap.servers": settings.bootstrap_servers,
-        "enable.idempotence": True,
-        "acks": "all",
+    defaults = {
         # librdkafka's default. Each produce request costs the broker CPU: at 5k msgs/s a local broker
         # used ~80% of a core with 1 ms, ~45% with 5 ms (bench/e2e shares 2 cores with it).
         "linger.ms": 5,
@@ -35,27 +32,20 @@ def producer_config(settings: Settings, **overrides) -> dict:
         # Survive a broker restart: keep retrying for up to 5 minutes.
         "message.timeout.ms": 300_000,
         "queue.buffering.max.messages": 500_000,
-        "logger": CLIENT_LOG,
     }
-    config.update(overrides)
-    return config
+    return client_config(settings, defaults, **{"enable.idempotence": True, "acks": "all", **overrides})
 
 
 def consumer_config(settings: Settings, group: str, **overrides) -> dict:
-    config = {
-        "bootstrap.servers": settings.bootstrap_servers,
-        "group.id": group,
-        "enable.auto.commit": False,
+    defaults = {
         "auto.offset.reset": "earliest",
         # Fast failure detection for rebalances; the broker's minimum is 6 s.
         "session.timeout.ms": 10_000,
         "heartbeat.interval.ms": 1_000,
         "max.poll.interval.ms": 600_000,
         "fetch.wait.max.ms": 5,
-        "logger": CLIENT_LOG,
     }
-    config.update(overrides)
-    return config
+    return client_config(settings, defaults, **{"group.id": group, "enable.auto.commit": False, **overrides})
 
 
 def admin_result(future):
@@ -81,6 +71,17 @@ def make_producer(settings: Settings, **overrides) -> Producer:
 
 def make_consumer(settings: Settings, group: str, **overrides) -> Consumer:
     return Consumer(consumer_config(settings, group, **overrides))
+
+
+def make_reader(settings: Settings, **overrides) -> Consumer:
+    """A consumer for reading assigned partitions (checkpoints, changelogs): never commits."""
+    return Consumer(reader_config(settings, **overrides))
+
+
+def make_admin(settings: Settings, **overrides):
+    from confluent_kafka.admin import AdminClient
+
+    return AdminClient(client_config(settings, **overrides))
 
 
 @dataclass
@@ -185,10 +186,26 @@ def commit(consumer: Consumer, messages: list[Message], attempts: int = 5, async
     commits often uses it so a slow coordinator does not stall it: on a loaded 2-core
     machine a synchronous commit took up to 194 ms.
     """
-    offsets = next_offsets(messages)
+    return commit_offsets(consumer, next_offsets(messages), attempts=attempts, asynchronous=asynchronous)
+
+
+def is_retriable(error: KafkaError | None) -> bool:
+    """An error that goes away by itself (coordinator loading or moving, broker restarting, timeouts)."""
+    if not isinstance(error, KafkaError):
+        return False
+    return error.code() in COORDINATOR_AWAY_ERRORS or error.retriable()
+
+
+def commit_offsets(consumer: Consumer, offsets: list[TopicPartition], attempts: int = 5,
+                   asynchronous: bool = False, backoff_s: float = 0.2) -> bool:
+    """THE commit path of every service (see `commit`): `offsets` are the next offsets to read.
+
+    Retriable errors (coordinator load in progress / not available, not coordinator, request timed out,
+    transport, all brokers down) are retried `attempts` times with backoff (0.2 s doubling to 2 s); still
+    failing, or membership lost (rebalance in progress, unknown member), returns False: the offsets are
+    consumed again later, which at-least-once delivery allows. Only other errors raise."""
     if not offsets:
         return True
-    backoff_s = 0.2
     if asynchronous:
         attempts = 1
     for attempt in range(1, attempts + 1):
@@ -196,14 +213,13 @@ def commit(consumer: Consumer, messages: list[Message], attempts: int = 5, async
             consumer.commit(offsets=offsets, asynchronous=asynchronous)
             return True
         except KafkaException as exc:
-            error = exc.args[0]
+            error = exc.args[0] if exc.args else None
             code = error.code() if isinstance(error, KafkaError) else None
             if code in MEMBERSHIP_LOST_ERRORS:
                 CLIENT_LOG.warning("commit skipped, partitions are being reassigned (%s); they will be re-consumed",
                                    error)
                 return False
-            transient = code in COORDINATOR_AWAY_ERRORS or (isinstance(error, KafkaError) and error.retriable())
-            if not transient:
+            if not is_retriable(error):
                 raise
             if attempt == attempts:
                 CLIENT_LOG.warning("commit failed %d times (%s); offsets stay uncommitted until the next commit",
@@ -212,6 +228,37 @@ def commit(consumer: Consumer, messages: list[Message], attempts: int = 5, async
             time.sleep(backoff_s)
             backoff_s = min(backoff_s * 2, 2.0)
     return False
+
+
+def produce(producer: Producer, topic: str, value: bytes | None, key: bytes | None = None, *,
+            partition: int | None = None, headers=None, on_delivery=None, timeout_s: float = 300.0) -> None:
+    """THE produce path of every service: `producer.produce`, waiting while the local queue is full
+    (BufferError: the broker is away and librdkafka holds what was produced) and retrying retriable
+    errors, for up to `timeout_s` (librdkafka's message.timeout.ms is 5 minutes too). Delivery
+    itself is retried inside librdkafka (idempotent producer); its outcome reaches `on_delivery`."""
+    deadline = time.monotonic() + timeout_s
+    kwargs = {"key": key, "value": value}
+    if partition is not None:
+        kwargs["partition"] = partition
+    if headers is not None:
+        kwargs["headers"] = headers
+    if on_delivery is not None:
+        kwargs["on_delivery"] = on_delivery
+    while True:
+        try:
+            producer.produce(topic, **kwargs)
+            return
+        except BufferError:
+            if time.monotonic() > deadline:
+                raise DeliveryFailed(f"producer queue for {topic} stayed full for {timeout_s:.0f} s "
+                                     "(is the broker reachable?)") from None
+            producer.poll(0.1)  # delivery reports free the queue
+        except KafkaException as exc:
+            error = exc.args[0] if exc.args else None
+            if not is_retriable(error) or time.monotonic() > deadline:
+                raise
+            CLIENT_LOG.warning("produce to %s failed (%s); retrying", topic, error)
+            producer.poll(0.5)
 
 
 def log_commit_errors(error, partitions) -> None:
@@ -244,8 +291,8 @@ def dead_letter(producer: Producer, settings: Settings, msg: Message, rejection:
     ]
     if event_id:
         headers.append(("event.id", event_id.encode()))
-    producer.produce(settings.topic(TOPIC_DEAD_LETTER), key=msg.key(), value=msg.value() or b"",
-                     headers=headers, on_delivery=on_delivery)
+    produce(producer, settings.topic(TOPIC_DEAD_LETTER), key=msg.key(), value=msg.value() or b"",
+            headers=headers, on_delivery=on_delivery)
     DEAD_LETTER_LOG.info(
         "dead letter: %s", rejection.reason,
         extra={"service": service, "reason": rejection.reason, "field": rejection.field, "event_id": event_id,

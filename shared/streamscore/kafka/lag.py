@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
+from streamscore.kafka.config import admin_config
 from streamscore.kafka.io import admin_result
 from streamscore.settings import Settings
 
@@ -56,8 +57,7 @@ def _offsets(admin: AdminClient, partitions: list[TopicPartition], spec: OffsetS
 def consumer_groups_status(settings: Settings, services: Iterable[str], timeout_s: float = 10.0,
                            admin: AdminClient | None = None) -> list[GroupStatus]:
     """State, active members and per-partition lag of the group `settings.group(service)` of each service."""
-    admin = admin or AdminClient({"bootstrap.servers": settings.bootstrap_servers,
-                                  "logger": logging.getLogger("streamscore.kafka")})
+    admin = admin or AdminClient(admin_config(settings))
     services = list(services)
     groups = {service: settings.group(service) for service in services}
     descriptions = {group: admin_result(future) for group, future in

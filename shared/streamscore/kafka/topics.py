@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from streamscore.kafka.config import admin_config
 from streamscore.kafka.io import admin_result
 from streamscore.settings import (
     TOPIC_DEAD_LETTER,
@@ -80,7 +81,7 @@ def ensure_topics(settings: Settings, admin: AdminClient | None = None, spec=Non
     different partition count: entities would then land on other partitions
     than the scorer's state for them.
     """
-    admin = admin or AdminClient({"bootstrap.servers": settings.bootstrap_servers})
+    admin = admin or AdminClient(admin_config(settings))
     specs = {settings.topic(topic.name): topic for topic in topic_specs(settings, spec)}
     existing = admin.list_topics(timeout=ADMIN_TIMEOUT_S).topics
     missing = [

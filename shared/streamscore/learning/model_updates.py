@@ -8,7 +8,7 @@ works even when an update was never published.
 from __future__ import annotations
 
 from streamscore.avro.codec import AvroCodec
-from streamscore.kafka.io import DeliveryTracker, flush_or_raise, make_producer
+from streamscore.kafka.io import DeliveryTracker, flush_or_raise, make_producer, produce
 from streamscore.settings import TOPIC_MODEL_UPDATES, Settings
 
 
@@ -20,6 +20,6 @@ def publish_model_updates(settings: Settings, codec: AvroCodec, events: list[dic
     tracker = DeliveryTracker()
     encode = codec.encoder("model_update")
     for event in events:
-        producer.produce(settings.topic(TOPIC_MODEL_UPDATES), key=event["model_name"].encode(),
-                         value=encode(event), on_delivery=tracker)
+        produce(producer, settings.topic(TOPIC_MODEL_UPDATES), encode(event), event["model_name"].encode(),
+                on_delivery=tracker)
     flush_or_raise(producer, tracker, timeout_s=timeout_s)

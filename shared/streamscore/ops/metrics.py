@@ -1,4 +1,5 @@
-"""The Prometheus endpoint of a streamscore process (settings.metrics_port).
+"""The Prometheus endpoint of a streamscore process (settings.metrics_port, on settings.metrics_host:
+127.0.0.1 unless configured, so a laptop does not serve it to its network).
 
 Each service keeps its metrics in its own CollectorRegistry (ServiceStats), so
 several services can share a process. One process serves ONE endpoint:
@@ -47,11 +48,11 @@ class MetricsServer:
     """HTTP /metrics for the given services' stats, plus the consumer lag refresher."""
 
     def __init__(self, settings: Settings, stats: Mapping[str, ServiceStats], port: int | None = None,
-                 addr: str = "0.0.0.0", lag_interval_s: float | None = None):
+                 addr: str | None = None, lag_interval_s: float | None = None):
         self.settings = settings
         self.stats = dict(stats)
         self.port = settings.metrics_port if port is None else port
-        self.addr = addr
+        self.addr = settings.metrics_host if addr is None else addr  # 127.0.0.1 unless configured
         self.lag_interval_s = lag_interval_s or settings.metrics_lag_interval_s
         self.collector = CombinedCollector(s.registry for s in self.stats.values())
         self._stop = threading.Event()

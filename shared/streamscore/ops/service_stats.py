@@ -23,6 +23,7 @@ class ServiceStats:
         self.model_swaps = 0
         self.generic_decodes = 0  # messages the compiled readers left to the generic Avro decoder
         self.running = False
+        self.restarts = 0  # times the runner restarted this service after a crash
         self.rejections: TallyCounter[str] = TallyCounter()
         # The newest `keep_latencies` event latencies in a preallocated ring (1.6 MB), not a deque of Python
         # floats: that one grew by ~32 bytes an event up to 2M events (~64 MiB a service), a soak's memory
@@ -59,6 +60,14 @@ class ServiceStats:
                                         labelnames=["service", "feature", "statistic"], registry=self.registry)
         self._m_drift_detections = Counter("streamscore_drift_detections", "Drift detections",
                                            labelnames=["service", "detector", "feature"], registry=self.registry)
+
+        self._m_restarts = Counter("streamscore_service_restarts", "Restarts of a crashed service (with backoff)",
+                                   labelnames=["service"], registry=self.registry).labels(**labels)
+
+    def count_restart(self) -> None:
+        with self._lock:
+            self.restarts += 1
+        self._m_restarts.inc()
 
     def record_batch(self, n_in: int, n_out: int, seconds: float, latencies_ms: list[float] = ()) -> None:
         with self._lock:

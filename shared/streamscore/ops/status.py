@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from confluent_kafka.admin import AdminClient
 
+from streamscore.kafka.config import KafkaConnectionError, admin_config, check_connection
 from streamscore.kafka.lag import GroupStatus, consumer_groups_status
 from streamscore.learning.registry import ModelRegistry
 from streamscore.settings import Settings
@@ -82,13 +83,15 @@ def collect_status(settings: Settings, services: Iterable[str], store: Store | N
                    recent: int = 5) -> OpsStatus:
     """Everything `streamscore status` shows; errors of one source are recorded, not raised."""
     status = OpsStatus()
-    # Quiet client (failures surface as exceptions below), and a quick probe so a
-    # stopped broker costs seconds, not one timeout per request.
-    admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers, "log_level": 0})
+    # A quick probe first, so a stopped broker costs seconds (not one timeout per request) and refused
+    # credentials or an untrusted certificate say which setting to fix; then a quiet client.
     try:
-        admin.list_topics(timeout=5)
+        check_connection(settings, timeout_s=5)
+        admin = AdminClient(admin_config(settings, log_level=0))
         status.groups = consumer_groups_status(settings, services, admin=admin)
-    except Exception as exc:  # broker down or unreachable
+    except KafkaConnectionError as exc:
+        status.kafka_error = str(exc)
+    except Exception as exc:  # broker went away meanwhile
         status.kafka_error = f"Kafka at {settings.bootstrap_servers} did not answer: {exc}"
     try:
         status.registry = registry_status(settings)
