@@ -277,3 +277,23 @@ def offline_matrix(spec, events: list[dict]):
                           offsets=np.arange(len(events)), times=np.array([e[spec.event.time_field] for e in events]),
                           event_ids=[e[spec.event.id_field] for e in events])
     return offline_features(spec, logged)
+
+
+def wait_until(condition, what: str, group=None, *, timeout_s: float = 120.0, interval_s: float = 0.2,
+               describe=None):
+    """Poll `condition` until it returns something truthy (returned); fail fast if a service of `group` (a
+    ServiceGroup) crashed; on timeout, say what was last seen (and `describe()`, when given)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if group is not None and group.failures:
+            name, exc = next(iter(group.failures.items()))
+            raise AssertionError(f"service {name} crashed while waiting for {what}: {exc!r}") from exc
+        last = condition()
+        if last:
+            return last
+        if time.monotonic() > deadline:
+            seen = f"; {describe()}" if describe is not None else ""
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what} (last: {last!r}){seen}")
+        time.sleep(interval_s)

@@ -55,7 +55,8 @@ DRIFT_DEMO_AFTER_SWAP = 4_000
 WAIT_S = 60.0
 
 
-def _wait(condition, timeout_s: float = WAIT_S, group: ServiceGroup | None = None):
+def wait_for(condition, timeout_s: float = WAIT_S, group: ServiceGroup | None = None):
+    """`condition()` once truthy (or its last value after `timeout_s`, or once a service of `group` failed)."""
     deadline = time.monotonic() + timeout_s
     while not (result := condition()) and time.monotonic() < deadline:
         if group is not None and group.failures:
@@ -82,7 +83,7 @@ def run_drift_phases(console: Console, settings: Settings, spec: FeatureSpec, st
         wait_for_rows(store, "labels", report.labels)
         v1 = train_and_register(store, registry, settings, spec, reason="demo: initial model")
         publish_model_updates(settings, codec, v1.events)
-        _wait(lambda: scorer.pipeline.model.version == v1.version.version and drift.tracker.model_version == 1)
+        wait_for(lambda: scorer.pipeline.model.version == v1.version.version and drift.tracker.model_version == 1)
         headline = "rmse" if spec.objective == "regression" else "auc"
         console.print(f"v1 trained on {v1.training_rows} labelled events, holdout {headline.upper()} "
                       f"{v1.version.metrics.get(headline, float('nan')):.3f}, "
@@ -93,7 +94,7 @@ def run_drift_phases(console: Console, settings: Settings, spec: FeatureSpec, st
         report = _produce(console, settings, spec, codec, simulator, live, options.rate, 0,
                           f"live at {options.rate:,.0f}/s, {options.drift_kind} drift from event {drift_at:,}")
         injected_at = live_started + drift_at / options.rate  # produce_simulation paces on this schedule
-        outcome = _wait(lambda: next(iter(trainer.outcomes), None), group=group)
+        outcome = wait_for(lambda: next(iter(trainer.outcomes), None), group=group)
         if outcome is None:
             monitor = drift.tracker.monitor
             console.print(f"no retrain within {WAIT_S:.0f} s of the live phase: "
@@ -109,7 +110,7 @@ def run_drift_phases(console: Console, settings: Settings, spec: FeatureSpec, st
         detected_wall, request = drift.requests_sent[0]
         first_drifted = f"{simulator.id_prefix}{history + drift_at:010d}"  # the simulator numbers its events
         if outcome.action == "promoted":
-            _wait(lambda: scorer.pipeline.model.version == outcome.version)
+            wait_for(lambda: scorer.pipeline.model.version == outcome.version)
         # --- after the retrain ------------------------------------------------------------------
         report_after = _produce(console, settings, spec, codec, simulator, after, options.rate, 0,
                                 f"live after the retrain (serving v{scorer.pipeline.model.version})")

@@ -16,6 +16,7 @@ process (the trainer runs the online gate, streamscore.learning.rollout):
 """
 from __future__ import annotations
 
+import functools
 import time
 
 import numpy as np
@@ -31,6 +32,7 @@ from streamscore.learning.registry import ModelRegistry
 from streamscore.learning.retraining import train_and_register
 from streamscore.learning.training_set import load_training_set
 from streamscore.services.runner import ServiceGroup
+from streamscore.services.tools.drift_demo import wait_for as wait_for_at_most
 from streamscore.settings import Settings
 from streamscore.spec.model import FeatureSpec
 
@@ -44,15 +46,7 @@ ROLLOUT_DEMO_HISTORY = 20_000
 ROLLOUT_DEMO_CHUNK = 2_000  # live events per step while waiting for the gate
 ROLLOUT_DEMO_MAX_CHUNKS = 25
 WAIT_S = 90.0
-
-
-def _wait(condition, timeout_s: float = WAIT_S, group: ServiceGroup | None = None):
-    deadline = time.monotonic() + timeout_s
-    while not (result := condition()) and time.monotonic() < deadline:
-        if group is not None and group.failures:
-            break
-        time.sleep(0.1)
-    return result
+wait_for = functools.partial(wait_for_at_most, timeout_s=WAIT_S)
 
 
 def _worse_version(store: Store, registry: ModelRegistry, settings: Settings, spec: FeatureSpec, seed: int,
@@ -94,7 +88,7 @@ def run_rollout_phases(console: Console, settings: Settings, spec: FeatureSpec, 
                 if condition():
                     return True
                 live(f"live ({what}; serving {scorer.pipeline.serving.describe()})")
-                _wait(condition, timeout_s=3.0, group=group)
+                wait_for(condition, timeout_s=3.0, group=group)
             return bool(condition())
 
         # --- 1. history and v1 -------------------------------------------------------------------
@@ -105,7 +99,7 @@ def run_rollout_phases(console: Console, settings: Settings, spec: FeatureSpec, 
         wait_for_rows(store, "labels", report.labels)
         v1 = train_and_register(store, registry, settings, spec, reason="demo: initial model")
         publish_model_updates(settings, codec, v1.events)
-        _wait(lambda: scorer.pipeline.model.version == v1.version.version, group=group)
+        wait_for(lambda: scorer.pipeline.model.version == v1.version.version, group=group)
         console.print(f"v1 trained on {v1.training_rows} labelled events, holdout {headline.upper()} "
                       f"{v1.version.metrics.get(headline, float('nan')):.3f}: serving v1")
 
@@ -115,7 +109,7 @@ def run_rollout_phases(console: Console, settings: Settings, spec: FeatureSpec, 
         day_ms = 86_400_000
         boundary = trainer.newest_event_ms() // day_ms * day_ms  # the daily schedule's latest boundary
         request = trainer.request_scheduled_retrain(boundary)
-        outcome = _wait(lambda: next((o for o in trainer.outcomes if o.request_id == request["request_id"]), None),
+        outcome = wait_for(lambda: next((o for o in trainer.outcomes if o.request_id == request["request_id"]), None),
                         timeout_s=180.0, group=group)
         if outcome is None or outcome.action != "shadowed":
             console.print(f"[red]the retrain did not put a version in shadow[/red]: {outcome}")
@@ -124,13 +118,13 @@ def run_rollout_phases(console: Console, settings: Settings, spec: FeatureSpec, 
         console.print(f"scheduled retrain request {request['request_id']} on the retrain topic -> v{v2} trained on "
                       f"{outcome.training_rows} labelled events, offline gate passed ({outcome.reason}): "
                       f"[bold]v{v2} in shadow[/bold]", highlight=False)
-        _wait(lambda: v2 in [m.version for m in scorer.pipeline.serving.shadows], group=group)
+        wait_for(lambda: v2 in [m.version for m in scorer.pipeline.serving.shadows], group=group)
 
         # --- 3. online gate: shadow -> canary steps -> production ----------------------------------
         shadow_started = time.monotonic()
         promoted = until(lambda: registry.rollout(name).production == v2, f"online gate of v{v2}")
         figures["v2_shadow_to_production_s"] = time.monotonic() - shadow_started
-        _wait(lambda: scorer.pipeline.model.version == v2, group=group)
+        wait_for(lambda: scorer.pipeline.model.version == v2, group=group)
         console.print(f"[bold]v{v2} {'promoted' if promoted else 'NOT promoted'}[/bold] by the online gate "
                       f"(serving {scorer.pipeline.serving.describe()})", highlight=False)
 
@@ -140,14 +134,14 @@ def run_rollout_phases(console: Console, settings: Settings, spec: FeatureSpec, 
         events = [registry.shadow(name, v3, reason="demo: a worse candidate in shadow").event,
                   registry.canary(name, v4, 0.1, reason="demo: a worse candidate as the canary").event]
         publish_model_updates(settings, codec, events)
-        _wait(lambda: scorer.pipeline.serving.canary is not None and scorer.pipeline.serving.shadows, group=group)
+        wait_for(lambda: scorer.pipeline.serving.canary is not None and scorer.pipeline.serving.shadows, group=group)
         console.print(f"v{v3} (shuffled labels) in shadow, v{v4} (shuffled labels) serving 10% of entities as the "
                       "canary", highlight=False)
         worse_started = time.monotonic()
         stopped = until(lambda: not registry.rollout(name).shadows and registry.rollout(name).canary is None,
                         f"online gate of v{v3} and v{v4}")
         figures["worse_stopped_s"] = time.monotonic() - worse_started
-        _wait(lambda: scorer.pipeline.serving.canary is None and not scorer.pipeline.serving.shadows, group=group)
+        wait_for(lambda: scorer.pipeline.serving.canary is None and not scorer.pipeline.serving.shadows, group=group)
         wait_until_accounted(store, produced)
         time.sleep(1.0)  # the last model updates reach model_versions
         figures.update(v1=v1.version.version, v2=v2, v3=v3, v4=v4, v2_promoted=promoted, worse_stopped=stopped,

@@ -36,6 +36,7 @@ from streamscore.services.tools.simulate import produce_simulation
 from streamscore.settings import TOPIC_RETRAIN
 from streamscore.learning.training import train_model
 from conftest import example_spec, offline_matrix, spec_codec
+from conftest import wait_until as wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -60,19 +61,9 @@ LOOP_SETTINGS = dict(
 
 
 def wait_until(condition, what: str, group: ServiceGroup | None = None, timeout_s: float = WAIT_S):
-    """Poll `condition` until truthy; fail fast if a service crashed; say what the drift service saw."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if group is not None and group.failures:
-            name, exc = next(iter(group.failures.items()))
-            raise AssertionError(f"service {name} crashed while waiting for {what}: {exc!r}") from exc
-        last = condition()
-        if last:
-            return last
-        if time.monotonic() > deadline:
-            seen = drift_status(group.services.get("drift")) if group is not None else ""
-            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what} (last: {last!r}); {seen}")
-        time.sleep(0.2)
+    """conftest's wait_until that also says what the drift service saw."""
+    return wait_for(condition, what, group, timeout_s=timeout_s,
+                    describe=lambda: drift_status(group.services.get("drift")) if group is not None else "")
 
 
 def drift_status(drift) -> str:

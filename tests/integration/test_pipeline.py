@@ -18,6 +18,7 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 
 from conftest import example_spec, offline_matrix, spec_codec
+from conftest import wait_until as wait_for
 from streamscore.dev.generators import generator_ending_now, load_generator
 from streamscore.kafka.io import DeliveryTracker, flush_or_raise, headers_dict, make_consumer, make_producer
 from streamscore.learning.model_updates import publish_model_updates
@@ -41,19 +42,7 @@ CODEC = spec_codec(PAYMENTS)
 # --- helpers ------------------------------------------------------------------------
 def wait_until(condition, what: str, timeout_s: float = WAIT_S, group: ServiceGroup | None = None,
                interval_s: float = 0.2):
-    """Poll `condition` until it returns something truthy; fail fast if a service crashed."""
-    deadline = time.monotonic() + timeout_s
-    last = None
-    while True:
-        if group is not None and group.failures:
-            name, exc = next(iter(group.failures.items()))
-            raise AssertionError(f"service {name} crashed while waiting for {what}: {exc!r}") from exc
-        last = condition()
-        if last:
-            return last
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what} (last: {last!r})")
-        time.sleep(interval_s)
+    return wait_for(condition, what, group, timeout_s=timeout_s, interval_s=interval_s)
 
 
 def scalar(store, sql: str):

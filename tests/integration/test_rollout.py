@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import example_spec, offline_matrix, spec_codec
+from conftest import example_spec, offline_matrix, spec_codec, wait_until
 from streamscore.dev.generators import generator_ending_now, load_generator
 from streamscore.kafka.io import DeliveryTracker, flush_or_raise, make_producer
 from streamscore.learning import training
@@ -28,25 +28,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 PAYMENTS = example_spec("payments")
 CODEC = spec_codec(PAYMENTS)
-WAIT_S = 120.0
 HOUR_MS = 3_600_000
 FAST = dict(logger_flush_interval_s=0.3, rollout_gate_interval_s=0.5)
-
-
-def wait_until(condition, what: str, group: ServiceGroup | None = None, timeout_s: float = WAIT_S,
-               interval_s: float = 0.25):
-    deadline = time.monotonic() + timeout_s
-    last = None
-    while True:
-        if group is not None and group.failures:
-            name, exc = next(iter(group.failures.items()))
-            raise AssertionError(f"service {name} crashed while waiting for {what}: {exc!r}") from exc
-        last = condition()
-        if last:
-            return last
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what} (last: {last!r})")
-        time.sleep(interval_s)
 
 
 def scalar(store, sql: str):

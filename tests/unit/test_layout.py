@@ -51,3 +51,12 @@ def test_the_package_root_holds_only_a_few_entry_modules():
     root = REPO_ROOT / "shared" / "streamscore"
     modules = sorted(p.name for p in root.glob("*.py"))
     assert modules == ["__init__.py", "settings.py"], modules
+
+
+def test_test_modules_have_unique_basenames():
+    """pytest imports test modules by basename (rootdir-relative, no __init__.py): two test_x.py in different
+    folders break collection of the whole suite in a fresh checkout."""
+    seen: dict[str, Path] = {}
+    for path in sorted((REPO_ROOT / "tests").rglob("test_*.py")):
+        assert path.name not in seen, f"{path.relative_to(REPO_ROOT)} and {seen[path.name].relative_to(REPO_ROOT)}"
+        seen[path.name] = path
