@@ -163,7 +163,7 @@ def run_rollout_phases(console: Console, settings: Settings, spec: FeatureSpec, 
 
 
 def _print_steps(console: Console, registry: ModelRegistry, name: str, objective: str) -> list[dict]:
-    metrics = ("rmse", "mae") if objective == "regression" else ("auc", "log_loss")
+    metrics = ("rmse", "mae", "estimated_mae") if objective == "regression" else ("auc", "log_loss", "estimated_auc")
     table = Table(title="registry actions of the rollout (model_versions has the same, with evidence)",
                   title_justify="left")
     for column in ("ver", "action", "stage", "labelled", *(f"{m}/prod" for m in metrics)):

@@ -12,6 +12,13 @@ regression: STREAMSCORE_GATE_MAX_RMSE_INCREASE), with log loss or MAE reported b
   there are none); one that fails is rejected, which stops its shadowing;
 - a canary that passes moves to the next share, or after the last is promoted; one that fails is
   rolled back (production serves every entity again): an unhealthy canary never waits for a human;
+- before enough labels have arrived, the label-free estimate (drift/reference.py: each version's own
+  calibration, or loss model, fitted on its holdout at training time) of both versions on the same
+  `rollout_min_labelled` or more scored events: a candidate estimated worse than production by more than
+  the drift monitor's estimated-harm threshold (STREAMSCORE_DRIFT_ESTIMATED_AUC_DROP_THRESHOLD, or
+  _MAE_RATIO_ for a regression) is rejected / rolled back at once, without waiting for labels. The estimate
+  never promotes: only labelled events do (a model's belief in itself is no proof it is right, but a model
+  that expects to be much worse than production has said enough);
 - a candidate the scorers do not score at all (it failed to load there, e.g. another feature set) while
   production scored `rollout_min_labelled` events since its stage began is unhealthy too: rejected from
   shadow, rolled back from canary.
@@ -29,6 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from streamscore.clickhouse.store import Store
+from streamscore.drift.reference import MONITORING_KEY, window_estimate
 from streamscore.learning import training
 from streamscore.learning.registry import STAGE_CANARY, STAGE_SHADOW, ModelRegistry, RegistryError
 from streamscore.settings import Settings
@@ -61,11 +69,8 @@ def scored_since(store: Store, model_name: str, version: int, since_ms: int) -> 
         {"model": model_name, "v": version, "since": int(since_ms)}).rows[0][0])
 
 
-def compare_online(store: Store, model_name: str, production: int, candidate: int,
-                   since_ms: int) -> OnlineComparison:
-    """The labelled events both versions scored since `since_ms` (scored_at, epoch ms), read with FINAL."""
-    sql = """
-        SELECT s.event_id, s.production, s.candidate, l.label FROM (
+# Per event scored by both versions since `since`: each one's score (served in predictions, or in shadow).
+_BOTH_SCORED = """
             SELECT event_id,
                    anyIf(score, model_version = {production:UInt32}) AS production,
                    anyIf(score, model_version = {candidate:UInt32}) AS candidate,
@@ -81,14 +86,29 @@ def compare_online(store: Store, model_name: str, production: int, candidate: in
                   AND scored_at >= fromUnixTimestamp64Milli({since:Int64}, 'UTC')
             )
             GROUP BY event_id
-            HAVING n_production > 0 AND n_candidate > 0
-        ) AS s INNER JOIN labels AS l FINAL ON s.event_id = l.event_id
-        ORDER BY s.event_id"""
+            HAVING n_production > 0 AND n_candidate > 0"""
+
+
+def compare_online(store: Store, model_name: str, production: int, candidate: int,
+                   since_ms: int) -> OnlineComparison:
+    """The labelled events both versions scored since `since_ms` (scored_at, epoch ms), read with FINAL."""
+    sql = (f"SELECT s.event_id, s.production, s.candidate, l.label FROM ({_BOTH_SCORED}) AS s "
+           "INNER JOIN labels AS l FINAL ON s.event_id = l.event_id ORDER BY s.event_id")
     rows = store.query(sql, {"model": model_name, "production": production, "candidate": candidate,
                              "since": int(since_ms)}).rows
     columns = list(zip(*rows)) if rows else [(), (), (), ()]
     return OnlineComparison(production, candidate, np.asarray(columns[3], dtype=np.float64),
                             np.asarray(columns[1], dtype=np.float64), np.asarray(columns[2], dtype=np.float64))
+
+
+def paired_scores(store: Store, model_name: str, production: int, candidate: int,
+                  since_ms: int) -> tuple[np.ndarray, np.ndarray]:
+    """Both versions' scores of every event both scored since `since_ms`, labelled or not."""
+    rows = store.query(f"SELECT production, candidate FROM ({_BOTH_SCORED})",
+                       {"model": model_name, "production": production, "candidate": candidate,
+                        "since": int(since_ms)}).rows
+    columns = list(zip(*rows)) if rows else [(), ()]
+    return np.asarray(columns[0], dtype=np.float64), np.asarray(columns[1], dtype=np.float64)
 
 
 @dataclass(frozen=True)
@@ -129,6 +149,34 @@ def judge(comparison: OnlineComparison, objective: str, settings: Settings,
     figures = ", ".join(f"{m} {candidate[m]:.4f} vs {production[m]:.4f}" for m in shown)
     return OnlineVerdict(True, verdict.passed, f"online gate on {n} labelled events, {name}: {figures}; "
                                                f"{verdict.reason}", evidence)
+
+
+def judge_estimates(production_scores: np.ndarray, candidate_scores: np.ndarray, production_reference: dict,
+                    candidate_reference: dict, objective: str, settings: Settings, name: str) -> OnlineVerdict:
+    """The label-free early verdict: decided (and failed) only when the candidate expects to be clearly worse
+    than production on the same events; never a pass (see the module docstring)."""
+    n = int(candidate_scores.size)
+    evidence: dict[str, float] = {"scored": float(n)}
+    if n < settings.rollout_min_labelled:
+        return OnlineVerdict(False, False, f"{name}: {n} events scored by both, too few to estimate", evidence)
+    production = window_estimate(objective, production_reference, production_scores)
+    candidate = window_estimate(objective, candidate_reference, candidate_scores)
+    if production is None or candidate is None:
+        return OnlineVerdict(False, False, f"{name}: no label-free estimate (a version without its holdout "
+                                           "calibration)", evidence)
+    metric = "estimated_mae" if objective == "regression" else "estimated_auc"
+    evidence[metric], evidence[f"production_{metric}"] = float(candidate), float(production)
+    if objective == "regression":
+        limit = settings.drift_estimated_mae_ratio_threshold
+        worse = candidate > production * limit
+        figures = f"estimated MAE {candidate:.4f} vs {production:.4f} (at most x{limit:g})"
+    else:
+        limit = settings.drift_estimated_auc_drop_threshold
+        worse = production - candidate > limit
+        figures = f"estimated AUC {candidate:.4f} vs {production:.4f} (drop at most {limit:g})"
+    reason = f"label-free estimate on {n} events scored by both, {name}: {figures}"
+    return OnlineVerdict(worse, False, reason + ("; clearly worse, not waiting for labels" if worse else ""),
+                         evidence)
 
 
 @dataclass(frozen=True)
@@ -173,7 +221,14 @@ class RolloutController:
         candidate = self.registry.get(self.model_name, version)
         comparison = compare_online(self.store, self.model_name, production, version, since)
         verdict = judge(comparison, self.objective, self.settings, candidate.threshold)
-        if comparison.labelled == 0:
+        if not verdict.decided:
+            early = judge_estimates(*paired_scores(self.store, self.model_name, production, version, since),
+                                    self.registry.get(self.model_name, production).baseline.get(MONITORING_KEY) or {},
+                                    candidate.baseline.get(MONITORING_KEY) or {}, self.objective, self.settings,
+                                    f"v{version} vs production v{production}")
+            if early.decided:
+                verdict = early
+        if comparison.labelled == 0 and not verdict.decided:
             production_scored = scored_since(self.store, self.model_name, production, since)
             if (production_scored >= self.settings.rollout_min_labelled
                     and scored_since(self.store, self.model_name, version, since) == 0):

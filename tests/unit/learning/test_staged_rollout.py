@@ -9,7 +9,8 @@ import pytest
 from streamscore.learning.registry import ModelRegistry, RegistryError, model_versions_row
 from streamscore.learning.retrain_requests import (RetrainSchedule, parse_retrain_reason, retrain_reason,
                                                    scheduled_request)
-from streamscore.learning.rollout import OnlineComparison, judge
+from streamscore.drift.reference import fit_calibration, fit_loss_model
+from streamscore.learning.rollout import OnlineComparison, judge, judge_estimates
 from streamscore.settings import Settings
 
 MODEL = "fraud"
@@ -144,6 +145,44 @@ def test_the_online_gate_of_a_regression_compares_rmse_with_its_tolerance():
     assert close.passed == (ratio <= 1.0)
     tolerant = Settings(rollout_min_labelled=2000, gate_max_rmse_increase=ratio - 1 + 0.01)
     assert judge(comparison(y, production, slightly_worse), "regression", tolerant).passed
+
+
+def test_before_labels_a_candidate_expecting_to_be_clearly_worse_is_failed_and_none_is_passed():
+    rng = np.random.default_rng(3)
+    y = (rng.random(4000) < 0.3).astype(float)
+    good = np.clip(y * 0.6 + rng.random(4000) * 0.4, 0, 1)  # its holdout: confident and right
+    shuffled = rng.permutation(y)  # a model trained on shuffled labels: its calibration is the base rate
+    useless = rng.random(4000)
+    good_ref, useless_ref = {"calibration": fit_calibration(good, y)}, {"calibration": fit_calibration(useless, shuffled)}
+    live_good, live_useless = np.clip(rng.random(3000) * 0.4 + (rng.random(3000) < 0.3) * 0.6, 0, 1), rng.random(3000)
+    settings = Settings(rollout_min_labelled=2000)
+
+    worse = judge_estimates(live_good, live_useless, good_ref, useless_ref, "binary", settings, "v2 vs v1")
+    assert worse.decided and not worse.passed and "clearly worse" in worse.reason
+    assert worse.evidence["production_estimated_auc"] - worse.evidence["estimated_auc"] > 0.3
+    same = judge_estimates(live_good, live_good, good_ref, good_ref, "binary", settings, "v2 vs v1")
+    assert not same.decided and not same.passed  # the estimate never promotes
+    # STREAMSCORE_DRIFT_ESTIMATED_AUC_DROP_THRESHOLD is the tolerance
+    drop = worse.evidence["production_estimated_auc"] - worse.evidence["estimated_auc"]
+    assert not judge_estimates(live_good, live_useless, good_ref, useless_ref, "binary",
+                               Settings(rollout_min_labelled=2000, drift_estimated_auc_drop_threshold=drop + 0.01),
+                               "v2 vs v1").decided
+    assert not judge_estimates(live_good, live_useless, good_ref, useless_ref, "binary",
+                               Settings(rollout_min_labelled=3001), "v2 vs v1").decided  # too few events
+    assert not judge_estimates(live_good, live_useless, good_ref, {}, "binary", settings, "v2 vs v1").decided
+
+
+def test_before_labels_a_regression_candidate_expecting_a_much_larger_error_is_failed():
+    rng = np.random.default_rng(4)
+    y = rng.normal(100, 20, 3000)
+    tight, loose = fit_loss_model(y + rng.normal(0, 5, 3000), y), fit_loss_model(y + rng.normal(0, 30, 3000), y)
+    live = rng.normal(100, 20, 2500)
+    settings = Settings(rollout_min_labelled=2000)
+    worse = judge_estimates(live, live, {"loss_model": tight}, {"loss_model": loose}, "regression", settings, "v2")
+    assert worse.decided and not worse.passed
+    assert worse.evidence["estimated_mae"] > 1.2 * worse.evidence["production_estimated_mae"]
+    assert not judge_estimates(live, live, {"loss_model": tight}, {"loss_model": tight}, "regression", settings,
+                               "v2").decided
 
 
 def test_the_schedule_fires_once_per_boundary_of_event_time():
