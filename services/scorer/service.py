@@ -406,16 +406,16 @@ class ScorerService:
 
     def run(self, stop: threading.Event) -> None:
         settings = self.settings
+        events_topic = settings.topic(self.spec.event.topic)
         membership = {}
         slot = None
         if settings.scorer_static_membership:
-            slot = InstanceSlot(settings, settings.group(SERVICE))
+            slot = InstanceSlot(settings, settings.group(SERVICE), [events_topic])
             membership = {"group.instance.id": slot.acquire()}
         consumer = make_consumer(settings, settings.group(SERVICE), on_commit=log_commit_errors, **membership)
         producer = self._producer = make_producer(settings)
         self._acks = AckBatch()
         self._sealed.clear()
-        events_topic = settings.topic(self.spec.event.topic)
         predictions_topic = settings.topic(TOPIC_PREDICTIONS)
         shadow_topic = settings.topic(TOPIC_SHADOW_PREDICTIONS)
         consumer.subscribe([events_topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
