@@ -10,7 +10,6 @@ import base64
 import io
 import json
 import logging
-import time
 import urllib.request
 import uuid
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from streamscore.clickhouse.store import Store, open_store
 from streamscore.kafka.topics import ensure_topics
 
 from conftest import CACHE_DIR, example_spec, prepare, spec_codec
+from conftest import wait_until as wait_for
 
 PAYMENTS = example_spec("payments")
 
@@ -61,14 +61,7 @@ class Run:
 
 
 def wait_until(condition, what: str, timeout_s: float = 120.0, every_s: float = 0.2):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(every_s)
+    return wait_for(condition, what, timeout_s=timeout_s, interval_s=every_s)
 
 
 @pytest.fixture(scope="module")

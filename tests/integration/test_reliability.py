@@ -35,6 +35,7 @@ from streamscore.services.tools.simulate import SimulationReport, produce_simula
 from streamscore.settings import TOPIC_DEAD_LETTER, TOPIC_PREDICTIONS, Settings
 from streamscore.kafka.topics import ensure_topics
 from conftest import example_spec, prepare, spec_codec
+from conftest import wait_until as wait_for
 from streamscore.learning.training_set import LoggedEvents, offline_features
 
 pytestmark = pytest.mark.integration
@@ -46,14 +47,7 @@ CODEC = spec_codec(PAYMENTS)
 
 # --- waiting and Kafka positions ------------------------------------------------------
 def wait_until(condition, timeout_s: float, what: str, interval_s: float = 0.25):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(interval_s)
+    return wait_for(condition, what, timeout_s=timeout_s, interval_s=interval_s)
 
 
 def positions(settings: Settings, group: str, topic: str) -> tuple[list[int], list[int]]:
