@@ -297,3 +297,12 @@ def wait_until(condition, what: str, group=None, *, timeout_s: float = 120.0, in
             seen = f"; {describe()}" if describe is not None else ""
             raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what} (last: {last!r}){seen}")
         time.sleep(interval_s)
+
+
+def environment_without_settings() -> dict[str, str]:
+    """This process's environment minus every variable Settings reads, for a `streamscore` subprocess that
+    must see only what the test gives it."""
+    import os
+
+    return {k: v for k, v in os.environ.items()
+            if not k.startswith("STREAMSCORE_") and k not in ("KAFKA_BOOTSTRAP_SERVERS", "CLICKHOUSE_URL")}

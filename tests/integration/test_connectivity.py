@@ -3,7 +3,6 @@
 and an untrusted certificate each end `streamscore run` within seconds with an error naming the setting."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import environment_without_settings
 from conftest import CACHE_DIR, drop_database, free_port_pair, prepare
 from streamscore.settings import Settings
 from test_reliability import BackgroundProducer, drained, store_counts, wait_services_ready, wait_until
@@ -79,8 +79,7 @@ def run_cli(env: dict[str, str], *args: str, timeout_s: float = 60) -> tuple[int
 
 
 def secure_env(broker, tmp_path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("STREAMSCORE_") and k not in ("KAFKA_BOOTSTRAP_SERVERS", "CLICKHOUSE_URL")}
+    env = environment_without_settings()
     env.update(STREAMSCORE_KAFKA_CLIENT_PROPERTIES=str(broker.client_properties_file),
                STREAMSCORE_DATA_DIR=str(tmp_path / "data"), STREAMSCORE_CACHE_DIR=str(CACHE_DIR), **extra)
     return env

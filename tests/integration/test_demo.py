@@ -1,7 +1,6 @@
 """`streamscore demo` as a newcomer runs it, and the query command it prints at its end, as printed."""
 from __future__ import annotations
 
-import os
 import re
 import shlex
 import subprocess
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import environment_without_settings
 from streamscore.settings import Settings
 
 STREAMSCORE = str(Path(sys.executable).with_name("streamscore"))
@@ -18,8 +18,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 def demo_env(settings: Settings, data_dir: Path) -> dict[str, str]:
     """The test's broker (and server, if any); the demo's own embedded store in a fresh data dir."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("STREAMSCORE_") and k not in ("KAFKA_BOOTSTRAP_SERVERS", "CLICKHOUSE_URL")}
+    env = environment_without_settings()
     env.update({"KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers, "STREAMSCORE_DATA_DIR": str(data_dir),
                 "STREAMSCORE_CACHE_DIR": str(settings.cache_dir), "COLUMNS": "200"})
     if settings.clickhouse_url:

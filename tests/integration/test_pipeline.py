@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
+from conftest import environment_without_settings
 from conftest import example_spec, offline_matrix, spec_codec
 from conftest import wait_until as wait_for
 from streamscore.dev.generators import generator_ending_now, load_generator
@@ -393,15 +394,13 @@ def first_prediction_with_version(consumer: Consumer, version: int, scored_after
 def test_train_while_running_services_hold_the_embedded_store_asks_their_trainer(settings, store):
     """`streamscore train` in another process than the one holding the embedded store (the tutorial's step 6
     beside `run all`): it cannot open chDB, so it asks the running trainer through the retrain topic."""
-    import os
     import subprocess
     import sys
     from pathlib import Path
 
     pairs = list(generator_ending_now(PAYMENTS, seed=5, n_entities=300, n_events=3000).events(3000))
     events, labels = [e for e, _ in pairs], [lbl for _, lbl in pairs]
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("STREAMSCORE_") and k not in ("KAFKA_BOOTSTRAP_SERVERS", "CLICKHOUSE_URL")}
+    env = environment_without_settings()
     with ServiceGroup(settings, ["scorer", "logger", "trainer"], store=store) as group:
         produce_events(settings, events, labels)
         wait_for_count(store, "SELECT count() FROM predictions FINAL", len(events), "predictions", group)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import signal
 import subprocess
@@ -34,6 +33,7 @@ from streamscore.dev.generators import generator_ending_now
 from streamscore.services.tools.simulate import SimulationReport, produce_simulation
 from streamscore.settings import TOPIC_DEAD_LETTER, TOPIC_PREDICTIONS, Settings
 from streamscore.kafka.topics import ensure_topics
+from conftest import environment_without_settings
 from conftest import example_spec, prepare, spec_codec
 from conftest import wait_until as wait_for
 from streamscore.learning.training_set import LoggedEvents, offline_features
@@ -149,8 +149,7 @@ class BackgroundProducer:
 
 # --- services as subprocesses -----------------------------------------------------------------
 def service_env(settings: Settings, data_dir: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("STREAMSCORE_") and k not in ("KAFKA_BOOTSTRAP_SERVERS", "CLICKHOUSE_URL")}
+    env = environment_without_settings()
     env.update({
         "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
         "STREAMSCORE_DATA_DIR": str(data_dir),
