@@ -596,7 +596,7 @@ def run(ctx: typer.Context,
     """Run services in this process until SIGTERM/SIGINT (then flush, commit and exit)."""
     from streamscore.ops.logs import configure_logging
     from streamscore.ops.metrics import MetricsServer
-    from streamscore.services.runner import SERVICE_NAMES, ServiceGroup, run_until_signalled
+    from streamscore.services.runner import SERVICE_NAMES, ServiceGroup, own_processes, run_until_signalled
     from streamscore.clickhouse.store import StoreError
 
     settings, spec = _with_spec(ctx, spec_path)
@@ -608,7 +608,7 @@ def run(ctx: typer.Context,
 
     names = list(SERVICE_NAMES) if services == ["all"] else services
     try:
-        group = ServiceGroup(settings, names, spec=spec)
+        group = ServiceGroup(settings, names, spec=spec, processes=own_processes(settings, names))
     except (ValueError, StoreError, KafkaConnectionError) as error:
         raise fail(str(error)) from error
     # One endpoint per process, exposing every service it runs (STREAMSCORE_METRICS_PORT, 0 = off).

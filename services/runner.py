@@ -1,9 +1,12 @@
 """Run one or more services in this process until stopped.
 
 With the embedded ClickHouse engine only one process may open the data dir,
-so `streamscore run all` (and the demo) run every service as a thread of one
-process sharing one Store. With CLICKHOUSE_URL each service can run in its own
-process or container (`streamscore run scorer`, ...), as docker-compose does.
+so `streamscore run all` (and the demo) run the services that need the store
+as threads of one process sharing one Store; the scorer, which needs none, runs
+in a child process of its own (settings.scorer_own_process,
+services/service_process.py), so they never hold its GIL. With CLICKHOUSE_URL
+each service can run in its own process or container (`streamscore run scorer`,
+...), as docker-compose does.
 """
 from __future__ import annotations
 
@@ -28,8 +31,21 @@ NEEDS_STORE = {"logger", "drift", "trainer"}
 STOPS_LAST = {"logger"}  # it records what the others produce (model updates of a retrain finishing at a stop)
 
 
-def build_service(name: str, settings: Settings, store: Store | None, spec: FeatureSpec, stats=None):
-    """A new instance of service `name`; `stats`: keep counting in these (a restarted service's)."""
+OWN_PROCESS_CAPABLE = {"scorer"}  # needs no store: it can run where the embedded one is not
+
+
+def own_processes(settings: Settings, names) -> set[str]:
+    """The services of `names` a production group (`run all`, the demo) runs in a child process of its own."""
+    return OWN_PROCESS_CAPABLE & set(names) if settings.scorer_own_process and len(names) > 1 else set()
+
+
+def build_service(name: str, settings: Settings, store: Store | None, spec: FeatureSpec, stats=None,
+                  own_process: bool = False):
+    """A new instance of service `name`; `stats`: keep counting in these (a restarted service's);
+    `own_process`: the service runs in a child process, this is its handle (services/service_process.py)."""
+    if own_process:
+        from streamscore.services.service_process import ServiceProcess
+        return ServiceProcess(name, settings, spec, stats=stats)
     # Imported here so `streamscore run scorer` does not load what it does not run.
     if name == "scorer":
         from streamscore.services.scorer.service import ScorerService
@@ -51,10 +67,13 @@ class ServiceGroup:
     only one that keeps crashing stops the others."""
 
     def __init__(self, settings: Settings, names: list[str], store: Store | None = None,
-                 spec: FeatureSpec | None = None, restart_policy: RestartPolicy | None = None):
+                 spec: FeatureSpec | None = None, restart_policy: RestartPolicy | None = None,
+                 processes: set[str] | frozenset[str] = frozenset()):
         unknown = [n for n in names if n not in SERVICE_NAMES]
         if unknown:
             raise ValueError(f"unknown service(s) {unknown}; choose from {', '.join(SERVICE_NAMES)} or 'all'")
+        if set(processes) - OWN_PROCESS_CAPABLE:
+            raise ValueError(f"only {', '.join(sorted(OWN_PROCESS_CAPABLE))} can run in a process of its own")
         if spec is None:
             settings, spec = resolve(settings)
         if names:  # refused credentials or an untrusted certificate: a clear error now, not a silent hang
@@ -69,11 +88,14 @@ class ServiceGroup:
         self.settings = settings
         self.stop = threading.Event()
         self._late_stop = threading.Event()  # the services of STOPS_LAST: set once the others stopped
-        self.services = {name: build_service(name, settings, store, spec) for name in names}
+        self.processes = set(processes) & set(names)  # run in child processes; the others as threads
+        self.services = {name: build_service(name, settings, store, spec, own_process=name in self.processes)
+                         for name in names}
         self.failures: dict[str, BaseException] = {}
         self._threads: list[threading.Thread] = []
         self.restart_policy = restart_policy or RestartPolicy.from_settings(settings)
-        self.build = lambda name, stats: build_service(name, settings, store, spec, stats=stats)
+        self.build = lambda name, stats: build_service(name, settings, store, spec, stats=stats,
+                                                       own_process=name in self.processes)
         # chDB has one process per data dir: this one serves it to `streamscore query`, `status`, the trainer's
         # training process... on a local socket while it runs (clickhouse/shared_store.py)
         self.store_server: StoreServer | None = None

@@ -26,7 +26,7 @@ from streamscore.kafka.config import schema_registry_config
 from streamscore.avro.codec import AvroCodec, SchemaCatalog
 from streamscore.clickhouse.store import Store, open_store
 from streamscore.clickhouse.tables import ensure_spec_tables
-from streamscore.dev.generators import generator_ending_now, load_generator
+from streamscore.dev.generators import load_generator
 from streamscore.dev.kafka_broker import LocalKafkaBroker
 from streamscore.kafka.config import admin_config
 from streamscore.kafka.io import admin_result
@@ -35,8 +35,8 @@ from streamscore.learning.model_updates import publish_model_updates
 from streamscore.learning.registry import ModelRegistry
 from streamscore.learning.retraining import train_and_register
 from streamscore.ops.report import write_report
-from streamscore.services.runner import ServiceGroup
-from streamscore.services.tools.simulate import produce_simulation
+from streamscore.services.runner import ServiceGroup, own_processes
+from streamscore.services.tools.simulate import SimulationProcess, produce_simulation
 from streamscore.settings import Settings
 from streamscore.spec import FeatureSpec, default_spec_path, resolve
 
@@ -108,7 +108,7 @@ def wait_for_rows(store: Store, table: str, expected: int, timeout_s: float = 12
         n = count_rows(store, table)
         if n >= expected or time.monotonic() > deadline:
             return n
-        time.sleep(0.25)
+        time.sleep(0.1)
 
 
 def accounted_events(store: Store) -> int:
@@ -120,8 +120,20 @@ def accounted_events(store: Store) -> int:
 def wait_until_accounted(store: Store, expected: int, timeout_s: float = 120.0) -> int:
     deadline = time.monotonic() + timeout_s
     while (n := accounted_events(store)) < expected and time.monotonic() < deadline:
-        time.sleep(0.25)
+        time.sleep(0.1)
     return n
+
+
+def wait_until_ready(group: ServiceGroup, settings: Settings, timeout_s: float = 60.0) -> float:
+    """Seconds until the group's scorer owns every events partition (state restored) and every other service
+    owns some: the history phase then measures the pipeline's throughput, not the services' start-up."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s and not group.stop.is_set():
+        owned = {name: service.stats.partitions_owned for name, service in group.services.items()}
+        if all(n >= (settings.partitions if name == "scorer" else 1) for name, n in owned.items()):
+            break
+        time.sleep(0.05)
+    return time.monotonic() - started
 
 
 def _progress(console: Console) -> Progress:
@@ -130,10 +142,14 @@ def _progress(console: Console) -> Progress:
 
 
 def _produce(console, settings, spec, codec, simulator, n, rate, poison_every, label):
+    """Produce `n` events of `simulator` (a generator, or a SimulationProcess producing from its own process)."""
     with _progress(console) as progress:
         task = progress.add_task(label, total=n)
+        update = lambda i: progress.update(task, completed=i)  # noqa: E731
+        if isinstance(simulator, SimulationProcess):
+            return simulator.produce(n, rate, poison_every, progress=update)
         return produce_simulation(settings, spec, codec, simulator, n, rate=rate, poison_every=poison_every,
-                                  progress=lambda i: progress.update(task, completed=i))
+                                  progress=update)
 
 
 def _sql_table(console: Console, store: Store, title: str, sql: str) -> None:
@@ -199,10 +215,14 @@ def run_demo(base: Settings, options: DemoOptions, console: Console | None = Non
             figures["total_seconds"] = time.monotonic() - t0
             console.print(f"demo finished in {figures['total_seconds']:.1f} s")
             return figures
-        simulator = generator_ending_now(spec, options.seed, entities, total)
-
-        with ServiceGroup(settings, ["scorer", "logger"], store=store, spec=spec) as group:
+        names = ["scorer", "logger"]
+        with SimulationProcess(settings, spec, options.seed, entities, total) as simulator, \
+                ServiceGroup(settings, names, store=store, spec=spec, processes=own_processes(settings, names)) as group:
             scorer = group.services["scorer"]
+            # --- the services join their groups (the scorer restores its partitions' state) -------
+            figures["services_ready_seconds"] = wait_until_ready(group, settings)
+            console.print(f"scorer and logger ready in {figures['services_ready_seconds']:.1f} s "
+                          f"(scorer {'in a process of its own' if 'scorer' in group.processes else 'as a thread'})")
             # --- history: no model yet ---------------------------------------------------
             phase = time.monotonic()
             report = _produce(console, settings, spec, codec, simulator, options.history_events, None, 0,
@@ -226,10 +246,10 @@ def run_demo(base: Settings, options: DemoOptions, console: Console | None = Non
                           f"{headline.upper()} {outcome.version.metrics.get(headline, float('nan')):.3f}; "
                           f"{'promoted' if outcome.promoted else 'rejected'} ({outcome.gate_reason})")
             swap_started = time.monotonic()
-            while scorer.pipeline.model.version != outcome.version.version and time.monotonic() - swap_started < 30:
+            while scorer.stats.model_version != outcome.version.version and time.monotonic() - swap_started < 30:
                 time.sleep(0.05)
             figures["swap_seconds"] = time.monotonic() - swap_started
-            console.print(f"scorer hot-swapped to v{scorer.pipeline.model.version} "
+            console.print(f"scorer hot-swapped to v{scorer.stats.model_version} "
                           f"{figures['swap_seconds']:.2f} s after promotion, without a restart")
 
             # --- live traffic at a fixed rate, with poison mixed in ------------------------

@@ -1,14 +1,15 @@
 """`streamscore bench --soak MINUTES`: `streamscore run all` at a steady rate for minutes, with retrains.
 
-What it runs: the default a newcomer runs, `streamscore run all` (scorer, logger, drift, trainer in one process,
-embedded ClickHouse) as a subprocess in a data dir of its own, on the local broker. History first (as fast as
+What it runs: the default a newcomer runs, `streamscore run all` (logger, drift, trainer in one process holding
+the embedded ClickHouse, the scorer in a child process of its own) as a subprocess in a data dir of its own, on the local broker. History first (as fast as
 possible, labelled) and v1 trained from it through the running process's store socket; then the live phase
 at `rate` events/s (the simulator's defaults, 2,000 entities, labels 1 s after their events) for `minutes`,
 with a retrain request every `retrain_every_s` (the trainer trains in its own process, promotes or rejects).
 
 What it reports, per minute of the live phase: predictions received, event -> prediction latency p50 / p99 /
-max (event id stamped with its send time; received by a consumer of the predictions topic), the `run all`
-process's memory (RSS, MiB, its training process included) and threads, retrains finished so far. At the
+max (event id stamped with its send time; received by a consumer of the predictions topic), the memory (RSS,
+MiB) and threads of the `run all` process and all its descendants (the scorer's process, a training in flight),
+retrains finished so far. At the
 end: memory growth per million events after the warm-up (first two minutes), and the exactly-once counts
 (events produced vs predictions logged, distinct).
 """
@@ -125,22 +126,31 @@ class LatencyWatcher:
         self.consumer.close()
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants. /proc/<pid>/task/<tid>/children lists the children each thread started: the
+    scorer's process is started by the runner's scorer thread, a training process by the trainer's."""
+    tree, todo = [], [pid]
+    while todo:
+        one = todo.pop()
+        tree.append(one)
+        for children in Path(f"/proc/{one}/task").glob("*/children"):
+            try:
+                todo += [int(child) for child in children.read_text().split()]
+            except OSError:
+                continue
+    return tree
+
+
 def process_memory(pid: int) -> tuple[float, int]:
-    """(RSS MiB of the process and its children, threads of the process) from /proc."""
+    """(RSS MiB, threads) of the process and all its descendants (the scorer's process, a training), from /proc."""
     rss_kib, threads = 0, 0
-    pids = [pid]
-    try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-        pids += [int(child) for child in children]
-    except OSError:
-        pass
-    for one in pids:
+    for one in process_tree(pid):
         try:
             for line in Path(f"/proc/{one}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
                     rss_kib += int(line.split()[1])
-                elif line.startswith("Threads:") and one == pid:
-                    threads = int(line.split()[1])
+                elif line.startswith("Threads:"):
+                    threads += int(line.split()[1])
         except OSError:
             continue
     return rss_kib / 1024, threads

@@ -113,9 +113,15 @@ class Settings(BaseSettings):
         "once instead of after the session timeout; stopped for good, its partitions move after the session "
         "timeout.")
 
+    scorer_own_process: bool = Field(
+        default=True,
+        description="`streamscore run all` and the demo run the scorer in a child process of its own "
+        "(services/service_process.py), so the other services and the demo's producer never hold its GIL; false: "
+        "a thread beside them, as the tests that look inside a running scorer do.")
+
     # --- logger -------------------------------------------------------------
     logger_batch_rows: int = Field(default=20_000, ge=1, description="Logger flushes to ClickHouse at this many rows...")
-    logger_flush_interval_s: float = Field(default=1.0, gt=0, description="...or after this many seconds, whichever first.")
+    logger_flush_interval_s: float = Field(default=1.0, gt=0, description="...or after this many seconds, whichever first (a quarter of it once the topics went quiet: a burst's tail is written at once).")
 
     # --- drift (streamscore.drift.monitor; thresholds are measured in services/tools/drift_quality.py, docs/drift.md) ---
     drift_detectors: str = Field(

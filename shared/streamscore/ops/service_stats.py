@@ -23,6 +23,7 @@ class ServiceStats:
         self.model_swaps = 0
         self.generic_decodes = 0  # messages the compiled readers left to the generic Avro decoder
         self.running = False
+        self.partitions_owned = 0  # input partitions assigned and ready (their state restored, for the scorer)
         self.restarts = 0  # times the runner restarted this service after a crash
         self.rejections: TallyCounter[str] = TallyCounter()
         # The newest `keep_latencies` event latencies in a preallocated ring (1.6 MB), not a deque of Python
