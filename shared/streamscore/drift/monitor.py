@@ -46,6 +46,7 @@ import operator
 from bisect import bisect_left
 from collections import deque
 from dataclasses import asdict, dataclass, field, replace
+from itertools import islice
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -415,6 +416,19 @@ def auc_standard_error(auc: float, positives: int, negatives: int) -> float:
     return math.sqrt(max(variance, 0.0) / (positives * negatives))
 
 
+def _auc(scores: np.ndarray, labels: np.ndarray, positives: int) -> float:
+    """ROC AUC with ties as 1/2 (Mann-Whitney); NaN without both classes."""
+    n = scores.size
+    if positives == 0 or positives == n:
+        return math.nan
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(n)
+    _, first, counts = np.unique(scores[order], return_index=True, return_counts=True)
+    ranks[order] = np.repeat(first + (counts + 1) / 2.0, counts)
+    rank_sum = ranks[labels == 1].sum()
+    return float((rank_sum - positives * (positives + 1) / 2) / (positives * (n - positives)))
+
+
 @dataclass
 class _Performance:
     """Rolling window of labelled predictions: per-label loss (log loss; |error| for a regression) with
@@ -492,16 +506,8 @@ class _Performance:
         positives = self.positives
         if positives == 0 or positives == n:
             return math.nan
-        scores = np.fromiter(self.scores, dtype=float, count=n)
-        labels = np.fromiter(self.labels, dtype=float, count=n)
-        order = np.argsort(scores, kind="mergesort")
-        sorted_scores = scores[order]
-        ranks = np.empty(n)
-        _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
-        average = first + (counts + 1) / 2.0
-        ranks[order] = np.repeat(average, counts)
-        rank_sum = ranks[labels == 1].sum()
-        return float((rank_sum - positives * (positives + 1) / 2) / (positives * (n - positives)))
+        return _auc(np.fromiter(self.scores, dtype=float, count=n), np.fromiter(self.labels, dtype=float, count=n),
+                    positives)
 
     def precision_recall(self, threshold: float) -> tuple[float, float]:
         scores = np.fromiter(self.scores, dtype=float, count=len(self.scores))
@@ -718,15 +724,44 @@ class DriftMonitor:
         return value
 
     def _check_performance(self, at_ms: int) -> list[DriftSignal]:
-        config, perf = self.config, self._performance
+        """The measured tests over the whole label window and, if they do not fire, over its most recent
+        half (`perf_window // 2` labels: a shift fills it twice as fast; the same Z-standard-error bounds
+        keep it a test). The evidence has cleared only when both are below CLEAR_LEVEL: right after a
+        request cited the recent half, the whole window still holds pre-change labels and is low, and
+        that is the same shift, not a cleared one."""
+        perf = self._performance
         n = perf.n
+        signals, figures, excess = self._measure(perf.scores, perf.labels, perf.losses, perf.expected,
+                                                 n, at_ms)
+        recent = self.config.perf_window // 2
+        if not signals and n >= 2 * recent and recent >= 2:
+            skip = n - recent
+            part = [np.fromiter(islice(column, skip, None), dtype=float, count=recent)
+                    for column in (perf.scores, perf.labels, perf.losses, perf.expected)]
+            signals, recent_figures, recent_excess = self._measure(*part, recent, at_ms)
+            figures.append(f"recent {recent} labels: " + "; ".join(recent_figures))
+            excess = max(excess, recent_excess)
+        positives = f" ({perf.positives} positives)" if self.objective == "binary" else ""
+        self._latest[MEASURED] = f"measured over {n} labels{positives}: " + "; ".join(figures)
+        self._note_channel(MEASURED, excess)
+        return signals
+
+    def _measure(self, scores, labels, losses, expected, n: int, at_ms: int) -> tuple[list[DriftSignal], list[str], float]:
+        """The measured tests over n labelled predictions: (signals, figures, the strongest test's value
+        relative to its threshold, 1 = at the threshold)."""
+        config = self.config
+        scores = np.fromiter(scores, dtype=float, count=n) if not isinstance(scores, np.ndarray) else scores
+        labels = np.fromiter(labels, dtype=float, count=n) if not isinstance(labels, np.ndarray) else labels
+        losses = np.fromiter(losses, dtype=float, count=n) if not isinstance(losses, np.ndarray) else losses
+        expected = np.fromiter(expected, dtype=float, count=n) if not isinstance(expected, np.ndarray) else expected
         signals: list[DriftSignal] = []
-        excess = 0.0  # the strongest test's value relative to its threshold (1 = at the threshold)
+        excess = 0.0
         figures = []
         if self.objective == "binary":
-            positives, negatives = perf.positives, n - perf.positives
+            positives = int(np.count_nonzero(labels == 1))
+            negatives = n - positives
             if min(positives, negatives) >= config.min_positives:
-                auc = perf.auc()
+                auc = _auc(scores, labels, positives)
                 reference_auc = self._metric_reference("auc", auc)
                 if reference_auc is not None and not math.isnan(auc):
                     error = max(auc_standard_error(auc, positives, negatives),
@@ -745,25 +780,22 @@ class DriftMonitor:
             name, ratio_threshold = "log_loss", config.logloss_ratio_threshold
         else:
             name, ratio_threshold = "mae", config.mae_ratio_threshold
-        mean = perf.mean_loss
+        mean = float(losses.mean())
         reference = self._metric_reference(name, mean)
-        expected = perf.expected_loss
-        effective = max(reference or 0.0, expected or 0.0)
+        expected_loss = _finite(float(expected.mean()))
+        effective = max(reference or 0.0, expected_loss or 0.0)
         if effective > 0:
-            lower = mean - Z * perf.loss_std / math.sqrt(n)
+            lower = mean - Z * float(losses.std()) / math.sqrt(n)
             value = lower / effective
             figures.append(f"{name} {mean:.4g} (lower bound {lower:.4g}) vs reference {effective:.4g} "
                            f"(holdout {reference if reference is not None else float('nan'):.4g}, expected from "
-                           f"scores {expected if expected is not None else float('nan'):.4g})")
+                           f"scores {expected_loss if expected_loss is not None else float('nan'):.4g})")
             excess = max(excess, (value - 1.0) / (ratio_threshold - 1.0))
             if value > ratio_threshold:
-                signals.append(DriftSignal(f"{name.replace('_', '')}_ratio" if name == "log_loss" else "mae_ratio",
+                signals.append(DriftSignal("logloss_ratio" if name == "log_loss" else "mae_ratio",
                                            None, f"{name}_ratio_lower_bound", value, ratio_threshold, n, at_ms,
                                            effective, harm=MEASURED))
-        self._latest[MEASURED] = (f"measured over {n} labels ({perf.positives} positives): " if self.objective == "binary"
-                                  else f"measured over {n} labels: ") + "; ".join(figures)
-        self._note_channel(MEASURED, excess)
-        return signals
+        return signals, figures, excess
 
     # -- windowed comparison --------------------------------------------------------------
 

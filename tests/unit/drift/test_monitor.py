@@ -381,3 +381,58 @@ def test_chosen_features_are_monitored_with_the_score_last(baseline):
     X, score, _ = make_stream(6000, seed=17, score_shift_at=2000)
     found = run(monitor, X, score)
     assert found and {s.feature for _, s in found} == {"score"}
+
+
+# --- round 3: sliding estimate, expected log loss, recent half of the label window ----------------
+
+def _degrading_regression(at=6000, n=12_000, factor=1.3):
+    """Predictions with |error| ~ 8; from label `at` on the errors are `factor` x larger."""
+    rng = np.random.default_rng(8)
+    predictions = rng.normal(100.0, 20.0, n)
+    noise = rng.normal(0.0, 10.0, n)
+    noise[at:] *= factor
+    return predictions, predictions + noise, {"mae": float(np.mean(np.abs(noise[:at])))}
+
+
+def _feed_labels(monitor, predictions, labels, request=False):
+    found = []
+    for i, (p, y) in enumerate(zip(predictions.tolist(), labels.tolist())):
+        signals = monitor.update_label(p, y, i)
+        if request:
+            chosen = monitor.should_request_retrain(signals, now_ms=i)
+            found += [(i, chosen)] if chosen is not None else []
+        else:
+            found += [(i, s) for s in signals if s.harm]
+    return found
+
+
+def test_the_recent_half_of_the_label_window_sees_a_shift_first(baseline):
+    predictions, labels, reference = _degrading_regression()
+    monitor = DriftMonitor(config(perf_window=2000, detectors={"performance"}), baseline, "eta", 1,
+                           reference_metrics=reference, objective="regression")
+    found = _feed_labels(monitor, predictions, labels)
+    assert found and found[0][0] >= 6000
+    first_index, first = found[0]
+    assert first.window == 1000 and first.detector == "mae_ratio" and first.harm == "measured"
+    whole = [i for i, s in found if s.window == 2000]
+    assert whole and whole[0] > first_index  # the whole window follows once enough of it has shifted
+    replay = DriftMonitor(config(perf_window=2000, detectors={"performance"}), baseline, "eta", 1,
+                          reference_metrics=reference, objective="regression")
+    _feed_labels(replay, predictions[:first_index + 1], labels[:first_index + 1])
+    assert "recent 1000 labels: mae" in replay.evidence()  # a request cites both figures
+    # no shift: neither half fires
+    predictions, labels, reference = _degrading_regression(factor=1.0, n=30_000)
+    monitor = DriftMonitor(config(perf_window=2000, detectors={"performance"}), baseline, "eta", 1,
+                           reference_metrics=reference, objective="regression")
+    assert _feed_labels(monitor, predictions, labels) == []
+
+
+def test_a_request_cited_by_the_recent_half_does_not_break_through_while_the_shift_lasts(baseline):
+    predictions, labels, reference = _degrading_regression(n=20_000)
+    monitor = DriftMonitor(config(perf_window=2000, detectors={"performance"}, cooldown_events=10**6,
+                                  cooldown_s=10**6), baseline, "eta", 1, reference_metrics=reference,
+                           objective="regression")
+    requests = _feed_labels(monitor, predictions, labels, request=True)
+    # while the checks after the request still see pre-change labels in the whole window, the recent
+    # half keeps the evidence present: one request for one shift
+    assert len(requests) == 1 and requests[0][1].window == 1000
