@@ -107,6 +107,7 @@ class DriftConfig:
     mae_ratio_threshold: float = 1.15
     estimated_auc_drop_threshold: float = 0.05
     estimated_mae_ratio_threshold: float = 1.2
+    estimate_every: int = 1000
     weighted_psi_threshold: float = 0.5
     persist_windows: int = 2
     clear_windows: int = 3
@@ -118,7 +119,7 @@ class DriftConfig:
         object.__setattr__(self, "detectors", frozenset(self.detectors))
         object.__setattr__(self, "features", tuple(self.features))
         object.__setattr__(self, "event_features", tuple(self.event_features))
-        for name in ("window", "perf_window", "persist_windows", "clear_windows", "min_positives"):
+        for name in ("window", "perf_window", "persist_windows", "clear_windows", "min_positives", "estimate_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"drift_{name} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.adwin_delta < 1:
@@ -148,6 +149,7 @@ class DriftConfig:
             mae_ratio_threshold=settings.drift_mae_ratio_threshold,
             estimated_auc_drop_threshold=settings.drift_estimated_auc_drop_threshold,
             estimated_mae_ratio_threshold=settings.drift_estimated_mae_ratio_threshold,
+            estimate_every=settings.drift_estimate_every,
             weighted_psi_threshold=settings.drift_weighted_psi_threshold,
             persist_windows=settings.drift_persist_windows,
             clear_windows=settings.drift_clear_windows,
@@ -613,9 +615,12 @@ class DriftMonitor:
             else:
                 event_names += [n for n in config.event_features if n in references]
         self._event_detectors = {n: _EventDetectors(config, references.get(n)) for n in event_names}
+        self._sliding_estimate = ("estimated" in config.detectors and self._score_column is not None
+                                  and config.estimate_every < config.window)
         self._event_feature_names = [n for n in event_names if n != SCORE]
 
         self._window_rows: list[list[float]] = []
+        self._previous_scores: list[float] = []  # the last window's scores the next sliding estimate needs
         self._last_window: list[Statistic] = []
         self.windows_completed = 0
         self.predictions_seen = 0
@@ -654,11 +659,27 @@ class DriftMonitor:
                 x = get(name, math.nan)
                 if x == x:  # NaN: not a value; counted in the window's nan_fraction
                     self._update_event_detectors(name, x, event_time_ms, warmed_up, signals)
-        if len(self._window_rows) >= self.config.window:
+        filled = len(self._window_rows)
+        if filled >= self.config.window:
             window_signals = self._close_window(event_time_ms, warmed_up)
             if warmed_up:
                 signals += window_signals
+        elif filled % self.config.estimate_every == 0 and self._sliding_estimate:
+            window_signals = self._sliding_estimated_evidence(event_time_ms, warmed_up)
+            if warmed_up:
+                signals += window_signals
         return signals
+
+    def _sliding_estimated_evidence(self, at_ms: int, warmed_up: bool) -> list[DriftSignal]:
+        """The estimated channel between window closes: over the last `window` scores (the end of the
+        previous window and the current one so far), every `estimate_every` predictions."""
+        needed = self.config.window - len(self._window_rows)
+        if len(self._previous_scores) < needed:  # no previous window yet (start, or after a restart)
+            return []
+        column = self._score_column
+        scores = np.array(self._previous_scores[len(self._previous_scores) - needed:]
+                          + [row[column] for row in self._window_rows], dtype=float)
+        return self._estimated_evidence(scores, scores.size, at_ms, warmed_up, [])
 
     def _update_event_detectors(self, name: str, x: float, at_ms: int, warmed_up: bool, signals: list) -> None:
         adwin_fired, ph_fired, _ = self._event_detectors[name].update(x)
@@ -803,6 +824,9 @@ class DriftMonitor:
         config = self.config
         table = np.asarray(self._window_rows, dtype=float)
         self._window_rows = []
+        if self._sliding_estimate:
+            keep = config.window - config.estimate_every
+            self._previous_scores = table[table.shape[0] - keep:, self._score_column].tolist()
         self.windows_completed += 1
         n = table.shape[0]
         signals: list[DriftSignal] = []
@@ -1003,6 +1027,7 @@ class DriftMonitor:
             "labels_since_window": self._labels_since_window,
             "last_event_ms": int(self._last_event_ms),
             "window_rows": [[None if x != x else float(x) for x in row] for row in self._window_rows],
+            "previous_scores": [None if x != x else float(x) for x in self._previous_scores],
             "last_window": [_json_safe(asdict(s)) for s in self._last_window],
             "performance": {"scores": list(perf.scores), "labels": list(perf.labels),
                             "expected": [None if x != x else x for x in perf.expected], "seen": perf.seen},
@@ -1044,6 +1069,11 @@ class DriftMonitor:
             raise IncompatibleDriftState(f"drift monitor state: window rows must have {width} values and be "
                                          f"fewer than the window ({monitor.config.window})")
         monitor._window_rows = [[math.nan if x is None else float(x) for x in row] for row in rows]
+        previous = saved.get("previous_scores") or []
+        if len(previous) >= monitor.config.window:
+            raise IncompatibleDriftState(f"drift monitor state: previous_scores must be fewer than the window "
+                                         f"({monitor.config.window})")
+        monitor._previous_scores = [math.nan if x is None else float(x) for x in previous]
         monitor.windows_completed = saved["windows_completed"]
         monitor.predictions_seen = saved["predictions_seen"]
         monitor.labels_seen = saved["labels_seen"]

@@ -436,3 +436,35 @@ def test_a_request_cited_by_the_recent_half_does_not_break_through_while_the_shi
     # while the checks after the request still see pre-change labels in the whole window, the recent
     # half keeps the evidence present: one request for one shift
     assert len(requests) == 1 and requests[0][1].window == 1000
+
+
+def _first_harm(monitor, X, score):
+    return next(((i, s) for i, s in run(monitor, X, score) if s.harm), (None, None))
+
+
+def test_the_estimate_slides_so_persistent_evidence_is_reached_a_step_after_the_first_full_window(monitored_baseline):
+    # the scores shift at a window boundary (20,000): the estimated AUC fires on every window that is
+    # mostly shifted; sliding every 1,000 events, the second firing evaluation comes 1,000 events after
+    # the first full window instead of a whole window later
+    X, score, _ = make_stream(30_000, seed=12, score_shift_at=20_000)
+    sliding, _ = _first_harm(DriftMonitor(config(estimate_every=1000), monitored_baseline, "fraud", 1), X, score)
+    tumbling, _ = _first_harm(DriftMonitor(config(estimate_every=WINDOW), monitored_baseline, "fraud", 1), X, score)
+    assert tumbling == 20_000 + 2 * WINDOW - 1
+    assert sliding == tumbling - 1000
+
+
+def test_the_sliding_estimate_stays_quiet_on_a_healthy_stream(monitored_baseline):
+    X, score, _ = make_stream(50_000, seed=2)
+    monitor = DriftMonitor(config(estimate_every=500), monitored_baseline, "fraud", 1)
+    assert [s for _, s in run(monitor, X, score) if s.feature is None] == []
+
+
+def test_a_restored_monitor_slides_on_identically(monitored_baseline):
+    X, score, _ = make_stream(30_000, seed=12, score_shift_at=20_000)
+    straight = DriftMonitor(config(), monitored_baseline, "fraud", 1)
+    restored = DriftMonitor(config(), monitored_baseline, "fraud", 1)
+    cut = 20_500  # mid-window: the next sliding evaluation needs the previous window's tail
+    assert run(straight, X, score, 0, cut) == run(restored, X, score, 0, cut)
+    restored = DriftMonitor.from_bytes(restored.to_bytes(), config())
+    after = run(straight, X, score, cut)
+    assert after and run(restored, X, score, cut) == after
