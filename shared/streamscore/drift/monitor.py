@@ -52,7 +52,8 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 from river import drift as river_drift
 
-from streamscore.drift.reference import MONITORING_KEY, calibrate, window_estimate
+from streamscore.drift.reference import (MONITORING_KEY, calibrate, estimated_auc, estimated_log_loss,
+                                         window_estimate)
 
 SCORE = "score"  # the baseline key of the model score (training.compute_baseline)
 QUANTILE_LEVELS = ("0.01", "0.05", "0.25", "0.5", "0.75", "0.95", "0.99")
@@ -107,6 +108,7 @@ class DriftConfig:
     mae_ratio_threshold: float = 1.15
     estimated_auc_drop_threshold: float = 0.05
     estimated_mae_ratio_threshold: float = 1.2
+    estimated_logloss_ratio_threshold: float = 3.0
     estimate_every: int = 1000
     weighted_psi_threshold: float = 0.5
     persist_windows: int = 2
@@ -149,6 +151,7 @@ class DriftConfig:
             mae_ratio_threshold=settings.drift_mae_ratio_threshold,
             estimated_auc_drop_threshold=settings.drift_estimated_auc_drop_threshold,
             estimated_mae_ratio_threshold=settings.drift_estimated_mae_ratio_threshold,
+            estimated_logloss_ratio_threshold=settings.drift_estimated_logloss_ratio_threshold,
             estimate_every=settings.drift_estimate_every,
             weighted_psi_threshold=settings.drift_weighted_psi_threshold,
             persist_windows=settings.drift_persist_windows,
@@ -605,6 +608,14 @@ class DriftMonitor:
         else:
             healthy = (self._estimate_reference - worst) if worst is not None and self._estimate_reference else 0.0
             self._estimate_threshold = max(config.estimated_auc_drop_threshold, SEASONAL_MARGIN * healthy)
+        # binary: the expected log loss of the calibrated scores (CBPE) vs the holdout's; its threshold never
+        # below SEASONAL_MARGIN x the worst healthy holdout chunk's ratio (a log loss varies by factors)
+        self._log_loss_reference = (_finite(chunks.get("log_loss_estimate")) if self._calibration is not None
+                                    else None)
+        worst_log_loss = _finite(chunks.get("log_loss_estimate_worst"))
+        healthy = (worst_log_loss / self._log_loss_reference
+                   if worst_log_loss is not None and self._log_loss_reference else 0.0)
+        self._log_loss_threshold = max(config.estimated_logloss_ratio_threshold, SEASONAL_MARGIN * healthy)
 
         per_event = ("adwin" in config.detectors) or ("pagehinkley" in config.detectors)
         event_names: list[str] = []
@@ -906,29 +917,54 @@ class DriftMonitor:
 
     def _estimated_evidence(self, scores: np.ndarray, n: int, at_ms: int, warmed_up: bool,
                             stats: list[Statistic]) -> list[DriftSignal]:
-        estimate = window_estimate(self.objective, self.monitoring, scores)
+        """The label-free channel. Regression: the loss model's MAE / the holdout's. Binary (CBPE, the
+        calibrated scores standing in for the labels): the estimated AUC's drop, and the expected log
+        loss / the holdout's (a shift that leaves the ranking intact but moves many events to scores the
+        calibration calls uncertain raises the loss: payments' amounts x3, AUC unchanged, log loss x1.7)."""
         reference = self._estimate_reference
-        if estimate is None or reference is None:
-            return []
-        threshold = self._estimate_threshold
         if self.objective == "regression":
+            estimate = window_estimate(self.objective, self.monitoring, scores)
+            if estimate is None or reference is None:
+                return []
+            threshold = self._estimate_threshold
             stats.append(Statistic(None, "estimated_mae", estimate, reference, n, at_ms))
-            value, detector, statistic = estimate / reference, "estimated_mae_ratio", "estimated_mae_ratio"
+            value = estimate / reference
             self._latest[ESTIMATED] = (f"estimated mae {estimate:.4g} vs holdout estimate {reference:.4g} "
                                        f"(ratio {value:.3f}, threshold {threshold:.3f})")
+            tests = [("estimated_mae_ratio", value, threshold, (value - 1.0) / (threshold - 1.0), reference)]
         else:
-            stats.append(Statistic(None, "estimated_auc", estimate, reference, n, at_ms))
-            value, detector, statistic = reference - estimate, "estimated_auc_drop", "estimated_auc_drop"
-            self._latest[ESTIMATED] = (f"estimated auc {estimate:.4f} vs holdout estimate {reference:.4f} "
-                                       f"(drop {value:.4f}, threshold {threshold:.4f})")
-        firing = value > threshold
-        self._estimated_excess = ((value - 1.0) / (threshold - 1.0) if self.objective == "regression"
-                                  else value / threshold)
-        harmful = self._persisted(ESTIMATED, firing, warmed_up, self._estimated_excess)
-        if not firing:
-            return []
-        return [DriftSignal(detector, None, statistic, value, threshold, n, at_ms, reference,
-                            harm=ESTIMATED if harmful else None)]
+            present = scores[~np.isnan(scores)]
+            if present.size < 50 or self._calibration is None or not self._calibration.get("x"):
+                return []
+            probabilities = calibrate(present, self._calibration)
+            tests, figures = [], []
+            estimate = estimated_auc(present, probabilities)
+            if reference is not None and not math.isnan(estimate):
+                threshold = self._estimate_threshold
+                stats.append(Statistic(None, "estimated_auc", estimate, reference, n, at_ms))
+                value = reference - estimate
+                figures.append(f"estimated auc {estimate:.4f} vs holdout estimate {reference:.4f} "
+                               f"(drop {value:.4f}, threshold {threshold:.4f})")
+                tests.append(("estimated_auc_drop", value, threshold, value / threshold, reference))
+            log_loss_reference = self._log_loss_reference
+            if log_loss_reference is not None:
+                log_loss = estimated_log_loss(present, probabilities)
+                threshold = self._log_loss_threshold
+                stats.append(Statistic(None, "estimated_log_loss", log_loss, log_loss_reference, n, at_ms))
+                value = log_loss / log_loss_reference
+                figures.append(f"expected log loss {log_loss:.4g} vs holdout's {log_loss_reference:.4g} "
+                               f"(ratio {value:.3f}, threshold {threshold:.3f})")
+                tests.append(("estimated_logloss_ratio", value, threshold, (value - 1.0) / (threshold - 1.0),
+                              log_loss_reference))
+            if not tests:
+                return []
+            self._latest[ESTIMATED] = "; ".join(figures)
+        firing = [t for t in tests if t[1] > t[2]]
+        self._estimated_excess = max(t[3] for t in tests)
+        harmful = self._persisted(ESTIMATED, bool(firing), warmed_up, self._estimated_excess)
+        return [DriftSignal(detector, None, detector, value, threshold, n, at_ms, baseline,
+                            harm=ESTIMATED if harmful else None)
+                for detector, value, threshold, _, baseline in firing]
 
     # -- reporting -----------------------------------------------------------------------
 
