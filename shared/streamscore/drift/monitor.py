@@ -22,11 +22,14 @@ Evidence of harm (a retrain request cites one, with all channels' latest figures
   exceeds `logloss_ratio_threshold` x the reference, the reference being the holdout log loss or,
   if higher, the loss the calibrated scores of these same predictions predict (a shift towards
   harder but correctly scored cases is not harm); for a regression the same test on the mean
-  absolute error with `mae_ratio_threshold`.
-- estimated (family "estimated", no labels needed): per window, the performance the calibrated
-  scores imply (binary: CBPE estimated AUC; regression: MAE from the holdout's loss model) vs the
-  holdout's, beyond `estimated_auc_drop_threshold` / `estimated_mae_ratio_threshold` and beyond the
-  worst healthy holdout chunk, for `persist_windows` consecutive windows.
+  absolute error with `mae_ratio_threshold`. When the whole window's tests do not fire, the same
+  tests run on its most recent half (a shift fills it twice as fast).
+- estimated (family "estimated", no labels needed): every `estimate_every` predictions over the last
+  `window` scores (sliding), the performance the calibrated scores imply (binary: CBPE estimated
+  AUC and expected log loss; regression: MAE from the holdout's loss model) vs the holdout's,
+  beyond `estimated_auc_drop_threshold` / `estimated_logloss_ratio_threshold` /
+  `estimated_mae_ratio_threshold` and beyond the worst healthy holdout chunk, for
+  `persist_windows` consecutive evaluations.
 - covariate (family "windowed"): the importance-weighted PSI (sum over features of gain share x
   PSI) above `weighted_psi_threshold` and above 2x the healthy chunks' maximum, corroborated by the
   estimated channel (at least half its threshold), for `persist_windows` consecutive windows: a drift
