@@ -6,6 +6,7 @@ import json
 import math
 import sys
 import time
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 
@@ -850,17 +851,25 @@ def bench(ctx: typer.Context,
                                      "(per-minute latency, memory, retrains, exactly-once counts)."),
           soak_rate: float = typer.Option(2_500.0, "--soak-rate", min=1, help="Offered events/s of the soak."),
           soak_retrain_every: float = typer.Option(120.0, "--soak-retrain-every", min=10,
-                                                   help="Seconds between the soak's retrain requests.")) -> None:
-    """Performance figures with ratios to a naive baseline; --soak MINUTES: `run all` per minute (latency, memory).
+                                                   help="Seconds between the soak's retrain requests."),
+          recovery: int = typer.Option(0, "--recovery", min=0, help="Instead: this many rounds of kill -9 of "
+                                       "`run scorer` mid-stream, restarted at once: seconds until it scores "
+                                       "again.")) -> None:
+    """Performance figures with ratios to a naive baseline; --soak MINUTES: `run all` per minute; --recovery N: kill -9.
 
     Sections: scorer in process, end to end, logger, state memory. --soak instead runs `run all` at a steady
-    rate with retrains and prints per-minute latency, memory, threads and retrains, and exactly-once counts."""
+    rate with retrains and prints per-minute latency, memory, threads and retrains, and exactly-once counts.
+    --recovery kills `run scorer` mid-stream N times, restarts it at once and prints the seconds until it
+    scores again (services/tools/recovery.py)."""
     from streamscore.dev.kafka_broker import LocalKafkaBroker
     from streamscore.services.tools.bench import BenchOptions, print_report, run_bench
 
     settings: Settings = ctx.obj
     if soak:
         _soak(settings, soak, soak_rate, soak_retrain_every)
+        return
+    if recovery:
+        _recovery(settings, recovery)
         return
     chosen = tuple(s.strip() for s in sections.split(",") if s.strip())
     unknown = set(chosen) - {"scorer", "rollout", "e2e", "logger", "memory"}
@@ -894,24 +903,42 @@ def bench(ctx: typer.Context,
     print_report(report, options, Console(width=max(console.width, 160)))
 
 
-def _soak(settings: Settings, minutes: float, rate: float, retrain_every_s: float) -> None:
+@contextmanager
+def _local_broker_while(settings: Settings):
+    """The local broker running for the block (started, and stopped after, unless it already ran)."""
     from streamscore.dev.kafka_broker import LocalKafkaBroker
-    from streamscore.services.tools.soak import print_soak, run_soak
 
     started = None
     if settings.uses_local_broker:
         broker = LocalKafkaBroker(settings)
         broker.install()
-        if not broker.status().running:
+        if not broker.status().running:  # else someone else's broker: leave it running
             broker.start()
             started = broker
     try:
-        report = run_soak(settings, minutes, rate=rate, retrain_every_s=retrain_every_s,
-                          progress=lambda text: console.print(f"[dim]{text}[/dim]", highlight=False))
+        yield
     finally:
         if started is not None:
             started.stop()
+
+
+def _soak(settings: Settings, minutes: float, rate: float, retrain_every_s: float) -> None:
+    from streamscore.services.tools.soak import print_soak, run_soak
+
+    with _local_broker_while(settings):
+        report = run_soak(settings, minutes, rate=rate, retrain_every_s=retrain_every_s,
+                          progress=lambda text: console.print(f"[dim]{text}[/dim]", highlight=False))
     print_soak(report, Console(width=max(console.width, 120)))
+
+
+def _recovery(settings: Settings, rounds: int) -> None:
+    from streamscore.services.tools.recovery import run_recovery
+
+    with _local_broker_while(settings):
+        results = run_recovery(settings, rounds, progress=lambda text: console.print(f"[dim]{text}[/dim]"))
+    seconds = sorted(r.seconds for r in results)
+    console.print(f"kill -9 -> scoring again: {' / '.join(f'{r.seconds:.2f}' for r in results)} s "
+                  f"(median {seconds[len(seconds) // 2]:.2f} s; target <= 3 s)")
 
 
 def main() -> None:
