@@ -71,8 +71,11 @@ def _serve_requests(connection, stats, stop: threading.Event) -> None:
 def _child_main(name: str, settings: Settings, spec_path: Path, connection, configure_logs: bool) -> None:
     """The child process: the service `name` of the spec at `spec_path`, until told to stop."""
     from streamscore.ops.logs import configure_logging
+    from streamscore.ops.process_names import name_this_process
     from streamscore.services.runner import build_service
     from streamscore.spec import load_spec
+
+    name_this_process(f"ss-{name}")
 
     # Ctrl-C reaches the whole foreground process group: the parent decides when its children stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

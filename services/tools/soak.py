@@ -8,8 +8,8 @@ with a retrain request every `retrain_every_s` (the trainer trains in its own pr
 
 What it reports, per minute of the live phase: predictions received, event -> prediction latency p50 / p99 /
 max (event id stamped with its send time; received by a consumer of the predictions topic), the memory (RSS,
-MiB) and threads of the `run all` process and all its descendants (the scorer's process, a training in flight),
-retrains finished so far. At the
+MiB) and threads of the `run all` process and its long-lived descendants (the scorer's process; training
+processes, which end with their training, are left out), retrains finished so far. At the
 end: memory growth per million events after the warm-up (first two minutes), and the exactly-once counts
 (events produced vs predictions logged, distinct).
 """
@@ -30,6 +30,7 @@ import numpy as np
 from streamscore.avro.codec import AvroCodec, SchemaCatalog
 from streamscore.dev.generators import generator_ending_now
 from streamscore.kafka.config import schema_registry_config
+from streamscore.ops.process_names import TRAINING
 from streamscore.settings import TOPIC_PREDICTIONS, TOPIC_RETRAIN, Settings
 from streamscore.spec import FeatureSpec, resolve
 
@@ -141,11 +142,15 @@ def process_tree(pid: int) -> list[int]:
     return tree
 
 
-def process_memory(pid: int) -> tuple[float, int]:
-    """(RSS MiB, threads) of the process and all its descendants (the scorer's process, a training), from /proc."""
+def process_memory(pid: int, leave_out: tuple[str, ...] = (TRAINING,)) -> tuple[float, int]:
+    """(RSS MiB, threads) of the process and its descendants (the scorer's process), from /proc; processes
+    named in `leave_out` are not counted: a training process (550-690 MiB while it trains, then gone) would
+    make the trend a saw of whether one happened to run at the sample."""
     rss_kib, threads = 0, 0
     for one in process_tree(pid):
         try:
+            if Path(f"/proc/{one}/comm").read_text().strip() in leave_out:
+                continue
             for line in Path(f"/proc/{one}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
                     rss_kib += int(line.split()[1])
@@ -165,7 +170,8 @@ def soak_settings(base: Settings) -> Settings:
         "model_name": None})
 
 
-def _run_all(settings: Settings, log_path: Path) -> subprocess.Popen:
+def _run_all(settings: Settings, log_path: Path, services: tuple[str, ...] = ("all",)) -> subprocess.Popen:
+    """`streamscore run <services>` as a subprocess on `settings`' namespace, its output appended to `log_path`."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("STREAMSCORE_")}
     env.update({
         "STREAMSCORE_DATA_DIR": str(settings.data_dir), "STREAMSCORE_TOPIC_PREFIX": settings.topic_prefix,
@@ -177,7 +183,7 @@ def _run_all(settings: Settings, log_path: Path) -> subprocess.Popen:
     if settings.kafka_bootstrap_servers:
         env["KAFKA_BOOTSTRAP_SERVERS"] = settings.kafka_bootstrap_servers
     code = "from streamscore.services.cli import main; main()"
-    return subprocess.Popen([sys.executable, "-c", code, "run", "all"], env=env, stdout=open(log_path, "w"),
+    return subprocess.Popen([sys.executable, "-c", code, "run", *services], env=env, stdout=open(log_path, "a"),
                             stderr=subprocess.STDOUT)
 
 

@@ -33,6 +33,9 @@ def _train(settings: Settings, since_ms: int | None, read_from_ms: int | None, c
         # Lowest CPU priority: the GIL is no longer shared, but the cores are (2 here, with the broker): the
         # scorer must win them whenever it has events; training takes what is left.
         os.nice(19)
+        from streamscore.ops.process_names import TRAINING, name_this_process
+
+        name_this_process(TRAINING)
         from streamscore.clickhouse.shared_store import connect_store
         from streamscore.learning.registry import ModelRegistry
         from streamscore.learning.retraining import train_candidate
