@@ -22,6 +22,7 @@ import multiprocessing
 import multiprocessing.connection
 import signal
 import threading
+import time
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -44,7 +45,7 @@ def _serve_requests(connection, stats, stop: threading.Event) -> None:
     stops the service."""
     while True:
         try:
-            request, argument = connection.recv()
+            number, request, argument = connection.recv()
         except (EOFError, OSError):
             stop.set()
             return
@@ -62,7 +63,7 @@ def _serve_requests(connection, stats, stop: threading.Event) -> None:
         else:
             reply = ValueError(f"unknown request {request!r}")
         try:
-            connection.send(reply)
+            connection.send((number, reply))
         except (BrokenPipeError, OSError):
             stop.set()
             return
@@ -115,6 +116,7 @@ class ProcessStats:
         self.service = service
         self.restarts = 0
         self._connection = None
+        self._asked = 0  # numbers the requests: a late reply is never taken for the next one's
         self._lock = threading.Lock()
         self.local_registry = CollectorRegistry()
         labels = {"service": service}
@@ -140,11 +142,16 @@ class ProcessStats:
             connection = self._connection
             if connection is None:
                 raise ChildUnavailable(f"{self.service} has no running process")
+            self._asked += 1
+            deadline = time.monotonic() + timeout_s
             try:
-                connection.send((request, argument))
-                if not connection.poll(timeout_s):
-                    raise ChildUnavailable(f"{self.service} did not answer {request!r} within {timeout_s:.0f} s")
-                reply = connection.recv()
+                connection.send((self._asked, request, argument))
+                while True:  # a reply to an earlier request that timed out is skipped
+                    if not connection.poll(max(deadline - time.monotonic(), 0)):
+                        raise ChildUnavailable(f"{self.service} did not answer {request!r} within {timeout_s:.0f} s")
+                    number, reply = connection.recv()
+                    if number == self._asked:
+                        break
             except (EOFError, OSError) as error:
                 raise ChildUnavailable(f"{self.service}'s process is gone: {error}") from error
         if isinstance(reply, Exception):
@@ -156,7 +163,7 @@ class ProcessStats:
         with self._lock:
             if self._connection is not None:
                 try:
-                    self._connection.send((request, None))
+                    self._connection.send((0, request, None))
                 except (BrokenPipeError, OSError):
                     pass
 

@@ -66,3 +66,21 @@ def test_stop_request_and_a_broken_pipe_both_stop_the_service(child):
     with pytest.raises(ChildUnavailable):
         view.ask("snapshot")
     assert view.running is False and view.events_in == 0  # no child: reads as not running
+
+
+def test_a_late_reply_is_not_taken_for_the_next_request():
+    mine, childs = multiprocessing.Pipe()
+    view = ProcessStats("scorer")
+    view.attach(mine)
+    with pytest.raises(ChildUnavailable, match="did not answer"):
+        view.ask("snapshot", timeout_s=0.1)  # nobody answers yet
+    stats, stop = ServiceStats("scorer"), threading.Event()
+    stats.model_version = 7
+    thread = threading.Thread(target=_serve_requests, args=(childs, stats, stop), daemon=True)
+    thread.start()  # the child answers the timed-out snapshot first, then this one
+    try:
+        assert list(view.latency_percentiles((50,))) == [50]  # not the stale snapshot's reply
+        assert view.model_version == 7
+    finally:
+        view.detach()
+        thread.join(5)
