@@ -337,13 +337,18 @@ class LoggerService:
         it overlaps the group join instead."""
         now_ms = int(time.time() * 1000)
         catalog = self.codec.catalog
-        event = self.codec.encoder("event")(example_record(catalog.schema("event")))
-        prediction = example_record(catalog.schema("prediction")) | {
-            "event_time": now_ms, "scored_at": now_ms, "feature_set": self.spec.feature_set,
-            "features": [0.0] * len(self.spec.feature_names), "event": event}
-        block = self.sink.block_writer.encode([self.codec.encoder("prediction")(prediction)])
-        if block.rows != 1:  # not an error: the first real batch loads what is left
-            log.warning("warming the block writer up: the example prediction was not written (%s)", block.rejected)
+        try:  # a team's schema may hold what an example cannot fill (a decimal's logical type): then the
+            # first real batch loads the readers, as before
+            event = self.codec.encoder("event")(example_record(catalog.schema("event")))
+            prediction = example_record(catalog.schema("prediction")) | {
+                "event_time": now_ms, "scored_at": now_ms, "feature_set": self.spec.feature_set,
+                "features": [0.0] * len(self.spec.feature_names), "event": event}
+            block = self.sink.block_writer.encode([self.codec.encoder("prediction")(prediction)])
+        except Exception as exc:  # noqa: BLE001 - an optimisation, never a reason not to start
+            log.warning("block writer not warmed up (%s: %s); its first write loads it", type(exc).__name__, exc)
+            return
+        if block.rows != 1:
+            log.warning("block writer warm-up: the example prediction was not written (%s)", block.rejected)
 
     def _on_assign(self, consumer, partitions) -> None:
         self.stats.partitions_owned = len(partitions)  # eager rebalancing: the whole new assignment
