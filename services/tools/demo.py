@@ -4,7 +4,9 @@
    — in a namespace of its own (topic prefix `demo.`, database `streamscore_demo`,
    registry <data_dir>/demo/models), wiped at the start of every run;
 2. history: simulated events flow through scorer + logger with no model yet
-   (score NULL, features and inputs logged), labels arrive;
+   (score NULL, features and inputs logged), labels arrive; the scorer runs in a
+   process of its own and the events come from another (SimulationProcess), as
+   in production, and the clock starts once the services own their partitions;
 3. train v1 from ClickHouse through the offline feature path, promote it; the
    running scorer hot-swaps to it;
 4. live: events at a fixed offered rate with poison messages mixed in;
