@@ -399,11 +399,7 @@ class LoggerService:
 
     def run(self, stop: threading.Event) -> None:
         settings = self.settings
-        # fetch.wait.max.ms: the broker may hold a fetch up to 200 ms when there is little to send (the
-        # services' default is 5 ms, for the scorer's latency). Rows are written at most four times a second,
-        # and every fetch of five topics costs the broker CPU: broker 0.46 vs 0.52 cores in the demo at 2,000
-        # events/s on a warm broker.
-        consumer = make_consumer(settings, settings.group(SERVICE), **{"fetch.wait.max.ms": 200})
+        consumer = make_consumer(settings, settings.group(SERVICE))
         # consumer.close() revokes too: with `stop` passed, a dead store cannot hang the shutdown there.
         consumer.subscribe(list(self.topics), on_assign=self._on_assign, on_revoke=lambda c, parts: self._on_revoke(
             c, parts, stop))

@@ -414,7 +414,10 @@ def test_train_while_running_services_hold_the_embedded_store_asks_their_trainer
         assert re.search(r"v1: \d+ labelled rows, AUC [01]\.\d{3}, promoted to production", done.stdout), done.stdout
         if store.is_embedded:
             assert "asked its trainer" in done.stdout
-            outcome = group.services["trainer"].outcomes[-1]
+            # the promotion is visible before the trainer thread records its outcome
+            trainer = group.services["trainer"]
+            wait_until(lambda: trainer.outcomes, "the trainer's outcome", group=group)
+            outcome = trainer.outcomes[-1]
             assert (outcome.action, outcome.version) == ("promoted", 1)
 
 
