@@ -42,8 +42,8 @@ from streamscore.kafka.config import schema_registry_config
 from streamscore.avro.codec import AvroCodec, DecodeError, SchemaCatalog
 from streamscore.drift.monitor import DriftConfig, IncompatibleDriftState
 from streamscore.drift.tracking import DRIFT_EVENTS_COLUMNS, KIND_DRIFT, DriftOutputs, DriftTracker
-from streamscore.kafka.io import (DeliveryTracker, commit_offsets, flush_or_raise, make_consumer, make_producer,
-                                  make_reader, produce)
+from streamscore.kafka.io import (DeliveryTracker, commit_offsets, data_messages, flush_or_raise, make_consumer,
+                                  make_producer, make_reader, produce)
 from streamscore.learning.registry import ModelRegistry
 from streamscore.ops.logs import RepeatedWarning
 from streamscore.ops.service_stats import ServiceStats
@@ -288,11 +288,7 @@ class DriftService:
                 self._maybe_follow_production()
                 batch = consumer.consume(5_000, 0.1)
                 handled = 0
-                for msg in batch:
-                    if msg.error():
-                        if msg.error().code() != KafkaError._PARTITION_EOF:
-                            log.warning("consumer error: %s", msg.error())
-                        continue
+                for msg in data_messages(batch):
                     self._handle(msg)
                     handled += 1
                 if handled:

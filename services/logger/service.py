@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
-from confluent_kafka import KafkaError, Message
+from confluent_kafka import Message
 
 from streamscore.kafka.config import schema_registry_config
 from streamscore.avro.codec import AvroCodec, DecodeError, SchemaCatalog
@@ -28,7 +28,7 @@ from streamscore.clickhouse.rows import (LABEL_COLUMNS, REJECTED_COLUMNS, SHADOW
                                          label_row, rejected_row, shadow_rows)
 from streamscore.clickhouse.store import Store, open_store
 from streamscore.clickhouse.tables import feature_names_of
-from streamscore.kafka.io import commit, headers_dict, make_consumer
+from streamscore.kafka.io import commit, data_messages, headers_dict, make_consumer
 from streamscore.learning.registry import ModelRegistry, RegistryError, model_versions_row
 from streamscore.ops.service_stats import ServiceStats
 from streamscore.settings import (TOPIC_DEAD_LETTER, TOPIC_MODEL_UPDATES, TOPIC_PREDICTIONS, TOPIC_SHADOW_PREDICTIONS,
@@ -408,10 +408,7 @@ class LoggerService:
         try:
             while not stop.is_set():
                 batch = consumer.consume(5_000, 0.1)
-                for msg in batch:
-                    if msg.error() and msg.error().code() != KafkaError._PARTITION_EOF:
-                        log.warning("consumer error: %s", msg.error())
-                self.handle_batch([msg for msg in batch if not msg.error()])
+                self.handle_batch(data_messages(batch))
                 if self._writing is not None and self._writing[0].done():
                     self._commit(consumer, self.finish_write())  # written: commit now, not at the next flush
                 if self.pending and self._flush_due(quiet=not batch):

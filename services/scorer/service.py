@@ -41,8 +41,8 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from streamscore.kafka.config import schema_registry_config
 from streamscore.avro.codec import AvroCodec, SchemaCatalog
-from streamscore.kafka.io import (AckBatch, DeliveryFailed, commit, dead_letter, log_commit_errors, make_consumer,
-                                  make_producer, make_reader, produce)
+from streamscore.kafka.io import (AckBatch, DeliveryFailed, commit, data_messages, dead_letter, log_commit_errors,
+                                  make_consumer, make_producer, make_reader, produce)
 from streamscore.kafka.membership import InstanceSlot
 from streamscore.learning.registry import ModelRegistry
 from streamscore.ops.service_stats import ServiceStats
@@ -454,10 +454,7 @@ class ScorerService:
                 # A rebalance runs inside consume(): messages fetched before it may belong to partitions
                 # revoked meanwhile. Their new owner scores them with their entity state; scored here
                 # they would see an empty state (wrong features) and pollute the changelog.
-                messages = [m for m in batch if not m.error() and m.partition() in self._owned]
-                for m in batch:
-                    if m.error() and m.error().code() != KafkaError._PARTITION_EOF:
-                        log.warning("consumer error: %s", m.error())
+                messages = [m for m in data_messages(batch) if m.partition() in self._owned]
                 if messages:
                     started = time.perf_counter()
                     inputs = [InputMessage(m.value(), m.partition(), m.offset()) for m in messages]

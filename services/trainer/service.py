@@ -43,11 +43,10 @@ import threading
 import time
 from dataclasses import dataclass
 
-from confluent_kafka import KafkaError
 
 from streamscore.kafka.config import schema_registry_config
 from streamscore.avro.codec import AvroCodec, DecodeError, SchemaCatalog
-from streamscore.kafka.io import DeliveryTracker, commit, flush_or_raise, make_consumer, make_producer
+from streamscore.kafka.io import DeliveryTracker, commit, data_messages, flush_or_raise, make_consumer, make_producer
 from streamscore.learning.model_updates import publish_model_updates
 from streamscore.learning.registry import ModelRegistry
 from streamscore.learning.retrain_requests import (SCHEDULE_DETECTOR, HandledRequest, HandledRequests, RetrainSchedule,
@@ -273,11 +272,7 @@ class TrainerService:
             while not stop.is_set():
                 self.tick()
                 msg = consumer.poll(0.2)
-                if msg is None:
-                    continue
-                if msg.error():
-                    if msg.error().code() != KafkaError._PARTITION_EOF:
-                        log.warning("consumer error: %s", msg.error())
+                if msg is None or not data_messages([msg]):
                     continue
                 started = time.perf_counter()
                 try:

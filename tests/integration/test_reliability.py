@@ -439,6 +439,47 @@ def test_broker_restart_mid_stream_services_reconnect_and_lose_nothing(make_sett
     assert counts.labels == report.labels
 
 
+def test_a_fenced_scorer_restarts_with_a_new_consumer_and_loses_nothing(make_settings):
+    """A static member fenced by another consumer presenting its group.instance.id gets a fatal error: its
+    consumer can no longer be used. (CI saw the scorer fenced by its own rejoin after its session timed out
+    while the broker restarted, librdkafka issue #3437; it then consumed nothing more.) The scorer must
+    restart with a new consumer and take its partitions back, and every event is logged exactly once."""
+    from streamscore.kafka.membership import InstanceSlot
+    from streamscore.services.runner import ServiceGroup
+
+    settings = make_settings()
+    ensure_topics(settings)
+    store = migrated_store(settings)
+    try:
+        group = ServiceGroup(settings, ["scorer", "logger"], store=store).start()
+        wait_services_ready(settings)
+        producer = BackgroundProducer(settings, 6_000, rate=1_000, seed=5)
+        wait_until(lambda: group.failures or logged_predictions(settings) >= 1_000, 90,
+                   "the logger to commit 1000 predictions")
+        events_topic = settings.topic(group.spec.event.topic)
+        impostor_slot = InstanceSlot(settings, settings.group("scorer"), [events_topic])
+        impostor_slot.slot = 0  # the scorer's slot (the only scorer of this data dir and topic)
+        impostor = Consumer(client_config(settings, **{
+            "group.id": settings.group("scorer"), "group.instance.id": impostor_slot.instance_id,
+            "enable.auto.commit": False, "auto.offset.reset": "earliest"}))
+        impostor.subscribe([events_topic])
+        wait_until(lambda: impostor.poll(0.2) is not None or impostor.assignment(), 60,
+                   "the impostor to join with the scorer's instance id")
+        impostor.close()  # a static member does not leave the group: the scorer's restart fences it in turn
+        scorer_stats = group.services["scorer"].stats
+        wait_until(lambda: group.failures or scorer_stats.restarts >= 1, 60, "the fenced scorer to restart")
+        report = producer.result()
+        wait_drained(settings, timeout_s=150)
+        assert not group.failures, group.failures
+        group.shutdown()
+        counts = store_counts(store)
+    finally:
+        store.command(f"DROP DATABASE IF EXISTS {settings.clickhouse_database}")
+        store.close()
+    report_fault("scorer fenced by a consumer with its group.instance.id", settings, report.events, counts)
+    assert counts.rows == report.events and counts.unique == report.events
+
+
 @pytest.mark.slow
 def test_broker_kill9_five_times_mid_stream_run_all_stays_up_and_loses_nothing(make_settings, own_broker):
     """kill -9 of the broker JVM (no controlled shutdown: no flush, no leader handover), 5 times while

@@ -21,6 +21,7 @@ from streamscore.settings import TOPIC_DEAD_LETTER, Settings
 # librdkafka's own log lines (e.g. transient "coordinator load in progress" while
 # a fresh broker starts) go through Python logging (CLIENT_LOG) instead of raw stderr.
 DEAD_LETTER_LOG = logging.getLogger("streamscore.dead_letter")
+log = logging.getLogger("streamscore.kafka")
 
 
 def producer_config(settings: Settings, **overrides) -> dict:
@@ -187,6 +188,28 @@ def commit(consumer: Consumer, messages: list[Message], attempts: int = 5, async
     machine a synchronous commit took up to 194 ms.
     """
     return commit_offsets(consumer, next_offsets(messages), attempts=attempts, asynchronous=asynchronous)
+
+
+class FatalConsumerError(RuntimeError):
+    """librdkafka reported a fatal error: this consumer can no longer be used, a new one must replace it."""
+
+
+def data_messages(batch: list[Message]) -> list[Message]:
+    """The messages of `batch` that carry data. Errors are logged (librdkafka recovers from the others by
+    itself); a fatal one raises FatalConsumerError, so the service restarts with a new consumer (its
+    runner's restart policy) instead of polling a dead one forever. Seen in CI: a static member whose
+    session timed out while the broker restarted was fenced by its own rejoin ("Static consumer fenced by
+    other consumer with same group.instance.id", librdkafka issue #3437) and consumed nothing more."""
+    messages = []
+    for msg in batch:
+        error = msg.error()
+        if error is None:
+            messages.append(msg)
+        elif error.fatal() or error.code() == KafkaError._FATAL:  # (consume() reports it as _FATAL, not flagged)
+            raise FatalConsumerError(f"fatal consumer error: {error.str()}")
+        elif error.code() != KafkaError._PARTITION_EOF:
+            log.warning("consumer error: %s", error)
+    return messages
 
 
 def is_retriable(error: KafkaError | None) -> bool:

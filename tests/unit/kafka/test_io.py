@@ -4,9 +4,10 @@ tests/integration/test_reliability.py; these pin the decisions on each error cod
 from __future__ import annotations
 
 import pytest
-from confluent_kafka import KafkaError, KafkaException, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 
-from streamscore.kafka.io import DeliveryFailed, commit_offsets, is_retriable, produce
+from streamscore.kafka.io import (DeliveryFailed, FatalConsumerError, commit_offsets, data_messages, is_retriable,
+                                  produce)
 
 OFFSETS = [TopicPartition("t", 0, 10)]
 
@@ -90,3 +91,20 @@ def test_a_queue_full_for_too_long_is_a_delivery_failure():
 def test_a_non_retriable_produce_error_raises():
     with pytest.raises(KafkaException):
         produce(ScriptedProducer(KafkaException(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE))), "t", b"v")
+
+
+def test_data_messages_keeps_data_and_logs_transient_errors(caplog):
+    data = [Message(topic="t", partition=0, offset=i, value=b"x") for i in range(2)]
+    eof = Message(topic="t", partition=0, offset=2, error=KafkaError(KafkaError._PARTITION_EOF))
+    transient = Message(error=KafkaError(KafkaError._TRANSPORT, "broker down"))
+    assert data_messages([data[0], eof, transient, data[1]]) == data
+    assert [r.getMessage() for r in caplog.records] == [f"consumer error: {transient.error()}"]  # EOF is not one
+
+
+def test_a_fatal_consumer_error_raises_so_the_service_restarts_with_a_new_consumer():
+    fenced = Message(error=KafkaError(KafkaError.FENCED_INSTANCE_ID, "Static consumer fenced", fatal=True))
+    with pytest.raises(FatalConsumerError, match="Static consumer fenced"):
+        data_messages([Message(topic="t", value=b"x"), fenced])
+    as_consumed = Message(error=KafkaError(KafkaError._FATAL, "Fatal error: Broker: Static consumer fenced"))
+    with pytest.raises(FatalConsumerError, match="Static consumer fenced"):  # how consume() reports it
+        data_messages([as_consumed])
