@@ -98,8 +98,9 @@ def scheduled_request(model_name: str, model_version: int, boundary_ms: int, eve
 class RetrainSchedule:
     """When the next scheduled retrain is due: at each multiple of `every_hours` (event time) that the newest
     logged event reaches. The first boundary counted is the one after the newest event when the schedule
-    starts (or after the last scheduled retrain the registry records), so a history loaded at once asks
-    for one retrain, not one per period it spans."""
+    starts (or after the last scheduled retrain the registry records), so a history logged before the
+    trainer starts asks for one retrain, not one per period it spans. (A trainer that runs while a history
+    is being logged asks at most once per tick, rollout_gate_interval_s, while the load crosses boundaries.)"""
 
     def __init__(self, every_hours: float, last_boundary_ms: int | None = None):
         if every_hours <= 0:
