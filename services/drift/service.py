@@ -42,8 +42,8 @@ from streamscore.kafka.config import schema_registry_config
 from streamscore.avro.codec import AvroCodec, DecodeError, SchemaCatalog
 from streamscore.drift.monitor import DriftConfig, IncompatibleDriftState
 from streamscore.drift.tracking import DRIFT_EVENTS_COLUMNS, KIND_DRIFT, DriftOutputs, DriftTracker
-from streamscore.kafka.io import (DeliveryTracker, commit_offsets, data_messages, flush_or_raise, make_consumer,
-                                  make_producer, make_reader, produce)
+from streamscore.kafka.io import (BATCH_FETCH, DeliveryTracker, commit_offsets, data_messages, flush_or_raise,
+                                  make_consumer, make_producer, make_reader, produce)
 from streamscore.learning.registry import ModelRegistry
 from streamscore.ops.logs import RepeatedWarning
 from streamscore.ops.service_stats import ServiceStats
@@ -276,7 +276,7 @@ class DriftService:
         self.retrain_topic = settings.topic(TOPIC_RETRAIN)
         self.state_topic = settings.topic(TOPIC_DRIFT_STATE)
         self._restore()
-        consumer = make_consumer(settings, settings.group(SERVICE))
+        consumer = make_consumer(settings, settings.group(SERVICE), BATCH_FETCH)
         producer = make_producer(settings, **{"message.max.bytes": DRIFT_STATE_MAX_BYTES})
         consumer.assign(self._assignment(consumer))
         interval = settings.drift_checkpoint_interval_s

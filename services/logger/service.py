@@ -28,7 +28,7 @@ from streamscore.clickhouse.rows import (LABEL_COLUMNS, REJECTED_COLUMNS, SHADOW
                                          label_row, rejected_row, shadow_rows)
 from streamscore.clickhouse.store import Store, open_store
 from streamscore.clickhouse.tables import feature_names_of
-from streamscore.kafka.io import commit, data_messages, headers_dict, make_consumer
+from streamscore.kafka.io import BATCH_FETCH, commit, data_messages, headers_dict, make_consumer
 from streamscore.learning.registry import ModelRegistry, RegistryError, model_versions_row
 from streamscore.ops.service_stats import ServiceStats
 from streamscore.settings import (TOPIC_DEAD_LETTER, TOPIC_MODEL_UPDATES, TOPIC_PREDICTIONS, TOPIC_SHADOW_PREDICTIONS,
@@ -399,7 +399,7 @@ class LoggerService:
 
     def run(self, stop: threading.Event) -> None:
         settings = self.settings
-        consumer = make_consumer(settings, settings.group(SERVICE))
+        consumer = make_consumer(settings, settings.group(SERVICE), BATCH_FETCH)
         # consumer.close() revokes too: with `stop` passed, a dead store cannot hang the shutdown there.
         consumer.subscribe(list(self.topics), on_assign=self._on_assign, on_revoke=lambda c, parts: self._on_revoke(
             c, parts, stop))

@@ -46,7 +46,8 @@ from dataclasses import dataclass
 
 from streamscore.kafka.config import schema_registry_config
 from streamscore.avro.codec import AvroCodec, DecodeError, SchemaCatalog
-from streamscore.kafka.io import DeliveryTracker, commit, data_messages, flush_or_raise, make_consumer, make_producer
+from streamscore.kafka.io import (BATCH_FETCH, DeliveryTracker, commit, data_messages, flush_or_raise, make_consumer,
+                                  make_producer)
 from streamscore.learning.model_updates import publish_model_updates
 from streamscore.learning.registry import ModelRegistry
 from streamscore.learning.retrain_requests import (SCHEDULE_DETECTOR, HandledRequest, HandledRequests, RetrainSchedule,
@@ -265,7 +266,7 @@ class TrainerService:
     def run(self, stop: threading.Event) -> None:
         settings = self.settings
         self._stop = stop
-        consumer = make_consumer(settings, settings.group(SERVICE))
+        consumer = make_consumer(settings, settings.group(SERVICE), BATCH_FETCH)
         consumer.subscribe([settings.topic(TOPIC_RETRAIN)])
         self.stats.running = True
         try:
