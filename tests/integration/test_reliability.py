@@ -402,22 +402,36 @@ def migrated_store(settings: Settings):
     return store
 
 
-@pytest.mark.slow
-def test_broker_restart_mid_stream_services_reconnect_and_lose_nothing(make_settings, own_broker):
+def scorer_and_logger_through(settings: Settings, n_events: int, seed: int, fault) -> tuple[SimulationReport, Counts]:
+    """The scorer and logger (threads) on a fresh database, a stream of `n_events` at 1,000/s, `fault(group,
+    producer)` once 1,000 predictions are logged; the producer's report and the store's counts once every
+    message is committed."""
     from streamscore.services.runner import ServiceGroup
 
-    settings = make_settings(kafka_bootstrap_servers=own_broker.bootstrap)
     ensure_topics(settings)
     store = migrated_store(settings)
     try:
         group = ServiceGroup(settings, ["scorer", "logger"], store=store).start()
         wait_services_ready(settings)
-        producer = BackgroundProducer(settings, 10_000, rate=1_000, seed=3)
+        producer = BackgroundProducer(settings, n_events, rate=1_000, seed=seed)
         wait_until(lambda: group.failures or logged_predictions(settings) >= 1_000, 90,
                    "the logger to commit 1000 predictions")
         assert not group.failures, group.failures
         assert producer.running
+        fault(group, producer)
+        report = producer.result()
+        wait_drained(settings, timeout_s=150)
+        assert not group.failures, group.failures
+        group.shutdown()
+        return report, store_counts(store)
+    finally:
+        store.command(f"DROP DATABASE IF EXISTS {settings.clickhouse_database}")
+        store.close()
 
+
+@pytest.mark.slow
+def test_broker_restart_mid_stream_services_reconnect_and_lose_nothing(make_settings, own_broker):
+    def restart_the_broker(group, producer):
         stopping_at = time.monotonic()
         own_broker.stop()
         down_at = time.monotonic()
@@ -426,14 +440,8 @@ def test_broker_restart_mid_stream_services_reconnect_and_lose_nothing(make_sett
         print(f"\nbroker stop took {down_at - stopping_at:.1f} s, then down for {time.monotonic() - down_at:.1f} s "
               "(3 s outage + restart)")
 
-        report = producer.result()
-        wait_drained(settings, timeout_s=150)
-        assert not group.failures, group.failures
-        group.shutdown()
-        counts = store_counts(store)
-    finally:
-        store.command(f"DROP DATABASE IF EXISTS {settings.clickhouse_database}")
-        store.close()
+    settings = make_settings(kafka_bootstrap_servers=own_broker.bootstrap)
+    report, counts = scorer_and_logger_through(settings, 10_000, 3, restart_the_broker)
     report_fault("Kafka broker stopped and restarted mid-stream", settings, report.events, counts)
     assert counts.rows == report.events and counts.unique == report.events
     assert counts.labels == report.labels
@@ -445,17 +453,8 @@ def test_a_fenced_scorer_restarts_with_a_new_consumer_and_loses_nothing(make_set
     while the broker restarted, librdkafka issue #3437; it then consumed nothing more.) The scorer must
     restart with a new consumer and take its partitions back, and every event is logged exactly once."""
     from streamscore.kafka.membership import InstanceSlot
-    from streamscore.services.runner import ServiceGroup
 
-    settings = make_settings()
-    ensure_topics(settings)
-    store = migrated_store(settings)
-    try:
-        group = ServiceGroup(settings, ["scorer", "logger"], store=store).start()
-        wait_services_ready(settings)
-        producer = BackgroundProducer(settings, 6_000, rate=1_000, seed=5)
-        wait_until(lambda: group.failures or logged_predictions(settings) >= 1_000, 90,
-                   "the logger to commit 1000 predictions")
+    def fence_the_scorer(group, producer):
         events_topic = settings.topic(group.spec.event.topic)
         impostor_slot = InstanceSlot(settings, settings.group("scorer"), [events_topic])
         impostor_slot.slot = 0  # the scorer's slot (the only scorer of this data dir and topic)
@@ -468,14 +467,9 @@ def test_a_fenced_scorer_restarts_with_a_new_consumer_and_loses_nothing(make_set
         impostor.close()  # a static member does not leave the group: the scorer's restart fences it in turn
         scorer_stats = group.services["scorer"].stats
         wait_until(lambda: group.failures or scorer_stats.restarts >= 1, 60, "the fenced scorer to restart")
-        report = producer.result()
-        wait_drained(settings, timeout_s=150)
-        assert not group.failures, group.failures
-        group.shutdown()
-        counts = store_counts(store)
-    finally:
-        store.command(f"DROP DATABASE IF EXISTS {settings.clickhouse_database}")
-        store.close()
+
+    settings = make_settings()
+    report, counts = scorer_and_logger_through(settings, 6_000, 5, fence_the_scorer)
     report_fault("scorer fenced by a consumer with its group.instance.id", settings, report.events, counts)
     assert counts.rows == report.events and counts.unique == report.events
 
