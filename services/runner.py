@@ -20,6 +20,7 @@ from streamscore.clickhouse.shared_store import RemoteStore, StoreServer, socket
 from streamscore.clickhouse.store import Store, open_store
 from streamscore.clickhouse.tables import ensure_spec_tables
 from streamscore.kafka.config import check_connection
+from streamscore.ops.cpu_priority import nice_at_least, thread_ids
 from streamscore.services.restarts import RestartPolicy, run_with_restarts
 from streamscore.settings import Settings
 from streamscore.spec import FeatureSpec, resolve
@@ -147,8 +148,19 @@ class ServiceGroup:
             thread = threading.Thread(target=self._run_one, args=(name, service), name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
+        if self.processes:
+            self._yield_to_child_processes()
         threading.Thread(target=self._stop_in_order, name="stop-in-order", daemon=True).start()
         return self
+
+    def _yield_to_child_processes(self) -> None:
+        """Every thread of this process but the ones supervising child processes (whose restarts inherit
+        their nice value) takes settings.bulk_work_nice: the logger, drift, trainer and the embedded store
+        yield the cores to the scorer (ops/cpu_priority.py). Twice: a thread started during the first pass."""
+        supervisors = {thread.native_id for name, thread in zip(self.services, self._threads)
+                       if name in self.processes}
+        for _ in range(2):
+            nice_at_least([t for t in thread_ids() if t not in supervisors], self.settings.bulk_work_nice)
 
     def join(self, timeout_s: float | None = None) -> None:
         """Wait for every service thread (all within `timeout_s` together); raise if one

@@ -118,6 +118,11 @@ class Settings(BaseSettings):
         description="`streamscore run all` and the demo run the scorer in a child process of its own "
         "(services/service_process.py), so the other services and the demo's producer never hold its GIL; false: "
         "a thread beside them, as the tests that look inside a running scorer do.")
+    bulk_work_nice: int = Field(
+        default=10, ge=0, le=19,
+        description="With the scorer in a process of its own: the nice value every other thread of the process "
+        "that runs it takes (logger, drift, trainer, the embedded ClickHouse's inserts and merges; "
+        "ops/cpu_priority.py), so on a shared host the scorer and the broker get the cores first; 0: off.")
 
     # --- logger -------------------------------------------------------------
     logger_batch_rows: int = Field(default=20_000, ge=1, description="Logger flushes to ClickHouse at this many rows...")

@@ -34,8 +34,9 @@ def test_scorer_in_its_own_process_scores_swaps_restarts_and_stops_cleanly(setti
     names = ["scorer", "logger"]
     assert own_processes(settings, names) == {"scorer"}  # the default of `run all` and the demo
     simulator = generator_ending_now(PAYMENTS, seed=3, n_entities=200, n_events=9_000)
-    group = ServiceGroup(settings.model_copy(update={"service_restart_backoff_s": 0.2}), names, store=store,
-                         processes=own_processes(settings, names)).start()
+    # (bulk_work_nice 0: this test process's threads keep their priority; test_shared_store checks it in `run all`)
+    group = ServiceGroup(settings.model_copy(update={"service_restart_backoff_s": 0.2, "bulk_work_nice": 0}), names,
+                         store=store, processes=own_processes(settings, names)).start()
     try:
         scorer = group.services["scorer"]
         assert isinstance(scorer, ServiceProcess)

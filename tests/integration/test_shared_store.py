@@ -7,12 +7,14 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from streamscore.clickhouse.shared_store import RemoteStore, StoreServer, connect_store, socket_path
 from streamscore.clickhouse.store import StoreError
 from streamscore.kafka.topics import ensure_topics
+from streamscore.services.tools.soak import process_tree
 from streamscore.settings import Settings
 from streamscore.spec import resolve
 
@@ -62,6 +64,17 @@ def _cli(env: dict, *args: str, timeout_s: float = 120) -> subprocess.CompletedP
     return subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, timeout=timeout_s)
 
 
+def thread_nice_values(pid: int) -> list[int]:
+    """The nice value of each thread of process `pid` (/proc/<pid>/task/<tid>/stat, field 19)."""
+    values = []
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        try:
+            values.append(int(stat.read_text().rsplit(")", 1)[1].split()[16]))
+        except OSError:
+            continue  # the thread ended
+    return values
+
+
 def test_query_and_status_are_answered_while_run_all_runs(kafka_bootstrap, tmp_path):
     """`streamscore run all` with the embedded store in its own data dir; `query` (with and without the SQL's
     own FORMAT) and `status` from other processes while it runs; SIGTERM then stops it cleanly."""
@@ -108,6 +121,13 @@ def test_query_and_status_are_answered_while_run_all_runs(kafka_bootstrap, tmp_p
         assert status.returncode == 0, status.stdout + status.stderr
         assert rows == dict.fromkeys(("scorer", "logger", "drift", "trainer"), "alive"), text
         assert "ClickHouse not read" not in text and "recent model registry events" in text
+        # the scorer's process keeps its priority; the rest of `run all` yields to it (settings.bulk_work_nice:
+        # all threads but the scorer's supervisor and the few it started)
+        children = process_tree(process.pid)[1:]
+        scorer = [pid for pid in children if Path(f"/proc/{pid}/comm").read_text() == "ss-scorer\n"]
+        assert len(scorer) == 1 and set(thread_nice_values(scorer[0])) == {0}, thread_nice_values(scorer[0])
+        nice = thread_nice_values(process.pid)
+        assert nice.count(Settings().bulk_work_nice) >= len(nice) - 3 and len(nice) > 10, nice
     finally:
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=90)
