@@ -39,8 +39,10 @@ Warm-up (`min_events`) suppresses everything right after a model swap. The cool-
 harmful shift into ONE request: none for `cooldown_events` predictions AND `cooldown_s` of event
 time, unless the evidence the last request cited has CLEARED (below half its threshold for
 `clear_windows` consecutive evaluations): a false or transient request then cannot hide a real
-shift that follows it. State survives restarts as versioned JSON (`to_state` / `from_state`; no
-pickle): windows, label window, streaks and cool-down are kept, river detectors restart empty.
+shift that follows it. A swap to the version trained for the request keeps the cool-down (`reset`'s
+`keep_cooldown`): the retrained version answers that shift and is not asked for again for it. State
+survives restarts as versioned JSON (`to_state` / `from_state`; no pickle): windows, label window,
+streaks and cool-down are kept, river detectors restart empty.
 """
 from __future__ import annotations
 
@@ -563,9 +565,21 @@ class DriftMonitor:
         reference_metrics: Mapping[str, float] | None = None,
         decision_threshold: float | None = 0.5,
         objective: str | None = None,
+        keep_cooldown: bool = False,
     ) -> None:
-        """Start over for a new model version: new baseline, empty detectors, warm-up, no cool-down."""
+        """Start over for a new model version: new baseline, empty detectors, warm-up, no cool-down.
+
+        keep_cooldown: the new version was trained for this monitor's last request (the drift service
+        checks the version's registry reason): it answers that shift, so the cool-down continues across the
+        swap (counted in predictions and event time since the request) and ends early only when the cited
+        channel clears on the NEW version's evidence. Without it, a retrained version whose holdout still
+        held pre-change rows (its reference lower than the changed stream gives it) asked again for the same
+        shift as soon as its warm-up ended."""
         config = self.config
+        carried = None
+        if keep_cooldown and getattr(self, "_last_request", None) and not self._last_request.get("cleared"):
+            # events since the request stay counted: the new version's predictions start again at 0
+            carried = {**self._last_request, "event": self._last_request["event"] - self.predictions_seen}
         self.model_version = int(model_version)
         self.baseline = dict(baseline)
         self.monitoring: dict[str, Any] = dict(self.baseline.get(MONITORING_KEY) or {})
@@ -646,7 +660,7 @@ class DriftMonitor:
         self._self_reference: dict[str, float] = {}  # first label window, when the version has no metric
         self._streaks = {ESTIMATED: 0, COVARIATE: 0}
         self._latest: dict[str, str] = {}  # channel -> its latest figures, for a request's evidence
-        self._last_request: dict[str, Any] | None = None  # {"ms", "event", "channel"}
+        self._last_request: dict[str, Any] | None = carried  # {"ms", "event", "channel", "cleared"}
         self._cited_quiet = 0  # consecutive evaluations in which the cited channel did not fire
         self._estimated_excess: float | None = None  # this window's estimated value / its threshold
 
@@ -1005,7 +1019,8 @@ class DriftMonitor:
         Returning a signal starts the cool-down: no further request for this model version until
         `cooldown_events` predictions AND `cooldown_s` of event time have passed, or until the cited
         channel has stayed below its threshold for `clear_windows` evaluations (the breakthrough
-        rule). A model swap (`reset`) ends the cool-down.
+        rule). A model swap (`reset`) ends the cool-down, unless the new version was trained for the request
+        (`keep_cooldown`).
         """
         harmful = [s for s in signals if s.harm]
         if not harmful or self.in_cooldown(now_ms):
