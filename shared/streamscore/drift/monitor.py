@@ -745,8 +745,7 @@ class DriftMonitor:
         # the labelled prediction's event time, never before the latest prediction seen (the monitor's clock)
         at_ms = self._last_event_ms if event_time_ms is None else max(event_time_ms, self._last_event_ms)
         signals = [] if self.objective == "regression" else self._update_loss_adwin(min(loss, _LOSS_CAP_FOR_ADWIN), at_ms)
-        check_every = max(1, self.config.perf_window // 10)
-        if perf.n < max(2, self.config.perf_window // 2) or perf.seen % check_every:
+        if perf.n < max(2, self.config.perf_window // 2) or perf.seen % self._check_every:
             return signals
         return signals + self._check_performance(at_ms)
 
@@ -792,7 +791,8 @@ class DriftMonitor:
             excess = max(excess, recent_excess)
         positives = f" ({perf.positives} positives)" if self.objective == "binary" else ""
         self._latest[MEASURED] = f"measured over {n} labels{positives}: " + "; ".join(figures)
-        self._note_channel(MEASURED, excess)
+        if self.predictions_seen >= self.config.min_events:  # as the other channels: warmed-up evaluations only
+            self._note_channel(MEASURED, excess)
         return signals
 
     def _measure(self, scores, labels, losses, expected, n: int, at_ms: int) -> tuple[list[DriftSignal], list[str], float]:
@@ -1044,8 +1044,26 @@ class DriftMonitor:
         if last is None or last["channel"] != channel or last.get("cleared"):
             return
         self._cited_quiet = self._cited_quiet + 1 if excess < CLEAR_LEVEL else 0
-        if self._cited_quiet >= self.config.clear_windows:
+        if self._cited_quiet >= self._clear_evaluations(channel):
             last["cleared"] = True  # the cited evidence is gone: the next harm is a new shift
+
+    def _clear_evaluations(self, channel: str) -> int:
+        """Consecutive quiet evaluations after which the cited evidence has cleared: `clear_windows`, and for
+        the measured channel at least one whole label window of them. Its checks come every tenth of the
+        window (`_check_every`), so 3 quiet checks are mostly the same labels: on rides, whose errors follow
+        the day, a retrained model's measured MAE ratio fell below half its threshold for 5 checks at night
+        (1,000 labels of a 2,000-label window) and the next day's rise was taken for a new shift (a cool-down
+        breakthrough). Only when every label of the window is new and quiet has the evidence gone. Checks
+        before the warm-up ends (right after a swap) do not count, as for the other channels."""
+        needed = self.config.clear_windows
+        if channel == MEASURED:
+            needed = max(needed, -(-self.config.perf_window // self._check_every))
+        return needed
+
+    @property
+    def _check_every(self) -> int:
+        """Labels between two measured checks."""
+        return max(1, self.config.perf_window // 10)
 
     def _cooling(self, last: Mapping[str, Any], now_ms: int) -> bool:
         events_ok = self.predictions_seen - last["event"] >= self.config.cooldown_events
