@@ -22,11 +22,14 @@ Evidence of harm (a retrain request cites one, with all channels' latest figures
   exceeds `logloss_ratio_threshold` x the reference, the reference being the holdout log loss or,
   if higher, the loss the calibrated scores of these same predictions predict (a shift towards
   harder but correctly scored cases is not harm); for a regression the same test on the mean
-  absolute error with `mae_ratio_threshold`.
-- estimated (family "estimated", no labels needed): per window, the performance the calibrated
-  scores imply (binary: CBPE estimated AUC; regression: MAE from the holdout's loss model) vs the
-  holdout's, beyond `estimated_auc_drop_threshold` / `estimated_mae_ratio_threshold` and beyond the
-  worst healthy holdout chunk, for `persist_windows` consecutive windows.
+  absolute error with `mae_ratio_threshold`. When the whole window's tests do not fire, the same
+  tests run on its most recent half (a shift fills it twice as fast).
+- estimated (family "estimated", no labels needed): every `estimate_every` predictions over the last
+  `window` scores (sliding), the performance the calibrated scores imply (binary: CBPE estimated
+  AUC and expected log loss; regression: MAE from the holdout's loss model) vs the holdout's,
+  beyond `estimated_auc_drop_threshold` / `estimated_logloss_ratio_threshold` /
+  `estimated_mae_ratio_threshold` and beyond the worst healthy holdout chunk, for
+  `persist_windows` consecutive evaluations.
 - covariate (family "windowed"): the importance-weighted PSI (sum over features of gain share x
   PSI) above `weighted_psi_threshold` and above 2x the healthy chunks' maximum, corroborated by the
   estimated channel (at least half its threshold), for `persist_windows` consecutive windows: a drift
@@ -36,8 +39,10 @@ Warm-up (`min_events`) suppresses everything right after a model swap. The cool-
 harmful shift into ONE request: none for `cooldown_events` predictions AND `cooldown_s` of event
 time, unless the evidence the last request cited has CLEARED (below half its threshold for
 `clear_windows` consecutive evaluations): a false or transient request then cannot hide a real
-shift that follows it. State survives restarts as versioned JSON (`to_state` / `from_state`; no
-pickle): windows, label window, streaks and cool-down are kept, river detectors restart empty.
+shift that follows it. A swap to the version trained for the request keeps the cool-down (`reset`'s
+`keep_cooldown`): the retrained version answers that shift and is not asked for again for it. State
+survives restarts as versioned JSON (`to_state` / `from_state`; no pickle): windows, label window,
+streaks and cool-down are kept, river detectors restart empty.
 """
 from __future__ import annotations
 
@@ -46,12 +51,14 @@ import operator
 from bisect import bisect_left
 from collections import deque
 from dataclasses import asdict, dataclass, field, replace
+from itertools import islice
 from typing import Any, Iterable, Mapping
 
 import numpy as np
 from river import drift as river_drift
 
-from streamscore.drift.reference import MONITORING_KEY, calibrate, window_estimate
+from streamscore.drift.reference import (MONITORING_KEY, calibrate, estimated_auc, estimated_log_loss,
+                                         window_estimate)
 
 SCORE = "score"  # the baseline key of the model score (training.compute_baseline)
 QUANTILE_LEVELS = ("0.01", "0.05", "0.25", "0.5", "0.75", "0.95", "0.99")
@@ -106,6 +113,8 @@ class DriftConfig:
     mae_ratio_threshold: float = 1.15
     estimated_auc_drop_threshold: float = 0.05
     estimated_mae_ratio_threshold: float = 1.2
+    estimated_logloss_ratio_threshold: float = 3.0
+    estimate_every: int = 1000
     weighted_psi_threshold: float = 0.5
     persist_windows: int = 2
     clear_windows: int = 3
@@ -117,7 +126,7 @@ class DriftConfig:
         object.__setattr__(self, "detectors", frozenset(self.detectors))
         object.__setattr__(self, "features", tuple(self.features))
         object.__setattr__(self, "event_features", tuple(self.event_features))
-        for name in ("window", "perf_window", "persist_windows", "clear_windows", "min_positives"):
+        for name in ("window", "perf_window", "persist_windows", "clear_windows", "min_positives", "estimate_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"drift_{name} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.adwin_delta < 1:
@@ -147,6 +156,8 @@ class DriftConfig:
             mae_ratio_threshold=settings.drift_mae_ratio_threshold,
             estimated_auc_drop_threshold=settings.drift_estimated_auc_drop_threshold,
             estimated_mae_ratio_threshold=settings.drift_estimated_mae_ratio_threshold,
+            estimated_logloss_ratio_threshold=settings.drift_estimated_logloss_ratio_threshold,
+            estimate_every=settings.drift_estimate_every,
             weighted_psi_threshold=settings.drift_weighted_psi_threshold,
             persist_windows=settings.drift_persist_windows,
             clear_windows=settings.drift_clear_windows,
@@ -415,6 +426,19 @@ def auc_standard_error(auc: float, positives: int, negatives: int) -> float:
     return math.sqrt(max(variance, 0.0) / (positives * negatives))
 
 
+def _auc(scores: np.ndarray, labels: np.ndarray, positives: int) -> float:
+    """ROC AUC with ties as 1/2 (Mann-Whitney); NaN without both classes."""
+    n = scores.size
+    if positives == 0 or positives == n:
+        return math.nan
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(n)
+    _, first, counts = np.unique(scores[order], return_index=True, return_counts=True)
+    ranks[order] = np.repeat(first + (counts + 1) / 2.0, counts)
+    rank_sum = ranks[labels == 1].sum()
+    return float((rank_sum - positives * (positives + 1) / 2) / (positives * (n - positives)))
+
+
 @dataclass
 class _Performance:
     """Rolling window of labelled predictions: per-label loss (log loss; |error| for a regression) with
@@ -492,16 +516,8 @@ class _Performance:
         positives = self.positives
         if positives == 0 or positives == n:
             return math.nan
-        scores = np.fromiter(self.scores, dtype=float, count=n)
-        labels = np.fromiter(self.labels, dtype=float, count=n)
-        order = np.argsort(scores, kind="mergesort")
-        sorted_scores = scores[order]
-        ranks = np.empty(n)
-        _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
-        average = first + (counts + 1) / 2.0
-        ranks[order] = np.repeat(average, counts)
-        rank_sum = ranks[labels == 1].sum()
-        return float((rank_sum - positives * (positives + 1) / 2) / (positives * (n - positives)))
+        return _auc(np.fromiter(self.scores, dtype=float, count=n), np.fromiter(self.labels, dtype=float, count=n),
+                    positives)
 
     def precision_recall(self, threshold: float) -> tuple[float, float]:
         scores = np.fromiter(self.scores, dtype=float, count=len(self.scores))
@@ -549,9 +565,21 @@ class DriftMonitor:
         reference_metrics: Mapping[str, float] | None = None,
         decision_threshold: float | None = 0.5,
         objective: str | None = None,
+        keep_cooldown: bool = False,
     ) -> None:
-        """Start over for a new model version: new baseline, empty detectors, warm-up, no cool-down."""
+        """Start over for a new model version: new baseline, empty detectors, warm-up, no cool-down.
+
+        keep_cooldown: the new version was trained for this monitor's last request (the drift service
+        checks the version's registry reason): it answers that shift, so the cool-down continues across the
+        swap (counted in predictions and event time since the request) and ends early only when the cited
+        channel clears on the NEW version's evidence. Without it, a retrained version whose holdout still
+        held pre-change rows (its reference lower than the changed stream gives it) asked again for the same
+        shift as soon as its warm-up ended."""
         config = self.config
+        carried = None
+        if keep_cooldown and getattr(self, "_last_request", None) and not self._last_request.get("cleared"):
+            # events since the request stay counted: the new version's predictions start again at 0
+            carried = {**self._last_request, "event": self._last_request["event"] - self.predictions_seen}
         self.model_version = int(model_version)
         self.baseline = dict(baseline)
         self.monitoring: dict[str, Any] = dict(self.baseline.get(MONITORING_KEY) or {})
@@ -597,6 +625,14 @@ class DriftMonitor:
         else:
             healthy = (self._estimate_reference - worst) if worst is not None and self._estimate_reference else 0.0
             self._estimate_threshold = max(config.estimated_auc_drop_threshold, SEASONAL_MARGIN * healthy)
+        # binary: the expected log loss of the calibrated scores (CBPE) vs the holdout's; its threshold never
+        # below SEASONAL_MARGIN x the worst healthy holdout chunk's ratio (a log loss varies by factors)
+        self._log_loss_reference = (_finite(chunks.get("log_loss_estimate")) if self._calibration is not None
+                                    else None)
+        worst_log_loss = _finite(chunks.get("log_loss_estimate_worst"))
+        healthy = (worst_log_loss / self._log_loss_reference
+                   if worst_log_loss is not None and self._log_loss_reference else 0.0)
+        self._log_loss_threshold = max(config.estimated_logloss_ratio_threshold, SEASONAL_MARGIN * healthy)
 
         per_event = ("adwin" in config.detectors) or ("pagehinkley" in config.detectors)
         event_names: list[str] = []
@@ -607,9 +643,12 @@ class DriftMonitor:
             else:
                 event_names += [n for n in config.event_features if n in references]
         self._event_detectors = {n: _EventDetectors(config, references.get(n)) for n in event_names}
+        self._sliding_estimate = ("estimated" in config.detectors and self._score_column is not None
+                                  and config.estimate_every < config.window)
         self._event_feature_names = [n for n in event_names if n != SCORE]
 
         self._window_rows: list[list[float]] = []
+        self._previous_scores: list[float] = []  # the last window's scores the next sliding estimate needs
         self._last_window: list[Statistic] = []
         self.windows_completed = 0
         self.predictions_seen = 0
@@ -621,7 +660,7 @@ class DriftMonitor:
         self._self_reference: dict[str, float] = {}  # first label window, when the version has no metric
         self._streaks = {ESTIMATED: 0, COVARIATE: 0}
         self._latest: dict[str, str] = {}  # channel -> its latest figures, for a request's evidence
-        self._last_request: dict[str, Any] | None = None  # {"ms", "event", "channel"}
+        self._last_request: dict[str, Any] | None = carried  # {"ms", "event", "channel", "cleared"}
         self._cited_quiet = 0  # consecutive evaluations in which the cited channel did not fire
         self._estimated_excess: float | None = None  # this window's estimated value / its threshold
 
@@ -648,11 +687,27 @@ class DriftMonitor:
                 x = get(name, math.nan)
                 if x == x:  # NaN: not a value; counted in the window's nan_fraction
                     self._update_event_detectors(name, x, event_time_ms, warmed_up, signals)
-        if len(self._window_rows) >= self.config.window:
+        filled = len(self._window_rows)
+        if filled >= self.config.window:
             window_signals = self._close_window(event_time_ms, warmed_up)
             if warmed_up:
                 signals += window_signals
+        elif filled % self.config.estimate_every == 0 and self._sliding_estimate:
+            window_signals = self._sliding_estimated_evidence(event_time_ms, warmed_up)
+            if warmed_up:
+                signals += window_signals
         return signals
+
+    def _sliding_estimated_evidence(self, at_ms: int, warmed_up: bool) -> list[DriftSignal]:
+        """The estimated channel between window closes: over the last `window` scores (the end of the
+        previous window and the current one so far), every `estimate_every` predictions."""
+        needed = self.config.window - len(self._window_rows)
+        if len(self._previous_scores) < needed:  # no previous window yet (start, or after a restart)
+            return []
+        column = self._score_column
+        scores = np.array(self._previous_scores[len(self._previous_scores) - needed:]
+                          + [row[column] for row in self._window_rows], dtype=float)
+        return self._estimated_evidence(scores, scores.size, at_ms, warmed_up, [])
 
     def _update_event_detectors(self, name: str, x: float, at_ms: int, warmed_up: bool, signals: list) -> None:
         adwin_fired, ph_fired, _ = self._event_detectors[name].update(x)
@@ -690,8 +745,7 @@ class DriftMonitor:
         # the labelled prediction's event time, never before the latest prediction seen (the monitor's clock)
         at_ms = self._last_event_ms if event_time_ms is None else max(event_time_ms, self._last_event_ms)
         signals = [] if self.objective == "regression" else self._update_loss_adwin(min(loss, _LOSS_CAP_FOR_ADWIN), at_ms)
-        check_every = max(1, self.config.perf_window // 10)
-        if perf.n < max(2, self.config.perf_window // 2) or perf.seen % check_every:
+        if perf.n < max(2, self.config.perf_window // 2) or perf.seen % self._check_every:
             return signals
         return signals + self._check_performance(at_ms)
 
@@ -718,15 +772,45 @@ class DriftMonitor:
         return value
 
     def _check_performance(self, at_ms: int) -> list[DriftSignal]:
-        config, perf = self.config, self._performance
+        """The measured tests over the whole label window and, if they do not fire, over its most recent
+        half (`perf_window // 2` labels: a shift fills it twice as fast; the same Z-standard-error bounds
+        keep it a test). The evidence has cleared only when both are below CLEAR_LEVEL: right after a
+        request cited the recent half, the whole window still holds pre-change labels and is low, and
+        that is the same shift, not a cleared one."""
+        perf = self._performance
         n = perf.n
+        signals, figures, excess = self._measure(perf.scores, perf.labels, perf.losses, perf.expected,
+                                                 n, at_ms)
+        recent = self.config.perf_window // 2
+        if not signals and n >= 2 * recent and recent >= 2:
+            skip = n - recent
+            part = [np.fromiter(islice(column, skip, None), dtype=float, count=recent)
+                    for column in (perf.scores, perf.labels, perf.losses, perf.expected)]
+            signals, recent_figures, recent_excess = self._measure(*part, recent, at_ms)
+            figures.append(f"recent {recent} labels: " + "; ".join(recent_figures))
+            excess = max(excess, recent_excess)
+        positives = f" ({perf.positives} positives)" if self.objective == "binary" else ""
+        self._latest[MEASURED] = f"measured over {n} labels{positives}: " + "; ".join(figures)
+        if self.predictions_seen >= self.config.min_events:  # as the other channels: warmed-up evaluations only
+            self._note_channel(MEASURED, excess)
+        return signals
+
+    def _measure(self, scores, labels, losses, expected, n: int, at_ms: int) -> tuple[list[DriftSignal], list[str], float]:
+        """The measured tests over n labelled predictions: (signals, figures, the strongest test's value
+        relative to its threshold, 1 = at the threshold)."""
+        config = self.config
+        scores = np.fromiter(scores, dtype=float, count=n) if not isinstance(scores, np.ndarray) else scores
+        labels = np.fromiter(labels, dtype=float, count=n) if not isinstance(labels, np.ndarray) else labels
+        losses = np.fromiter(losses, dtype=float, count=n) if not isinstance(losses, np.ndarray) else losses
+        expected = np.fromiter(expected, dtype=float, count=n) if not isinstance(expected, np.ndarray) else expected
         signals: list[DriftSignal] = []
-        excess = 0.0  # the strongest test's value relative to its threshold (1 = at the threshold)
+        excess = 0.0
         figures = []
         if self.objective == "binary":
-            positives, negatives = perf.positives, n - perf.positives
+            positives = int(np.count_nonzero(labels == 1))
+            negatives = n - positives
             if min(positives, negatives) >= config.min_positives:
-                auc = perf.auc()
+                auc = _auc(scores, labels, positives)
                 reference_auc = self._metric_reference("auc", auc)
                 if reference_auc is not None and not math.isnan(auc):
                     error = max(auc_standard_error(auc, positives, negatives),
@@ -745,25 +829,22 @@ class DriftMonitor:
             name, ratio_threshold = "log_loss", config.logloss_ratio_threshold
         else:
             name, ratio_threshold = "mae", config.mae_ratio_threshold
-        mean = perf.mean_loss
+        mean = float(losses.mean())
         reference = self._metric_reference(name, mean)
-        expected = perf.expected_loss
-        effective = max(reference or 0.0, expected or 0.0)
+        expected_loss = _finite(float(expected.mean()))
+        effective = max(reference or 0.0, expected_loss or 0.0)
         if effective > 0:
-            lower = mean - Z * perf.loss_std / math.sqrt(n)
+            lower = mean - Z * float(losses.std()) / math.sqrt(n)
             value = lower / effective
             figures.append(f"{name} {mean:.4g} (lower bound {lower:.4g}) vs reference {effective:.4g} "
                            f"(holdout {reference if reference is not None else float('nan'):.4g}, expected from "
-                           f"scores {expected if expected is not None else float('nan'):.4g})")
+                           f"scores {expected_loss if expected_loss is not None else float('nan'):.4g})")
             excess = max(excess, (value - 1.0) / (ratio_threshold - 1.0))
             if value > ratio_threshold:
-                signals.append(DriftSignal(f"{name.replace('_', '')}_ratio" if name == "log_loss" else "mae_ratio",
+                signals.append(DriftSignal("logloss_ratio" if name == "log_loss" else "mae_ratio",
                                            None, f"{name}_ratio_lower_bound", value, ratio_threshold, n, at_ms,
                                            effective, harm=MEASURED))
-        self._latest[MEASURED] = (f"measured over {n} labels ({perf.positives} positives): " if self.objective == "binary"
-                                  else f"measured over {n} labels: ") + "; ".join(figures)
-        self._note_channel(MEASURED, excess)
-        return signals
+        return signals, figures, excess
 
     # -- windowed comparison --------------------------------------------------------------
 
@@ -771,6 +852,9 @@ class DriftMonitor:
         config = self.config
         table = np.asarray(self._window_rows, dtype=float)
         self._window_rows = []
+        if self._sliding_estimate:
+            keep = config.window - config.estimate_every
+            self._previous_scores = table[table.shape[0] - keep:, self._score_column].tolist()
         self.windows_completed += 1
         n = table.shape[0]
         signals: list[DriftSignal] = []
@@ -850,29 +934,54 @@ class DriftMonitor:
 
     def _estimated_evidence(self, scores: np.ndarray, n: int, at_ms: int, warmed_up: bool,
                             stats: list[Statistic]) -> list[DriftSignal]:
-        estimate = window_estimate(self.objective, self.monitoring, scores)
+        """The label-free channel. Regression: the loss model's MAE / the holdout's. Binary (CBPE, the
+        calibrated scores standing in for the labels): the estimated AUC's drop, and the expected log
+        loss / the holdout's (a shift that leaves the ranking intact but moves many events to scores the
+        calibration calls uncertain raises the loss: payments' amounts x3, AUC unchanged, log loss x1.7)."""
         reference = self._estimate_reference
-        if estimate is None or reference is None:
-            return []
-        threshold = self._estimate_threshold
         if self.objective == "regression":
+            estimate = window_estimate(self.objective, self.monitoring, scores)
+            if estimate is None or reference is None:
+                return []
+            threshold = self._estimate_threshold
             stats.append(Statistic(None, "estimated_mae", estimate, reference, n, at_ms))
-            value, detector, statistic = estimate / reference, "estimated_mae_ratio", "estimated_mae_ratio"
+            value = estimate / reference
             self._latest[ESTIMATED] = (f"estimated mae {estimate:.4g} vs holdout estimate {reference:.4g} "
                                        f"(ratio {value:.3f}, threshold {threshold:.3f})")
+            tests = [("estimated_mae_ratio", value, threshold, (value - 1.0) / (threshold - 1.0), reference)]
         else:
-            stats.append(Statistic(None, "estimated_auc", estimate, reference, n, at_ms))
-            value, detector, statistic = reference - estimate, "estimated_auc_drop", "estimated_auc_drop"
-            self._latest[ESTIMATED] = (f"estimated auc {estimate:.4f} vs holdout estimate {reference:.4f} "
-                                       f"(drop {value:.4f}, threshold {threshold:.4f})")
-        firing = value > threshold
-        self._estimated_excess = ((value - 1.0) / (threshold - 1.0) if self.objective == "regression"
-                                  else value / threshold)
-        harmful = self._persisted(ESTIMATED, firing, warmed_up, self._estimated_excess)
-        if not firing:
-            return []
-        return [DriftSignal(detector, None, statistic, value, threshold, n, at_ms, reference,
-                            harm=ESTIMATED if harmful else None)]
+            present = scores[~np.isnan(scores)]
+            if present.size < 50 or self._calibration is None or not self._calibration.get("x"):
+                return []
+            probabilities = calibrate(present, self._calibration)
+            tests, figures = [], []
+            estimate = estimated_auc(present, probabilities)
+            if reference is not None and not math.isnan(estimate):
+                threshold = self._estimate_threshold
+                stats.append(Statistic(None, "estimated_auc", estimate, reference, n, at_ms))
+                value = reference - estimate
+                figures.append(f"estimated auc {estimate:.4f} vs holdout estimate {reference:.4f} "
+                               f"(drop {value:.4f}, threshold {threshold:.4f})")
+                tests.append(("estimated_auc_drop", value, threshold, value / threshold, reference))
+            log_loss_reference = self._log_loss_reference
+            if log_loss_reference is not None:
+                log_loss = estimated_log_loss(present, probabilities)
+                threshold = self._log_loss_threshold
+                stats.append(Statistic(None, "estimated_log_loss", log_loss, log_loss_reference, n, at_ms))
+                value = log_loss / log_loss_reference
+                figures.append(f"expected log loss {log_loss:.4g} vs holdout's {log_loss_reference:.4g} "
+                               f"(ratio {value:.3f}, threshold {threshold:.3f})")
+                tests.append(("estimated_logloss_ratio", value, threshold, (value - 1.0) / (threshold - 1.0),
+                              log_loss_reference))
+            if not tests:
+                return []
+            self._latest[ESTIMATED] = "; ".join(figures)
+        firing = [t for t in tests if t[1] > t[2]]
+        self._estimated_excess = max(t[3] for t in tests)
+        harmful = self._persisted(ESTIMATED, bool(firing), warmed_up, self._estimated_excess)
+        return [DriftSignal(detector, None, detector, value, threshold, n, at_ms, baseline,
+                            harm=ESTIMATED if harmful else None)
+                for detector, value, threshold, _, baseline in firing]
 
     # -- reporting -----------------------------------------------------------------------
 
@@ -910,7 +1019,8 @@ class DriftMonitor:
         Returning a signal starts the cool-down: no further request for this model version until
         `cooldown_events` predictions AND `cooldown_s` of event time have passed, or until the cited
         channel has stayed below its threshold for `clear_windows` evaluations (the breakthrough
-        rule). A model swap (`reset`) ends the cool-down.
+        rule). A model swap (`reset`) ends the cool-down, unless the new version was trained for the request
+        (`keep_cooldown`).
         """
         harmful = [s for s in signals if s.harm]
         if not harmful or self.in_cooldown(now_ms):
@@ -934,8 +1044,26 @@ class DriftMonitor:
         if last is None or last["channel"] != channel or last.get("cleared"):
             return
         self._cited_quiet = self._cited_quiet + 1 if excess < CLEAR_LEVEL else 0
-        if self._cited_quiet >= self.config.clear_windows:
+        if self._cited_quiet >= self._clear_evaluations(channel):
             last["cleared"] = True  # the cited evidence is gone: the next harm is a new shift
+
+    def _clear_evaluations(self, channel: str) -> int:
+        """Consecutive quiet evaluations after which the cited evidence has cleared: `clear_windows`, and for
+        the measured channel at least one whole label window of them. Its checks come every tenth of the
+        window (`_check_every`), so 3 quiet checks are mostly the same labels: on rides, whose errors follow
+        the day, a retrained model's measured MAE ratio fell below half its threshold for 5 checks at night
+        (1,000 labels of a 2,000-label window) and the next day's rise was taken for a new shift (a cool-down
+        breakthrough). Only when every label of the window is new and quiet has the evidence gone. Checks
+        before the warm-up ends (right after a swap) do not count, as for the other channels."""
+        needed = self.config.clear_windows
+        if channel == MEASURED:
+            needed = max(needed, -(-self.config.perf_window // self._check_every))
+        return needed
+
+    @property
+    def _check_every(self) -> int:
+        """Labels between two measured checks."""
+        return max(1, self.config.perf_window // 10)
 
     def _cooling(self, last: Mapping[str, Any], now_ms: int) -> bool:
         events_ok = self.predictions_seen - last["event"] >= self.config.cooldown_events
@@ -971,6 +1099,7 @@ class DriftMonitor:
             "labels_since_window": self._labels_since_window,
             "last_event_ms": int(self._last_event_ms),
             "window_rows": [[None if x != x else float(x) for x in row] for row in self._window_rows],
+            "previous_scores": [None if x != x else float(x) for x in self._previous_scores],
             "last_window": [_json_safe(asdict(s)) for s in self._last_window],
             "performance": {"scores": list(perf.scores), "labels": list(perf.labels),
                             "expected": [None if x != x else x for x in perf.expected], "seen": perf.seen},
@@ -1012,6 +1141,11 @@ class DriftMonitor:
             raise IncompatibleDriftState(f"drift monitor state: window rows must have {width} values and be "
                                          f"fewer than the window ({monitor.config.window})")
         monitor._window_rows = [[math.nan if x is None else float(x) for x in row] for row in rows]
+        previous = saved.get("previous_scores") or []
+        if len(previous) >= monitor.config.window:
+            raise IncompatibleDriftState(f"drift monitor state: previous_scores must be fewer than the window "
+                                         f"({monitor.config.window})")
+        monitor._previous_scores = [math.nan if x is None else float(x) for x in previous]
         monitor.windows_completed = saved["windows_completed"]
         monitor.predictions_seen = saved["predictions_seen"]
         monitor.labels_seen = saved["labels_seen"]

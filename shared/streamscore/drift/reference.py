@@ -15,7 +15,8 @@ in the baseline under `MONITORING_KEY` (so the registry format does not change):
 - `chunks`: the same statistics the monitor computes per window, computed on consecutive holdout
   chunks of the drift window's size: how much a HEALTHY window varies, cycles included (the holdout
   covers the most recent part of the training period, nights and days alike). The monitor's
-  thresholds never go below these observed healthy extremes (see streamscore.drift.monitor).
+  thresholds never go below these observed healthy extremes (see streamscore.drift.monitor); for a
+  binary model also the expected log loss of the whole holdout and of its worst chunk.
 """
 from __future__ import annotations
 
@@ -120,6 +121,17 @@ def window_estimate(objective: str, reference: Mapping[str, Any], scores: np.nda
     return None if math.isnan(value) else value
 
 
+def window_log_loss_estimate(reference: Mapping[str, Any], scores: np.ndarray) -> float | None:
+    """Binary: the log loss one window of scores implies if each event's label were Bernoulli(its
+    calibrated probability) (CBPE's expected log loss); None without a calibration or with few scores."""
+    scores = scores[~np.isnan(scores)]
+    calibration = reference.get("calibration")
+    if scores.size < 50 or not calibration or not calibration.get("x"):
+        return None
+    value = estimated_log_loss(scores, calibrate(scores, calibration))
+    return value if math.isfinite(value) and value > 0 else None
+
+
 def feature_importance(booster, feature_names: Sequence[str]) -> dict[str, float]:
     gain = np.asarray(booster.feature_importance(importance_type="gain"), dtype=float)
     total = float(gain.sum())
@@ -148,7 +160,7 @@ def build_monitoring_reference(X: np.ndarray, y: np.ndarray, scores: np.ndarray,
     starts = range(0, scores.size - chunk + 1, chunk)
     refs = {name: _reference(name, baseline[name]) for name in [*feature_names, SCORE] if name in baseline}
     psi_chunks: dict[str, list[float]] = {}
-    weighted, estimates = [], []
+    weighted, estimates, log_losses = [], [], []
     for start in starts:
         part = slice(start, start + chunk)
         total = 0.0
@@ -166,6 +178,10 @@ def build_monitoring_reference(X: np.ndarray, y: np.ndarray, scores: np.ndarray,
         estimate = window_estimate(objective, reference, scores[part])
         if estimate is not None:
             estimates.append(estimate)
+        if objective != "regression":
+            log_loss = window_log_loss_estimate(reference, scores[part])
+            if log_loss is not None:
+                log_losses.append(log_loss)
     whole = window_estimate(objective, reference, scores)
     reference["chunks"] = {
         "size": int(chunk), "count": len(weighted),
@@ -178,4 +194,7 @@ def build_monitoring_reference(X: np.ndarray, y: np.ndarray, scores: np.ndarray,
         "estimate_worst": (float(max(estimates)) if objective == "regression" else float(min(estimates)))
         if estimates else None,
     }
+    if objective != "regression":  # binary: the expected log loss of the holdout and of its worst chunk
+        reference["chunks"]["log_loss_estimate"] = window_log_loss_estimate(reference, scores)
+        reference["chunks"]["log_loss_estimate_worst"] = float(max(log_losses)) if log_losses else None
     return reference

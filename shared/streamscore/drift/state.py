@@ -79,6 +79,7 @@ class MonitorState(_Strict):
     labels_since_window: int
     last_event_ms: int
     window_rows: list[list[Number | None]]
+    previous_scores: list[Number | None] = []  # the sliding estimate's tail of the last window (absent before it)
     last_window: list[_Statistic]
     performance: _Performance
     self_reference: dict[str, Number]

@@ -4,7 +4,9 @@
 ClickHouse inside (services/drift wraps it in a consume/write/checkpoint loop):
 
 - the `DriftMonitor` of the production model version (None while there is
-  none); `set_model` resets it when the production pointer moves;
+  none); `set_model` resets it when the production pointer moves (keeping the
+  cool-down when the new version was trained for the monitor's last request:
+  it answers that shift, which is not requested again for it);
 - the label join: a label carries no score, so the tracker keeps the last
   `label_join_size` predictions' (model_version, score) by event_id (they
   arrive before their labels). Labels of older predictions — long label delays,
@@ -32,7 +34,7 @@ from datetime import datetime, timezone
 from streamscore.drift.monitor import DriftConfig, DriftMonitor, DriftSignal, IncompatibleDriftState, Statistic
 from streamscore.drift.state import decode_checkpoint, encode_checkpoint
 from streamscore.learning.registry import ModelVersion
-from streamscore.learning.retrain_requests import retrain_request
+from streamscore.learning.retrain_requests import parse_retrain_reason, retrain_request
 
 log = logging.getLogger("streamscore.drift_tracking")
 
@@ -111,8 +113,21 @@ class DriftTracker:
         if self.monitor is None:
             self.monitor = DriftMonitor(self.config, version.baseline, self.model_name, version.version, **kwargs)
         else:
-            self.monitor.reset(version.baseline, version.version, **kwargs)
+            # A version trained for a request about the monitored one answers that shift: its cool-down
+            # continues (one shift, one request), else the new version starts without one.
+            answers = self.retrained_for_the_monitored_version(version)
+            if answers:
+                log.info("%s v%d was trained for a request about v%d: a cool-down of that request continues",
+                         self.model_name, version.version, self.monitor.model_version)
+            self.monitor.reset(version.baseline, version.version, keep_cooldown=answers, **kwargs)
         return True
+
+    def retrained_for_the_monitored_version(self, version: ModelVersion) -> bool:
+        """True when `version` was trained for a retrain request about the version monitored now (its registry
+        reason says so, streamscore.learning.retrain_requests): it answers the shift that request was for."""
+        request = parse_retrain_reason(version.reason)
+        return (request is not None and self.monitor is not None
+                and request.model_version == self.monitor.model_version)
 
     # --- messages ------------------------------------------------------------------
     def record_offset(self, topic: str, partition: int, offset: int) -> None:

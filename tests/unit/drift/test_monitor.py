@@ -381,3 +381,154 @@ def test_chosen_features_are_monitored_with_the_score_last(baseline):
     X, score, _ = make_stream(6000, seed=17, score_shift_at=2000)
     found = run(monitor, X, score)
     assert found and {s.feature for _, s in found} == {"score"}
+
+
+# --- round 3: sliding estimate, expected log loss, recent half of the label window ----------------
+
+def _first_harm(monitor, X, score):
+    return next(((i, s) for i, s in run(monitor, X, score) if s.harm), (None, None))
+
+
+def test_the_estimate_slides_so_persistent_evidence_is_reached_a_step_after_the_first_full_window(monitored_baseline):
+    # the scores shift at a window boundary (20,000): the estimated AUC fires on every window that is
+    # mostly shifted; sliding every 1,000 events, the second firing evaluation comes 1,000 events after
+    # the first full window instead of a whole window later
+    X, score, _ = make_stream(30_000, seed=12, score_shift_at=20_000)
+    sliding, _ = _first_harm(DriftMonitor(config(estimate_every=1000), monitored_baseline, "fraud", 1), X, score)
+    tumbling, _ = _first_harm(DriftMonitor(config(estimate_every=WINDOW), monitored_baseline, "fraud", 1), X, score)
+    assert tumbling == 20_000 + 2 * WINDOW - 1
+    assert sliding == tumbling - 1000
+
+
+def test_the_sliding_estimate_stays_quiet_on_a_healthy_stream(monitored_baseline):
+    X, score, _ = make_stream(50_000, seed=2)
+    monitor = DriftMonitor(config(estimate_every=500), monitored_baseline, "fraud", 1)
+    assert [s for _, s in run(monitor, X, score) if s.feature is None] == []
+
+
+def test_a_restored_monitor_slides_on_identically(monitored_baseline):
+    X, score, _ = make_stream(30_000, seed=12, score_shift_at=20_000)
+    straight = DriftMonitor(config(), monitored_baseline, "fraud", 1)
+    restored = DriftMonitor(config(), monitored_baseline, "fraud", 1)
+    cut = 20_500  # mid-window: the next sliding evaluation needs the previous window's tail
+    assert run(straight, X, score, 0, cut) == run(restored, X, score, 0, cut)
+    restored = DriftMonitor.from_bytes(restored.to_bytes(), config())
+    after = run(straight, X, score, cut)
+    assert after and run(restored, X, score, cut) == after
+
+
+def _amplified(factor=4.0):
+    """Scores of the later part x4: ranking kept (the estimated AUC moves less than its threshold), many
+    events moved to scores the calibration calls uncertain (the expected log loss x2.4)."""
+    X, score, _ = make_stream(30_000, seed=12)
+    score = score.copy()
+    score[20_000:] = np.minimum(0.9, factor * score[20_000:])
+    return X, score
+
+
+def test_a_rise_of_the_expected_log_loss_is_evidence_of_harm_without_labels(monitored_baseline):
+    X, score = _amplified()
+    monitor = DriftMonitor(config(estimated_logloss_ratio_threshold=2.0), monitored_baseline, "fraud", 1)
+    found = [(i, s) for i, s in run(monitor, X, score) if s.feature is None]
+    assert found and all(i >= 20_000 for i, _ in found)
+    assert {s.detector for _, s in found} == {"estimated_logloss_ratio"}  # the AUC estimate stays within
+    first_harm = next(s for _, s in found if s.harm)
+    assert first_harm.harm == "estimated" and first_harm.value > 2.0
+    assert first_harm.baseline == pytest.approx(monitored_baseline[MONITORING_KEY]["chunks"]["log_loss_estimate"])
+    assert "expected log loss" in monitor.evidence()
+
+
+def test_the_expected_log_loss_threshold_is_never_below_the_healthy_chunks(monitored_baseline):
+    X, score = _amplified()
+    reference = dict(monitored_baseline[MONITORING_KEY])
+    chunks = dict(reference["chunks"])
+    chunks["log_loss_estimate_worst"] = 2.0 * chunks["log_loss_estimate"]  # a holdout chunk already at x2
+    lifted = {**monitored_baseline, MONITORING_KEY: {**reference, "chunks": chunks}}
+    monitor = DriftMonitor(config(estimated_logloss_ratio_threshold=2.0), lifted, "fraud", 1)
+    assert not [s for _, s in run(monitor, X, score) if s.detector == "estimated_logloss_ratio"]
+    # a model registered before the expected log loss was stored: no such test, nothing else changes
+    older = {**monitored_baseline, MONITORING_KEY: {**reference, "chunks": {
+        k: v for k, v in reference["chunks"].items() if not k.startswith("log_loss_estimate")}}}
+    monitor = DriftMonitor(config(estimated_logloss_ratio_threshold=2.0), older, "fraud", 1)
+    assert not [s for _, s in run(monitor, X, score) if s.feature is None]
+
+
+def _degrading_regression(at=6000, n=12_000, factor=1.3):
+    """Predictions with |error| ~ 8; from label `at` on the errors are `factor` x larger."""
+    rng = np.random.default_rng(8)
+    predictions = rng.normal(100.0, 20.0, n)
+    noise = rng.normal(0.0, 10.0, n)
+    noise[at:] *= factor
+    return predictions, predictions + noise, {"mae": float(np.mean(np.abs(noise[:at])))}
+
+
+def _feed_labels(monitor, predictions, labels, request=False):
+    found = []
+    for i, (p, y) in enumerate(zip(predictions.tolist(), labels.tolist())):
+        signals = monitor.update_label(p, y, i)
+        if request:
+            chosen = monitor.should_request_retrain(signals, now_ms=i)
+            found += [(i, chosen)] if chosen is not None else []
+        else:
+            found += [(i, s) for s in signals if s.harm]
+    return found
+
+
+def test_the_recent_half_of_the_label_window_sees_a_shift_first(baseline):
+    predictions, labels, reference = _degrading_regression()
+    monitor = DriftMonitor(config(perf_window=2000, detectors={"performance"}), baseline, "eta", 1,
+                           reference_metrics=reference, objective="regression")
+    found = _feed_labels(monitor, predictions, labels)
+    assert found and found[0][0] >= 6000
+    first_index, first = found[0]
+    assert first.window == 1000 and first.detector == "mae_ratio" and first.harm == "measured"
+    whole = [i for i, s in found if s.window == 2000]
+    assert whole and whole[0] > first_index  # the whole window follows once enough of it has shifted
+    replay = DriftMonitor(config(perf_window=2000, detectors={"performance"}), baseline, "eta", 1,
+                          reference_metrics=reference, objective="regression")
+    _feed_labels(replay, predictions[:first_index + 1], labels[:first_index + 1])
+    assert "recent 1000 labels: mae" in replay.evidence()  # a request cites both figures
+    # no shift: neither half fires
+    predictions, labels, reference = _degrading_regression(factor=1.0, n=30_000)
+    monitor = DriftMonitor(config(perf_window=2000, detectors={"performance"}), baseline, "eta", 1,
+                           reference_metrics=reference, objective="regression")
+    assert _feed_labels(monitor, predictions, labels) == []
+
+
+def test_a_request_cited_by_the_recent_half_does_not_break_through_while_the_shift_lasts(baseline):
+    predictions, labels, reference = _degrading_regression(n=20_000)
+    monitor = DriftMonitor(config(perf_window=2000, detectors={"performance"}, cooldown_events=10**6,
+                                  cooldown_s=10**6, min_events=0), baseline, "eta", 1, reference_metrics=reference,
+                           objective="regression")  # labels only: no warm-up to wait for
+    requests = _feed_labels(monitor, predictions, labels, request=True)
+    # while the checks after the request still see pre-change labels in the whole window, the recent
+    # half keeps the evidence present: one request for one shift
+    assert len(requests) == 1 and requests[0][1].window == 1000
+
+
+def _daily_errors(dip: int, n: int = 14_000):
+    """Predictions with |error| ~ 8, x1.5 from label 6000 on except for `dip` labels from 9000 (a model whose
+    error follows the day: the rides demo's v2 was within its holdout's MAE at night only)."""
+    rng = np.random.default_rng(9)
+    predictions = rng.normal(100.0, 20.0, n)
+    noise = rng.normal(0.0, 10.0, n)
+    factor = np.ones(n)
+    factor[6000:] = 1.5
+    factor[9000:9000 + dip] = 1.0
+    return predictions, predictions + noise * factor, {"mae": float(np.mean(np.abs(noise[:6000])))}
+
+
+@pytest.mark.parametrize("dip, requests", [(1300, 1), (3000, 2)])
+def test_measured_evidence_clears_only_once_a_whole_label_window_stayed_below_half(baseline, dip, requests):
+    # Measured checks come every tenth of the label window, so 3 consecutive quiet checks are mostly the
+    # same labels. A dip shorter than a label window (the night) is the same shift: no breakthrough; once
+    # a whole window of new labels stayed below half the threshold, the next rise is a new shift.
+    predictions, labels, reference = _daily_errors(dip)
+    monitor = DriftMonitor(config(perf_window=1000, detectors={"performance"}, cooldown_events=10**6,
+                                  cooldown_s=10**6, clear_windows=3, min_events=0), baseline, "eta", 1,
+                           reference_metrics=reference, objective="regression")  # labels only: no warm-up
+    found = _feed_labels(monitor, predictions, labels, request=True)
+    assert len(found) == requests and 6000 <= found[0][0] < 7000
+    assert ["cool-down breakthrough" in s.reason for _, s in found] == [False] + [True] * (requests - 1)
+    if requests == 2:
+        assert found[1][0] > 9000 + dip

@@ -56,9 +56,13 @@ def test_train_model_stores_the_monitoring_reference_from_its_holdout():
     assert set(chunks["psi_max"]) == {"signal", "noise", "kind_code", "score"}
     assert chunks["estimate"] == pytest.approx(trained.metrics["auc"], abs=0.03)
     assert chunks["estimate_worst"] <= chunks["estimate_mean"]
+    # the expected log loss of the calibrated holdout scores is close to the measured one; its worst chunk above
+    assert chunks["log_loss_estimate"] == pytest.approx(trained.metrics["log_loss"], rel=0.25)
+    assert chunks["log_loss_estimate_worst"] >= chunks["log_loss_estimate"] * 0.9
     regression = train_model(X, X[:, 0] * 10 + rng.normal(size=n), ["signal", "noise", "kind_code"], ["kind_code"],
                              num_boost_round=30, objective="regression")
     assert regression.baseline[MONITORING_KEY]["loss_model"]["x"]
+    assert "log_loss_estimate" not in regression.baseline[MONITORING_KEY]["chunks"]
     assert regression.baseline[MONITORING_KEY]["chunks"]["estimate"] == pytest.approx(regression.metrics["mae"],
                                                                                       rel=0.05)
 
