@@ -21,7 +21,6 @@ from streamscore.settings import TOPIC_DEAD_LETTER, Settings
 # librdkafka's own log lines (e.g. transient "coordinator load in progress" while
 # a fresh broker starts) go through Python logging (CLIENT_LOG) instead of raw stderr.
 DEAD_LETTER_LOG = logging.getLogger("streamscore.dead_letter")
-log = logging.getLogger("streamscore.kafka")
 
 
 def producer_config(settings: Settings, **overrides) -> dict:
@@ -218,7 +217,7 @@ def data_messages(batch: list[Message]) -> list[Message]:
         elif error.fatal() or error.code() == KafkaError._FATAL:  # (consume() reports it as _FATAL, not flagged)
             raise FatalConsumerError(f"fatal consumer error: {error.str()}")
         elif error.code() != KafkaError._PARTITION_EOF:
-            log.warning("consumer error: %s", error)
+            CLIENT_LOG.warning("consumer error: %s", error)
     return messages
 
 
