@@ -21,13 +21,15 @@ def test_children_of_other_threads_and_grandchildren_are_counted():
     thread.join()
     child = started[0]
     try:
-        tree = []
-        for _ in range(100):  # the grandchild needs its interpreter started
-            tree = process_tree(os.getpid())
-            if len(tree) >= 3:
+        # the grandchild needs its interpreter started; the test process may have other children (a suite's
+        # earlier tests), so look for this child's own subtree within the whole tree
+        tree, subtree = [], []
+        for _ in range(100):
+            tree, subtree = process_tree(os.getpid()), process_tree(child.pid)
+            if child.pid in tree and len(subtree) == 2:
                 break
             threading.Event().wait(0.05)
-        assert child.pid in tree and len(tree) >= 3
+        assert child.pid in tree and len(subtree) == 2 and set(subtree) <= set(tree)
         rss_mib, threads = process_memory(os.getpid())
         own_rss_mib, _ = process_memory(child.pid)
         assert rss_mib > own_rss_mib > 0 and threads >= 3
