@@ -9,7 +9,8 @@ with a retrain request every `retrain_every_s` (the trainer trains in its own pr
 What it reports, per minute of the live phase: predictions received, event -> prediction latency p50 / p99 /
 max (event id stamped with its send time; received by a consumer of the predictions topic), the memory (RSS,
 MiB) and threads of the `run all` process and its long-lived descendants (the scorer's process; training
-processes, which end with their training, are left out), retrains finished so far. At the
+processes, which end with their training, are left out) and, of it, the scorer's process and what the
+embedded ClickHouse tracks (its MemoryTracking metric), retrains finished so far. At the
 end: memory growth per million events after the warm-up (first two minutes), and the exactly-once counts
 (events produced vs predictions logged, distinct).
 """
@@ -30,7 +31,7 @@ import numpy as np
 from streamscore.avro.codec import AvroCodec, SchemaCatalog
 from streamscore.dev.generators import generator_ending_now
 from streamscore.kafka.config import schema_registry_config
-from streamscore.ops.process_names import TRAINING
+from streamscore.ops.process_names import SCORER_PROCESS, TRAINING
 from streamscore.settings import TOPIC_PREDICTIONS, TOPIC_RETRAIN, Settings
 from streamscore.spec import FeatureSpec, resolve
 
@@ -48,6 +49,8 @@ class SoakMinute:
     threads: int
     retrains: int
     load: float = float("nan")  # the machine's 1-minute load average (other processes included)
+    scorer_mib: float = float("nan")  # of rss_mib: the scorer's process
+    clickhouse_mib: float = float("nan")  # of rss_mib: what the embedded ClickHouse tracks (MemoryTracking)
 
 
 @dataclass
@@ -148,17 +151,31 @@ def process_memory(pid: int, leave_out: tuple[str, ...] = (TRAINING,)) -> tuple[
     make the trend a saw of whether one happened to run at the sample."""
     rss_kib, threads = 0, 0
     for one in process_tree(pid):
-        try:
-            if Path(f"/proc/{one}/comm").read_text().strip() in leave_out:
-                continue
-            for line in Path(f"/proc/{one}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    rss_kib += int(line.split()[1])
-                elif line.startswith("Threads:"):
-                    threads += int(line.split()[1])
-        except OSError:
-            continue
+        name, one_rss_kib, one_threads = _process_status(one)
+        if name not in leave_out:
+            rss_kib, threads = rss_kib + one_rss_kib, threads + one_threads
     return rss_kib / 1024, threads
+
+
+def named_memory(pid: int, name: str) -> float:
+    """RSS (MiB) of the processes named `name` in `pid`'s tree, each without its children."""
+    statuses = [_process_status(one) for one in process_tree(pid)]
+    return sum(rss_kib for comm, rss_kib, _ in statuses if comm == name) / 1024
+
+
+def _process_status(pid: int) -> tuple[str, int, int]:
+    """(name, RSS KiB, threads) of one process; ("", 0, 0) once it is gone."""
+    rss_kib, threads = 0, 0
+    try:
+        name = Path(f"/proc/{pid}/comm").read_text().strip()
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                rss_kib = int(line.split()[1])
+            elif line.startswith("Threads:"):
+                threads = int(line.split()[1])
+    except OSError:
+        return "", 0, 0
+    return name, rss_kib, threads
 
 
 def soak_settings(base: Settings) -> Settings:
@@ -270,7 +287,7 @@ def run_soak(base: Settings, minutes: float, rate: float = 2_500.0, entities: in
             if time.time() - started >= (minute + 1) * 60:
                 rss, threads = process_memory(process.pid)
                 memory.append((minute, rss, threads))
-                report.rows.append(_minute_row(minute, watcher, rss, threads, store))
+                report.rows.append(_minute_row(minute, watcher, rss, threads, store, process.pid))
                 progress(_format_row(report.rows[-1]))
                 minute += 1
         report.produced = history_events + produced["report"].events
@@ -284,7 +301,7 @@ def run_soak(base: Settings, minutes: float, rate: float = 2_500.0, entities: in
         report.logged_rows, report.logged_unique = int(rows), int(unique)
         if time.time() - started > (minute + 0.5) * 60:
             rss, threads = process_memory(process.pid)
-            report.rows.append(_minute_row(minute, watcher, rss, threads, store))
+            report.rows.append(_minute_row(minute, watcher, rss, threads, store, process.pid))
         watcher.close()
         report.retrains = [(int(v), a) for v, a in store.query(
             "SELECT version, action FROM model_versions WHERE version > 1 AND action IN ('promote', 'reject') "
@@ -305,16 +322,19 @@ def run_soak(base: Settings, minutes: float, rate: float = 2_500.0, entities: in
     return report
 
 
-def _minute_row(minute: int, watcher: LatencyWatcher, rss: float, threads: int, store) -> SoakMinute:
+def _minute_row(minute: int, watcher: LatencyWatcher, rss: float, threads: int, store, pid: int) -> SoakMinute:
     values = np.asarray(watcher.by_minute.get(minute, []), dtype=np.float64)
     retrains = int(store.query("SELECT count() FROM model_versions WHERE version > 1 AND action IN "
                                "('promote', 'reject')").rows[0][0])
+    tracked = store.query("SELECT value FROM system.metrics WHERE metric = 'MemoryTracking'").rows
+    memory = dict(scorer_mib=named_memory(pid, SCORER_PROCESS), clickhouse_mib=int(tracked[0][0]) / 2**20
+                  if tracked else float("nan"))
     if values.size == 0:
         return SoakMinute(minute + 1, 0, float("nan"), float("nan"), float("nan"), rss, threads, retrains,
-                          os.getloadavg()[0])
+                          os.getloadavg()[0], **memory)
     p50, p99 = np.percentile(values, (50, 99))
     return SoakMinute(minute + 1, int(values.size), float(p50), float(p99), float(values.max()), rss, threads,
-                      retrains, os.getloadavg()[0])
+                      retrains, os.getloadavg()[0], **memory)
 
 
 def _format_row(row: SoakMinute) -> str:
@@ -339,12 +359,14 @@ def print_soak(report: SoakReport, console) -> None:
     from rich import box
     from rich.table import Table
 
-    table = Table("minute", "predictions", "p50 ms", "p99 ms", "max ms", "RSS MiB", "threads", "retrains", "load",
+    table = Table("minute", "predictions", "p50 ms", "p99 ms", "max ms", "RSS MiB", "scorer MiB", "ClickHouse MiB",
+                  "threads", "retrains", "load",
                   title=f"soak: `run all` at {report.rate:,.0f} events/s for {report.minutes:g} min",
                   box=box.SIMPLE_HEAD)
     for row in report.rows:
         table.add_row(str(row.minute), f"{row.predictions:,}", f"{row.p50_ms:.1f}", f"{row.p99_ms:.1f}",
-                      f"{row.max_ms:.1f}", f"{row.rss_mib:.0f}", str(row.threads), str(row.retrains),
+                      f"{row.max_ms:.1f}", f"{row.rss_mib:.0f}", f"{row.scorer_mib:.0f}", f"{row.clickhouse_mib:.0f}",
+                      str(row.threads), str(row.retrains),
                       f"{row.load:.1f}")
     console.print(table)
     p99s = [row.p99_ms for row in report.rows if row.predictions]

@@ -9,7 +9,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 
-TRAINING = "ss-training"  # a service in a process of its own is "ss-<service>" (services/service_process.py)
+TRAINING = "ss-training"
+SCORER_PROCESS = "ss-scorer"  # a service in a process of its own is "ss-<service>" (services/service_process.py)
 _PR_SET_NAME = 15  # prctl(2); the kernel keeps 15 bytes
 
 

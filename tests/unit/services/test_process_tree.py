@@ -8,8 +8,8 @@ import sys
 import threading
 from pathlib import Path
 
-from streamscore.ops.process_names import TRAINING
-from streamscore.services.tools.soak import process_memory, process_tree
+from streamscore.ops.process_names import SCORER_PROCESS, TRAINING
+from streamscore.services.tools.soak import named_memory, process_memory, process_tree
 
 SLEEP_WITH_CHILD = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)']); time.sleep(30)"
 
@@ -52,6 +52,24 @@ def test_training_processes_are_left_out_of_the_memory_trend():
         counted, _ = process_memory(os.getpid(), leave_out=())
         trend, _ = process_memory(os.getpid())
         assert counted - trend > 190
+    finally:
+        child.kill()
+        child.wait(10)
+
+
+def test_the_scorer_process_memory_is_reported_on_its_own():
+    named = ("from streamscore.ops.process_names import SCORER_PROCESS, name_this_process; "
+             "name_this_process(SCORER_PROCESS); big = bytearray(150 * 2**20); import time; time.sleep(30)")
+    child = subprocess.Popen([sys.executable, "-c", named])
+    try:
+        scorer = 0.0
+        for _ in range(200):  # until it named itself and holds its 150 MiB
+            if (scorer := named_memory(os.getpid(), SCORER_PROCESS)) > 150:
+                break
+            threading.Event().wait(0.05)
+        total, _ = process_memory(os.getpid())
+        assert scorer > 150 and total > scorer  # the whole tree: this process and its child
+        assert named_memory(os.getpid(), TRAINING) == 0
     finally:
         child.kill()
         child.wait(10)
