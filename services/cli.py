@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import sys
 import time
@@ -595,6 +596,9 @@ def run(ctx: typer.Context,
         services: list[str] = typer.Argument(..., help="scorer, logger, drift, trainer, or 'all'."),
         spec_path: Path | None = _SPEC_OPTION) -> None:
     """Run services in this process until SIGTERM/SIGINT (then flush, commit and exit)."""
+    from streamscore.ops.native_heap import bound_native_heap, describe_heap_limits
+
+    heap = bound_native_heap()  # before any thread allocates: glibc fixes its arena count at its first extra arena
     from streamscore.ops.logs import configure_logging
     from streamscore.ops.metrics import MetricsServer
     from streamscore.services.runner import SERVICE_NAMES, ServiceGroup, own_processes, run_until_signalled
@@ -607,6 +611,7 @@ def run(ctx: typer.Context,
         raise fail(str(error)) from error
     from streamscore.kafka.config import KafkaConnectionError
 
+    logging.getLogger("streamscore.runner").info("native heap: %s", describe_heap_limits(heap))
     names = list(SERVICE_NAMES) if services == ["all"] else services
     try:
         group = ServiceGroup(settings, names, spec=spec, processes=own_processes(settings, names))

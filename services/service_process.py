@@ -72,11 +72,13 @@ def _serve_requests(connection, stats, stop: threading.Event) -> None:
 def _child_main(name: str, settings: Settings, spec_path: Path, connection, configure_logs: bool) -> None:
     """The child process: the service `name` of the spec at `spec_path`, until told to stop."""
     from streamscore.ops.logs import configure_logging
+    from streamscore.ops.native_heap import bound_native_heap, describe_heap_limits
     from streamscore.ops.process_names import name_this_process
     from streamscore.services.runner import build_service
     from streamscore.spec import load_spec
 
     name_this_process(f"ss-{name}")
+    heap = bound_native_heap()
 
     # Ctrl-C reaches the whole foreground process group: the parent decides when its children stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -84,6 +86,7 @@ def _child_main(name: str, settings: Settings, spec_path: Path, connection, conf
     signal.signal(signal.SIGTERM, lambda *_: stop.set())  # terminated directly: stop gracefully too
     if configure_logs:
         configure_logging(settings)
+    log.info("native heap: %s", describe_heap_limits(heap))
     service = build_service(name, settings, None, load_spec(spec_path))
     threading.Thread(target=_serve_requests, args=(connection, service.stats, stop), name=f"{name}-control",
                      daemon=True).start()

@@ -133,3 +133,6 @@ def test_query_and_status_are_answered_while_run_all_runs(kafka_bootstrap, tmp_p
         output, _ = process.communicate(timeout=90)
     assert process.returncode == 0, output
     assert not socket_path(settings).exists()
+    # both long-lived processes (`run all`, its scorer's) bounded their C heap (ops/native_heap.py)
+    heap_lines = [line for line in output.splitlines() if "native heap: MALLOC_ARENA_MAX=2" in line]
+    assert len(heap_lines) == 2, output
