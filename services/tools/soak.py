@@ -339,7 +339,8 @@ def _minute_row(minute: int, watcher: LatencyWatcher, rss: float, threads: int, 
 
 def _format_row(row: SoakMinute) -> str:
     return (f"  minute {row.minute:>3}: {row.predictions:>7,} predictions, p50 {row.p50_ms:6.1f} ms, p99 "
-            f"{row.p99_ms:7.1f} ms, max {row.max_ms:7.1f} ms, RSS {row.rss_mib:6.0f} MiB, {row.threads} threads, "
+            f"{row.p99_ms:7.1f} ms, max {row.max_ms:7.1f} ms, RSS {row.rss_mib:6.0f} MiB (scorer "
+            f"{row.scorer_mib:.0f}, ClickHouse {row.clickhouse_mib:.0f}), {row.threads} threads, "
             f"{row.retrains} retrains, load {row.load:.1f}")
 
 
