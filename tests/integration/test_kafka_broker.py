@@ -12,10 +12,10 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
 from conftest import CACHE_DIR
-from streamscore.dev.kafka_broker import KafkaBrokerError, LocalKafkaBroker
+from streamscore.dev.kafka_broker import LOG_CLEANER_BYTES_PER_S, KafkaBrokerError, LocalKafkaBroker
 from streamscore.kafka.io import admin_result, commit, log_commit_errors
 from streamscore.settings import TOPIC_EVENTS, TOPIC_RETRAIN, TOPIC_SCORER_STATE, Settings
-from streamscore.kafka.topics import TopicMismatchError, ensure_topics, topic_names
+from streamscore.kafka.topics import SCORER_STATE_SEGMENT_BYTES, TopicMismatchError, ensure_topics, topic_names
 
 
 def test_install_second_call_is_fast_and_reuses_cache(tmp_path):
@@ -162,8 +162,19 @@ def test_ensure_topics_is_idempotent_with_partitions_and_configs(make_settings):
                  ConfigResource("topic", settings.topic(TOPIC_EVENTS))]
     configs = {resource.name: admin_result(future) for resource, future in admin.describe_configs(resources).items()}
     assert configs[settings.topic(TOPIC_SCORER_STATE)]["cleanup.policy"].value == "compact"
+    assert configs[settings.topic(TOPIC_SCORER_STATE)]["segment.bytes"].value == str(SCORER_STATE_SEGMENT_BYTES)
     assert configs[settings.topic(TOPIC_EVENTS)]["cleanup.policy"].value == "delete"
     assert configs[settings.topic(TOPIC_EVENTS)]["retention.ms"].value == str(7 * 24 * 3600 * 1000)
+
+
+@pytest.mark.integration
+def test_the_local_broker_throttles_its_log_cleaner(kafka_bootstrap, environment_settings, docker_available):
+    if environment_settings.kafka_bootstrap_servers or docker_available:
+        pytest.skip("the session's broker is not the project's own")
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    broker = ConfigResource("broker", "1")
+    configs = admin_result(admin.describe_configs([broker])[broker])
+    assert configs["log.cleaner.io.max.bytes.per.second"].value == str(LOG_CLEANER_BYTES_PER_S)
 
 
 @pytest.mark.integration

@@ -32,6 +32,7 @@ THIRTY_DAYS_MS = 30 * 24 * 3600 * 1000
 ADMIN_TIMEOUT_S = 30.0
 # A DriftMonitor snapshot holds its open windows (a few hundred KB at default sizes).
 DRIFT_STATE_MAX_BYTES = 16 * 1024 * 1024
+SCORER_STATE_SEGMENT_BYTES = 64 * 1024 * 1024
 
 
 class TopicMismatchError(RuntimeError):
@@ -60,7 +61,11 @@ def topic_specs(settings: Settings, spec=None) -> list[TopicSpec]:
         # Single partition: requests and registry updates are few and must stay in order.
         TopicSpec(TOPIC_RETRAIN, 1, control),
         TopicSpec(TOPIC_MODEL_UPDATES, 1, control),
-        TopicSpec(TOPIC_SCORER_STATE, settings.partitions, {"cleanup.policy": "compact", "min.compaction.lag.ms": "0"}),
+        # 64 MiB segments: compaction never cleans the open segment, so with the broker default (1 GiB) the
+        # changelog held ~1 GiB per partition until the roll, then the log cleaner compacted it at once
+        # (0.25-0.38 of a core for 40 s beside the pipeline: the soak's worst minute); a restore read all of it.
+        TopicSpec(TOPIC_SCORER_STATE, settings.partitions, {"cleanup.policy": "compact", "min.compaction.lag.ms": "0",
+                                                            "segment.bytes": str(SCORER_STATE_SEGMENT_BYTES)}),
         # The drift service's checkpoint (monitor state + consumed offsets), one record per model, latest wins;
         # segments roll hourly because compaction never cleans the open segment.
         TopicSpec(TOPIC_DRIFT_STATE, 1, {"cleanup.policy": "compact", "max.message.bytes": str(DRIFT_STATE_MAX_BYTES),
