@@ -2,8 +2,8 @@
 
 Loop: consume a batch -> ScoringPipeline.score (pure) -> produce predictions and
 dead letters, never waiting for acks. Every `scorer_checkpoint_interval_ms` (at
-once when the topic went quiet) a checkpoint starts: it notes the messages consumed so far and the entities whose
-state changed, produces those states a slice per loop turn (serialising them all
+once when the topic went quiet) a checkpoint starts: it notes the messages
+consumed so far and the entities whose state changed, produces those states a slice per loop turn (serialising them all
 at once would stall scoring for tens of ms), then seals an `AckBatch` with those
 messages. Their offsets are committed once every message produced up to the seal
 (predictions, dead letters, states) is acknowledged: commit after acks, so
@@ -515,7 +515,7 @@ class ScorerService:
                         latencies_ms=[now_ms - m.timestamp()[1] for m in messages if m.timestamp()[1] > 0])
                 # While events flow, a checkpoint every interval: each writes the entities changed since the
                 # last, so a longer interval writes fewer states (the soak at 2,500 events/s: 0.5 s wrote
-                # 7 MB/s of state, 30x the events' bytes). A quiet topic (no message for 0.1 s) checkpoints at
+                # 7 MB/s of state, 35x the events' bytes). A quiet topic (no message for 0.1 s) checkpoints at
                 # once: an idle scorer's lag reaches 0 without waiting for the interval.
                 if self._checkpointing is None and self._uncommitted and (
                         not batch or time.monotonic() >= next_checkpoint):

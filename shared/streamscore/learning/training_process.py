@@ -31,7 +31,7 @@ def _train(settings: Settings, since_ms: int | None, read_from_ms: int | None, c
     """The training process: resolve the spec, open the store, train, send back ("ok", Candidate) or
     ("error", text)."""
     try:
-        os.setpriority(os.PRIO_PROCESS, 0, TRAINING_NICE)  # set by the parent already (below); the same
+        os.setpriority(os.PRIO_PROCESS, 0, TRAINING_NICE)  # the parent set it at the start (TrainingProcess)
         from streamscore.ops.process_names import TRAINING, name_this_process
 
         name_this_process(TRAINING)
