@@ -3,8 +3,9 @@
 Loop: consume a batch -> ScoringPipeline.score (pure) -> produce predictions and
 dead letters, never waiting for acks. Every `scorer_checkpoint_interval_ms` (at
 once when the topic went quiet) a checkpoint starts: it notes the messages
-consumed so far and the entities whose state changed, produces those states a slice per loop turn (serialising them all
-at once would stall scoring for tens of ms), then seals an `AckBatch` with those
+consumed so far and the entities whose state changed, produces those states a
+slice per loop turn (serialising them all at once would stall scoring for tens
+of ms), then seals an `AckBatch` with those
 messages. Their offsets are committed once every message produced up to the seal
 (predictions, dead letters, states) is acknowledged: commit after acks, so
 at-least-once, without flushing the producer or waiting for the commit's reply
