@@ -174,7 +174,7 @@ def test_the_local_broker_throttles_its_log_cleaner(kafka_bootstrap, environment
     admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
     broker = ConfigResource("broker", "1")
     configs = admin_result(admin.describe_configs([broker])[broker])
-    assert configs["log.cleaner.io.max.bytes.per.second"].value == str(LOG_CLEANER_BYTES_PER_S)
+    assert float(configs["log.cleaner.io.max.bytes.per.second"].value) == LOG_CLEANER_BYTES_PER_S  # a double
 
 
 @pytest.mark.integration
