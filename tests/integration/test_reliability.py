@@ -338,7 +338,8 @@ def test_kill9_scorer_and_logger_separately(topic_settings, tmp_path):
     """With the embedded store only the logger opens chDB, so scorer and logger can be separate
     processes; each is killed mid-stream and restarted on its own."""
     settings = topic_settings
-    env = service_env(settings, tmp_path / "svc")
+    # the scorer's commits mark the progress below: every 0.5 s (not the 5 s default) so they follow the stream
+    env = service_env(settings, tmp_path / "svc", STREAMSCORE_SCORER_CHECKPOINT_INTERVAL_MS="500")
     # 12 s at 2,000/s: the logger's first 1,500 committed rows took 4.8-5.9 s after the stream started (a
     # loaded CI machine once needed more than the 7.5 s of the 15,000 events used before)
     n_events = 24_000
@@ -783,7 +784,9 @@ def test_rebalance_between_two_scorers_keeps_counts_and_entity_state(settings_an
     from streamscore.services.logger.service import LoggerService
     from streamscore.services.scorer.service import ScorerService
 
-    settings, store = settings_and_store()
+    # progress is read from the scorers' commits: every 0.5 s, so they follow this 8 s stream (at the 5 s
+    # default the stream would end between two of them)
+    settings, store = settings_and_store(scorer_checkpoint_interval_ms=500)
     first = ServiceThread(ScorerService(settings), "scorer-a")
     second = ServiceThread(ScorerService(settings), "scorer-b")
     logger = ServiceThread(LoggerService(settings, store=store), "logger")
