@@ -44,6 +44,7 @@ SLF4J_VERSION = "2.0.17"
 
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 20.0
+LOG_CLEANER_BYTES_PER_S = 8 * 1024 * 1024  # log.cleaner.io.max.bytes.per.second (_server_properties)
 INSTALLED_MARKER = "INSTALLED"  # inside <cache_dir>/kafka/<version>/, holds the version
 FALLBACK_MARKER = "RESOLVED_AS"  # inside the requested version's dir, names the version used
 
@@ -522,7 +523,6 @@ logger.coordinator.level = WARN
 # p50 G1 13.7 / 15.0 / 22.8 / 43.1, ZGC 16.5 / 17.0 / 20.5 / 13.9 ms.
 # (-XX:+AlwaysPreTouch would add 2 s to every start to save page faults in the broker's first minute.)
 JVM_HEAP_FLAGS = ("-Xms1g", "-Xmx1g")
-LOG_CLEANER_BYTES_PER_S = 8 * 1024 * 1024
 JVM_PERFORMANCE_FLAGS = ("-server", "-XX:+UseZGC", "-Djava.awt.headless=true")
 
 
